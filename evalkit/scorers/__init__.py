@@ -1,0 +1,76 @@
+"""Scorer registry: pure functions of (case, output) -> Score, named in YAML by `type` plus params.
+
+A scorer is a plain function `fn(case, output, *, param=default, ...) -> Score` registered with
+`@register(...)`. `build(name, params)` checks the params against the signature and binds them.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from evalkit.errors import ConfigError, did_you_mean
+from evalkit.types import Scorer
+
+
+@dataclass(frozen=True)
+class ScorerDef:
+    name: str
+    fn: Callable[..., Any]
+    primary: str | None = None  # param filled by the shorthand `{name: value}`
+    binary: bool = True  # values are 0/1: Wilson intervals and McNemar apply
+    path_params: frozenset[str] = field(default_factory=frozenset)  # YAML value is a JSON file path
+
+    def params(self) -> dict[str, inspect.Parameter]:
+        return {n: p for n, p in inspect.signature(self.fn).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+REGISTRY: dict[str, ScorerDef] = {}
+
+
+def register(name: str, *, primary: str | None = None, binary: bool = True,
+             path_params: tuple[str, ...] = ()):
+    def deco(fn):
+        REGISTRY[name] = ScorerDef(name, fn, primary, binary, frozenset(path_params))
+        return fn
+    return deco
+
+
+def _ensure_loaded() -> None:
+    from evalkit.scorers import text, structured  # noqa: F401  (registers the built-ins)
+
+
+def get(name: str) -> ScorerDef:
+    _ensure_loaded()
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown scorer '{name}'{did_you_mean(name, REGISTRY)}")
+    return REGISTRY[name]
+
+
+def build(name: str, params: dict[str, Any], base_dir: Path | None = None) -> Scorer:
+    """Bind validated params; path params are read here (the edge), so scoring stays pure."""
+    sdef = get(name)
+    allowed = sdef.params()
+    bound: dict[str, Any] = {}
+    for key, value in params.items():
+        if key not in allowed:
+            raise ConfigError(f"scorer '{name}' has no parameter '{key}'{did_you_mean(key, allowed)}")
+        if key in sdef.path_params and isinstance(value, str):
+            path = Path(value) if base_dir is None else (base_dir / value)
+            if not path.is_file():
+                raise ConfigError(f"file not found: {path}")
+            try:
+                value = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        bound[key] = value
+    missing = [n for n, p in allowed.items() if p.default is inspect.Parameter.empty and n not in bound]
+    if missing:
+        raise ConfigError(f"scorer '{name}' needs parameter(s): {', '.join(missing)}")
+    fn = functools.partial(sdef.fn, **bound)
+    functools.update_wrapper(fn, sdef.fn)
+    return fn
