@@ -44,6 +44,7 @@ class Output:
     n_prompt_tokens: int = 0
     n_output_tokens: int = 0
     finish_reason: str = ""  # "stop" (stop string / eos) or "length"
+    latency_s: float = 0.0  # wall time of its batch divided by the batch size
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,62 @@
+"""Content-addressed results cache (sqlite): resume after a kill, reuse across runs.
+
+Keys are sha256 of everything that determines a result (model and adapter content hashes,
+quantization, merge, chat template, generation config, case content, evalkit version), so a
+stale entry can never answer for a different model. Each batch is committed as it finishes.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from evalkit import __version__
+from evalkit.types import stable_hash
+
+
+class Cache:
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self.hits = self.misses = 0
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db.commit()
+
+    @staticmethod
+    def key(namespace: str, **parts: Any) -> str:
+        return stable_hash({"ns": namespace, "evalkit": __version__, **parts})
+
+    def get(self, key: str) -> Any | None:
+        if self._db is None:
+            self.misses += 1
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT value FROM results WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return json.loads(row[0])
+
+    def put_many(self, items: dict[str, Any]) -> None:
+        if self._db is None or not items:
+            return
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO results (key, value) VALUES (?, ?)",
+                                 [(k, json.dumps(v)) for k, v in items.items()])
+            self._db.commit()
+
+    def put(self, key: str, value: Any) -> None:
+        self.put_many({key: value})
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

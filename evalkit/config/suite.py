@@ -1,0 +1,94 @@
+"""Typed suite objects (frozen). Built by `evalkit.config.loader.load_suite` from YAML."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from evalkit.models.base import BaseSpec
+from evalkit.types import Scorer
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Base or one adapter; quantize/merge are flags on the same config (as peft makes DoRA a flag)."""
+
+    name: str
+    adapter: Path | None = None
+    train: Path | None = None  # recipe: the adapter is trained when missing or stale
+    quantize: str | None = None  # "nf4" | "int8"
+    merge: bool = False
+    allow_pickle: bool = False  # permit adapter_model.bin (pickle); off by default
+    line: int | None = None
+
+    @property
+    def is_base(self) -> bool:
+        return self.adapter is None and self.train is None
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    name: str
+    params: Mapping[str, Any]
+    fn: Scorer
+    binary: bool
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    batch_size: int = 8
+
+    def key(self) -> dict[str, Any]:
+        # batch_size does not change greedy outputs, so it stays out of cache keys
+        return {"max_new_tokens": self.max_new_tokens, "stop": list(self.stop), "greedy": True}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "generate" | "mmlu" | "judge"
+    data: Path | None = None
+    scorers: tuple[ScorerSpec, ...] = ()
+    limit: int | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    params: Mapping[str, Any] = field(default_factory=dict)  # kind-specific keys, schema-validated
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class Gate:
+    """`metric: task.metric` with min/max, or max_drop vs a reference; or a named `check`."""
+
+    id: str
+    metric: str | None = None
+    variant: str | None = None  # None: every non-base variant
+    min: float | None = None
+    max: float | None = None
+    max_drop: float | None = None  # in points (percentage points for proportions)
+    vs: str | None = None
+    confidence: float | None = None  # None: compare point estimates; else non-inferiority on the bound
+    check: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    base: BaseSpec
+    variants: tuple[Variant, ...]
+    tasks: tuple[Task, ...]
+    gates: tuple[Gate, ...]
+    seed: int = 0
+    reference: str = "base"  # variant every comparison is made against
+    raw: Mapping[str, Any] = field(default_factory=dict)  # the YAML as loaded, for the run record
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)

@@ -1,0 +1,121 @@
+"""Checking and attaching peft adapters to ONE base instance, by name.
+
+Checks run before anything is loaded, so a wrong adapter fails with a message naming it:
+missing folder, pickle weights (refused unless allowed), a corrupt safetensors file, an
+adapter_config.json that names another base, or tensor shapes that do not fit the base.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evalkit.errors import ConfigError, ModelError
+from evalkit.models.base import ResolvedBase, file_sha256
+
+_QUANT_SUFFIX = re.compile(r"[.-](q\d.*|f16|f32|bf16|gguf)$", re.I)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    path: Path
+    config: dict[str, Any]
+    weights: Path
+    sha256: str
+    is_dora: bool
+    provenance: dict[str, Any] | None
+
+
+def _name_key(name: str) -> str:
+    stem = Path(str(name).rstrip("/")).name.lower()
+    while True:
+        new = _QUANT_SUFFIX.sub("", stem)
+        if new == stem:
+            return stem
+        stem = new
+
+
+def base_aliases(resolved: ResolvedBase, model_config: Any = None) -> set[str]:
+    names = {resolved.spec.ref, resolved.path, resolved.sha256[:32]}
+    if model_config is not None and getattr(model_config, "_name_or_path", None):
+        names.add(model_config._name_or_path)
+    return {_name_key(n) for n in names if n}
+
+
+def inspect_adapter(path: Path, *, allow_pickle: bool = False) -> AdapterInfo:
+    """Validate an adapter folder's files without loading the base."""
+    if not path.is_dir():
+        raise ConfigError(f"adapter folder not found: {path}")
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"not a peft adapter folder (no adapter_config.json): {path}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickle_file = path / "adapter_model.bin"
+        if pickle_file.is_file() and not allow_pickle:
+            raise ModelError(f"{pickle_file}: pickle weights can run arbitrary code when loaded; refusing. "
+                             "Convert it to safetensors, or set `allow_pickle: true` on the variant if you trust it")
+        if not pickle_file.is_file():
+            raise ModelError(f"no adapter_model.safetensors in {path}")
+        weights = pickle_file
+    else:
+        _check_safetensors(weights)
+    h = hashlib.sha256()
+    h.update(file_sha256(cfg_path).encode())
+    h.update(file_sha256(weights).encode())
+    prov_path = path / "evalkit_train.json"
+    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else None
+    return AdapterInfo(path, config, weights, h.hexdigest(), bool(config.get("use_dora")), provenance)
+
+
+def _check_safetensors(weights: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for k in f.keys():
+                f.get_slice(k).get_shape()
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise ModelError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
+
+
+def adapter_shapes(info: AdapterInfo) -> dict[str, tuple[int, ...]]:
+    if info.weights.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(info.weights), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_fits_base(info: AdapterInfo, base_model, resolved: ResolvedBase) -> None:
+    """The adapter must name this base (or carry provenance with its content hash) and fit its shapes."""
+    named = info.config.get("base_model_name_or_path")
+    prov_hash = ((info.provenance or {}).get("base") or {}).get("sha256")
+    if prov_hash and prov_hash != resolved.sha256:
+        raise ModelError(f"adapter {info.path} was trained on a base with content hash {prov_hash[:12]}…, "
+                         f"but this suite's base is {resolved.sha256[:12]}… ({resolved.spec.ref})")
+    if named and not prov_hash and _name_key(named) not in base_aliases(resolved, base_model.config):
+        raise ModelError(f"adapter {info.path} was made for base '{named}', not '{resolved.spec.ref}'")
+    modules = dict(base_model.named_modules())
+    for key, shape in adapter_shapes(info).items():
+        m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if not m:
+            continue
+        target = modules.get(m.group(1))
+        if target is None or not hasattr(target, "in_features"):
+            raise ModelError(f"adapter {info.path}: tensor '{key}' targets module '{m.group(1)}', "
+                             f"which base '{resolved.spec.ref}' does not have")
+        want = target.in_features if m.group(2) == "A" else target.out_features
+        got = shape[1] if m.group(2) == "A" else shape[0]
+        if got != want:
+            raise ModelError(f"adapter {info.path}: tensor '{key}' has shape {list(shape)}, which does not fit "
+                             f"'{m.group(1)}' of base '{resolved.spec.ref}' ({target.in_features}->"
+                             f"{target.out_features}); was it trained for another base?")
