@@ -59,6 +59,30 @@ class RunContext:
     log: Callable[[str], None] = print
     progress: bool = True
     stats: dict[str, dict[str, float]] = field(default_factory=dict)  # per-variant cost counters
+    models: dict[str, Any] = field(default_factory=dict)  # "full" | "nf4" | "int8" -> the one instance of each
+
+    def model_for(self, quantize: str | None) -> Any:
+        """The shared base instance for a precision, loaded on first use (once per run)."""
+        key = quantize or "full"
+        if key not in self.models:
+            from evalkit.models.base import load_base
+
+            self.log(f"loading {key} base")
+            self.models[key] = load_base(self.base, quantize=quantize)[0]
+        return self.models[key]
+
+    def attach(self, quantize: str | None, name: str, info: AdapterInfo) -> Any:
+        from evalkit.models.adapters import attach_adapter
+
+        self.models[quantize or "full"] = attach_adapter(self.model_for(quantize), name, info)
+        return self.models[quantize or "full"]
+
+    def attach_twin(self, lv: "LoadedVariant", quantize: str | None) -> "LoadedVariant":
+        """An unmerged twin of a merged variant, attached to the shared base (not scored)."""
+        name = f"{lv.name}~unmerged"
+        model = self.attach(quantize, name, lv.info)
+        twin = Variant(name=name, adapter=lv.variant.adapter, quantize=quantize)
+        return LoadedVariant(twin, model, name, lv.info, "")
 
     def variant(self, name: str) -> LoadedVariant:
         return next(v for v in self.variants if v.name == name)

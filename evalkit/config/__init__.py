@@ -1,0 +1,5 @@
+"""Suite configuration: YAML + JSON Schema -> typed Suite."""
+from evalkit.config.loader import load_suite, read_yaml
+from evalkit.config.suite import Gate, GenerationConfig, ScorerSpec, Suite, Task, Variant
+
+__all__ = ["load_suite", "read_yaml", "Suite", "Variant", "Task", "Gate", "ScorerSpec", "GenerationConfig"]

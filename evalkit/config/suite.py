@@ -18,7 +18,9 @@ class Variant:
     train: Path | None = None  # recipe: the adapter is trained when missing or stale
     quantize: str | None = None  # "nf4" | "int8"
     merge: bool = False
+    merge_into: str = "full"  # "full" (dequantize-then-merge) or "quantized" (the lossy 4-bit merge)
     allow_pickle: bool = False  # permit adapter_model.bin (pickle); off by default
+    allow_template_mismatch: bool = False
     line: int | None = None
 
     @property

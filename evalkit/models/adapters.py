@@ -119,3 +119,16 @@ def check_fits_base(info: AdapterInfo, base_model, resolved: ResolvedBase) -> No
             raise ModelError(f"adapter {info.path}: tensor '{key}' has shape {list(shape)}, which does not fit "
                              f"'{m.group(1)}' of base '{resolved.spec.ref}' ({target.in_features}->"
                              f"{target.out_features}); was it trained for another base?")
+
+
+def attach_adapter(model, name: str, info: AdapterInfo):
+    """Load an adapter by name onto `model`, wrapping it in a PeftModel the first time."""
+    from peft import PeftModel
+
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(info.path), adapter_name=name, is_trainable=False)
+            return model
+        return PeftModel.from_pretrained(model, str(info.path), adapter_name=name, is_trainable=False)
+    except Exception as e:  # noqa: BLE001 - peft raises many types for a bad adapter
+        raise ModelError(f"adapter {info.path} (variant '{name}') failed to load: {type(e).__name__}: {e}") from None

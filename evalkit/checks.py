@@ -1,0 +1,168 @@
+"""Checks that catch silent failures no score shows: the inert adapter, the lossy merge, leakage.
+
+Each returns check records {name, variant, passed, message, details}; gates with `check:` read
+them, and a hard failure (an adapter that changes nothing) raises before any scoring.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from evalkit.backends.hf import render_prompt
+from evalkit.errors import ModelError
+from evalkit.types import Case
+
+PROBES = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning",
+          "Q: What is 17 * 3?\nA:")
+# fp32 noise between two code paths on the same weights is ~1e-5; a live adapter moves logits far more
+ACTIVE_TOLERANCE = 1e-4
+
+
+def _probe_prompts(ctx, limit: int = 4) -> list[str]:
+    prompts = list(PROBES)
+    for task in ctx.suite.tasks:
+        if task.data is not None and task.kind != "mmlu":
+            from evalkit.tasks.generation import load_cases
+
+            prompts += [render_prompt(ctx.tokenizer, c) for c in load_cases(task.data, limit)]
+            break
+    return prompts
+
+
+def probe_logits(lv, tokenizer, prompts: list[str]):
+    """Full-sequence logits per prompt (one at a time: no padding to muddy the comparison)."""
+    import torch
+
+    out = []
+    with lv.active() as model, torch.inference_mode():
+        device = next(model.parameters()).device
+        for p in prompts:
+            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).to(device)
+            out.append(model(**ids).logits[0].float().cpu())
+    return out
+
+
+def _diff(a, b) -> tuple[float, float]:
+    """(max abs logit difference, top-1 agreement) over every position of every prompt."""
+    import torch
+
+    max_abs = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    agree = torch.cat([(x.argmax(-1) == y.argmax(-1)).float() for x, y in zip(a, b)])
+    return max_abs, float(agree.mean())
+
+
+def adapter_active(ctx, log) -> list[dict[str, Any]]:
+    """Every adapter variant must move the logits beyond numerical noise; otherwise it is inert
+    (zero B matrices, wrong target modules, a loader that dropped it) and scoring it is a lie."""
+    adapters = [lv for lv in ctx.variants if lv.info is not None]
+    if not adapters:
+        return []
+    prompts = _probe_prompts(ctx, limit=2)
+    base = next((lv for lv in ctx.variants if lv.info is None and lv.model is adapters[0].model), None)
+    records = []
+    reference_cache: dict[int, list] = {}
+    for lv in adapters:
+        ref_lv = _base_on(ctx, lv)
+        key = id(ref_lv.model)
+        if key not in reference_cache:
+            reference_cache[key] = probe_logits(ref_lv, ctx.tokenizer, prompts)
+        max_abs, agree = _diff(probe_logits(lv, ctx.tokenizer, prompts), reference_cache[key])
+        if max_abs <= ACTIVE_TOLERANCE:
+            raise ModelError(f"adapter of variant '{lv.name}' ({lv.info.path}) changes nothing: max |logit diff| vs "
+                             f"base {max_abs:.2e} <= {ACTIVE_TOLERANCE:g} on {len(prompts)} probe prompts (zero B "
+                             "matrices, wrong target_modules, or weights that did not load?)")
+        records.append({"name": "adapter_active", "variant": lv.name, "passed": True,
+                        "message": f"max |logit diff| vs base {max_abs:.3g}, top-1 agreement {agree:.1%}",
+                        "details": {"max_abs_logit_diff": max_abs, "top1_agreement": agree}})
+    del base
+    return records
+
+
+class _BaseView:
+    """The base model as seen through `model` with every adapter disabled (no second copy)."""
+
+    def __init__(self, model):
+        self.model, self.info, self.adapter_name = model, None, None
+
+    def active(self):
+        from evalkit.context import LoadedVariant
+        from evalkit.config.suite import Variant
+
+        return LoadedVariant(Variant("base"), self.model, None, None, "").active()
+
+
+def _base_on(ctx, lv):
+    """Reference for the adapter-active check: the same weights the adapter sits on, adapters off."""
+    if lv.variant.merge:
+        return _BaseView(ctx.models.get(lv.variant.quantize if lv.variant.merge_into == "quantized" else "full"))
+    return _BaseView(lv.model)
+
+
+def leakage(ctx, log) -> list[dict[str, Any]]:
+    """Eval cases that also appear in an adapter's training data (index stored in its provenance)."""
+    from evalkit.leakage import find_overlap
+    from evalkit.tasks.generation import load_cases
+
+    records = []
+    for lv in ctx.variants:
+        prov = (lv.info.provenance if lv.info else None) or {}
+        index = prov.get("leakage_index") or (prov.get("data") or {}).get("train_index")
+        if index is None:
+            continue
+        overlaps: list[tuple[str, str, str]] = []
+        for task in ctx.suite.tasks:
+            if task.data is None or task.kind == "mmlu":
+                continue
+            cases: list[Case] = load_cases(task.data, task.limit)
+            overlaps += [(task.name, e, t) for e, t in find_overlap(cases, index)]
+        msg = (f"{len(overlaps)} eval case(s) also in the training data of '{lv.name}': "
+               + ", ".join(f"{t}/{e} (train {tr})" for t, e, tr in overlaps[:5])
+               + (" ..." if len(overlaps) > 5 else "")) if overlaps else "no eval case appears in the training data"
+        if overlaps:
+            log(f"WARNING: leakage: {msg}")
+        records.append({"name": "no_leakage", "variant": lv.name, "passed": not overlaps, "message": msg,
+                        "details": {"overlaps": [{"task": t, "case_id": e, "train_id": tr} for t, e, tr in overlaps]}})
+    return records
+
+
+def merge_equivalence(ctx, results, log) -> list[dict[str, Any]]:
+    """Merged variant vs its unmerged twin: logits on probe prompts and task cases, and task scores."""
+    records = []
+    gates = {g.check: g for g in ctx.suite.gates if g.check == "merge_equivalence"}
+    gate = gates.get("merge_equivalence")
+    tol = (gate.params.get("max_abs_logit_diff") if gate else None) or 1e-3
+    min_agree = (gate.params.get("min_top1_agreement") if gate else None) or 0.99
+    for lv in ctx.variants:
+        if not lv.variant.merge:
+            continue
+        twin = _unmerged_twin(ctx, lv)
+        prompts = _probe_prompts(ctx, limit=8)
+        max_abs, agree = _diff(probe_logits(lv, ctx.tokenizer, prompts), probe_logits(twin, ctx.tokenizer, prompts))
+        score_deltas = {}
+        for tname, tr in results.items():
+            for metric in tr.binary:
+                a = {s.case_id: s.scores[metric].value for s in tr.samples if s.variant == lv.name and metric in s.scores}
+                b = {s.case_id: s.scores[metric].value for s in tr.samples if s.variant == twin.name and metric in s.scores}
+                ids = [i for i in a if i in b and a[i] is not None and b[i] is not None]
+                if ids:
+                    score_deltas[f"{tname}.{metric}"] = sum(a[i] - b[i] for i in ids) / len(ids)
+        passed = max_abs <= tol and agree >= min_agree
+        msg = (f"'{lv.name}' vs unmerged '{twin.name}': max |logit diff| {max_abs:.3g} "
+               f"({'<=' if max_abs <= tol else '>'} {tol:g}), top-1 agreement {agree:.1%} "
+               f"({'>=' if agree >= min_agree else '<'} {min_agree:.0%}) on {len(prompts)} prompts")
+        if score_deltas:
+            msg += "; score deltas " + ", ".join(f"{k} {v:+.3f}" for k, v in score_deltas.items())
+        log(("" if passed else "FAIL: ") + f"merge_equivalence: {msg}")
+        records.append({"name": "merge_equivalence", "variant": lv.name, "passed": passed, "message": msg,
+                        "details": {"twin": twin.name, "max_abs_logit_diff": max_abs, "top1_agreement": agree,
+                                    "score_deltas": score_deltas, "n_prompts": len(prompts)}})
+    return records
+
+
+def _unmerged_twin(ctx, lv):
+    """The same adapter, unmerged, on the same kind of base the merge went into."""
+    target_q = lv.variant.quantize if lv.variant.merge_into == "quantized" else None
+    for other in ctx.variants:
+        if (other.info is not None and not other.variant.merge and other.info.sha256 == lv.info.sha256
+                and other.variant.quantize == target_q):
+            return other
+    return ctx.attach_twin(lv, target_q)

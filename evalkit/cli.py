@@ -1,0 +1,170 @@
+"""Command line: the only place that prints summaries and calls sys.exit.
+
+Exit codes (stable, pytest-like): 0 all gates pass, 1 a gate failed, 2 interrupted,
+3 internal error, 4 usage or config error, 5 nothing to evaluate.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from evalkit import __version__
+from evalkit.errors import EvalkitError, ExitCode
+
+
+def _err(msg: str) -> None:
+    print(f"evalkit: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _log(msg: str) -> None:
+    print(f"evalkit: {msg}", file=sys.stderr, flush=True)
+
+
+def _fmt(x: Any, pct: bool = True) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x * 100:5.1f}" if pct else f"{x:.3g}"
+
+
+def print_summary(results: dict[str, Any], run_dir: Path) -> None:
+    """Metrics per task and variant with intervals and paired deltas, then the gate table."""
+    cmp = {(c["task"], c["metric"], c["variant"]): c for c in results["comparisons"] if c["vs"] == _reference(results)}
+    print(f"\n{results['suite']['name']}: {len(results['variants'])} variant(s) on base {results['base']['ref']}")
+    for task in results["tasks"]:
+        print(f"\n  task {task['name']} ({task['kind']}, {task['n_cases']} cases)   value % [95% CI]   "
+              f"delta vs {_reference(results)} (pts) [CI] p")
+        for m in [m for m in results["metrics"] if m["task"] == task["name"]]:
+            c = cmp.get((m["task"], m["metric"], m["variant"]))
+            delta = ""
+            if c and c["delta"] is not None:
+                mark = " *" if c["significant"] else ""
+                delta = (f"{c['delta'] * 100:+6.1f} [{c['low'] * 100:+.1f}, {c['high'] * 100:+.1f}] "
+                         f"p={c['p_value']:.3g}{mark}")
+            inv = f" ({m['n_invalid']} invalid)" if m["n_invalid"] else ""
+            print(f"    {m['metric']:<16} {m['variant']:<14} {_fmt(m['value'])} [{_fmt(m['low'])}, {_fmt(m['high'])}]"
+                  f"   {delta}{inv}")
+        per_subject = (task.get("extras") or {}).get("per_subject")
+        if per_subject:
+            print("    per-subject accuracy:")
+            subjects = sorted({s for v in per_subject.values() for s in v})
+            names = list(per_subject)
+            print("      " + f"{'subject':<36}" + "".join(f"{n[:12]:>13}" for n in names))
+            for s in subjects:
+                print("      " + f"{s[:36]:<36}" + "".join(
+                    f"{_fmt(per_subject[n].get(s, {}).get('accuracy')):>13}" for n in names))
+    for c in results["checks"]:
+        if not c["passed"]:
+            print(f"\n  check {c['name']}[{c['variant']}] FAILED: {c.get('message', '')}")
+    gates = results["gates"]
+    if gates:
+        print("\n  gates:")
+        for g in gates:
+            print(f"    {'PASS' if g['passed'] else 'FAIL'}  {g['id']:<40} {g['message']}")
+    n_fail = sum(not g["passed"] for g in gates)
+    verdict = "PASS" if results["verdict"] == "pass" else "FAIL"
+    print(f"\n{verdict}: {len(gates) - n_fail} passed, {n_fail} failed   (run folder: {run_dir})")
+
+
+def _reference(results: dict[str, Any]) -> str:
+    return results["config"].get("reference") or ("base" if any(v["name"] == "base" for v in results["variants"])
+                                                  else results["variants"][0]["name"])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from evalkit.runner import evaluate
+
+    run = evaluate(args.suite, out=args.out, use_cache=not args.no_cache, cache_path=args.cache,
+                   progress=not args.quiet and sys.stderr.isatty(), log=_log)
+    print_summary(run.results, run.run_dir)
+    return run.exit_code
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from evalkit.config import load_suite
+
+    suite = load_suite(args.suite)
+    print(f"{args.suite}: ok ({len(suite.variants)} variants, {len(suite.tasks)} tasks, {len(suite.gates)} gates)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import trainers
+
+    result = trainers.ensure_adapter(Path(args.recipe), force=args.force, log=_log)
+    print(f"adapter: {result.adapter_dir} ({'reused' if result.reused else 'trained'})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evalkit.report import render_report
+
+    path = render_report(Path(args.run_dir), Path(args.baseline) if args.baseline else None)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from evalkit.serve import serve_main
+
+    return serve_main(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evalkit", description="Evaluate and gate fine-tuned LLM adapters.")
+    p.add_argument("--version", action="version", version=f"evalkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="score base and every variant of a suite, apply gates")
+    r.add_argument("suite")
+    r.add_argument("--out", type=Path, help="run folder (default reports/<suite>-<timestamp>)")
+    r.add_argument("--no-cache", action="store_true", help="recompute everything")
+    r.add_argument("--cache", type=Path, help="results cache file (default $EVALKIT_CACHE_DIR/results.sqlite)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(fn=cmd_run)
+    v = sub.add_parser("validate", help="check a suite file without running anything")
+    v.add_argument("suite")
+    v.set_defaults(fn=cmd_validate)
+    t = sub.add_parser("train", help="train an adapter from a recipe (reused when up to date)")
+    t.add_argument("recipe")
+    t.add_argument("--force", action="store_true", help="retrain even when the adapter is up to date")
+    t.set_defaults(fn=cmd_train)
+    rep = sub.add_parser("report", help="re-render report.html for a run folder")
+    rep.add_argument("run_dir")
+    rep.add_argument("--baseline", help="another run folder to compare against")
+    rep.set_defaults(fn=cmd_report)
+    s = sub.add_parser("serve", help="OpenAI-compatible server for a base model and its adapters")
+    try:
+        from evalkit.serve import add_arguments
+    except ImportError:
+        add_arguments = None
+    if add_arguments:
+        add_arguments(s)
+    s.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.fn(args)
+    except EvalkitError as e:
+        _err(str(e))
+        code = e.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted; finished work is cached: rerun the same command to resume")
+        code = ExitCode.INTERRUPTED
+    except Exception:  # noqa: BLE001 - a bug: say so, with the traceback for the report
+        traceback.print_exc()
+        _err("internal error (this is a bug in evalkit; please report it with the traceback above)")
+        code = ExitCode.INTERNAL_ERROR
+    return int(code)
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

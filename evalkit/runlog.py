@@ -1,0 +1,72 @@
+"""The on-disk run record: results.json (versioned schema) + samples.jsonl, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA_VERSION = "1.0"
+PACKAGES = ("evalkit", "torch", "transformers", "peft", "trl", "bitsandbytes", "lm_eval", "datasets", "openai",
+            "jsonschema", "safetensors", "accelerate")
+
+
+@dataclass
+class RunLog:
+    results: dict[str, Any]
+    run_dir: Path
+    exit_code: int
+
+
+@cache
+def results_schema() -> dict[str, Any]:
+    return json.loads(resources.files("evalkit.schemas").joinpath("results.schema.json").read_text())
+
+
+def environment(device: str) -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "device": device,
+            "packages": versions}
+
+
+def atomic_write(path: Path, chunks: Iterable[str]) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_run(run_dir: Path, results: dict[str, Any], samples: Iterable[dict[str, Any]]) -> None:
+    atomic_write(run_dir / "samples.jsonl", (json.dumps(clean(s), ensure_ascii=False) + "\n" for s in samples))
+    atomic_write(run_dir / "results.json", [json.dumps(clean(results), indent=2, ensure_ascii=False)])
+
+
+def clean(o: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> null (strict JSON has no NaN), paths and other objects -> str."""
+    if isinstance(o, float):
+        return o if o == o and o not in (float("inf"), float("-inf")) else None
+    if isinstance(o, dict):
+        return {str(k): clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [clean(v) for v in o]
+    if o is None or isinstance(o, (str, int, bool)):
+        return o
+    return str(o)

@@ -1,0 +1,277 @@
+"""Orchestration: evaluate(suite) -> RunLog. The same path serves the CLI and the library API.
+
+Flow: load suite -> preflight judges -> train stale adapters -> check adapter files -> load the
+base ONCE -> attach adapters by name -> checks (template parity, adapter active, leakage) -> tasks
+-> metrics with intervals -> paired comparisons vs the reference -> gates -> run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from evalkit import __version__
+from evalkit.cache import Cache
+from evalkit.config import load_suite
+from evalkit.config.suite import Suite, Task, Variant
+from evalkit.context import LoadedVariant, RunContext, variant_fingerprint
+from evalkit.errors import ConfigError, ExitCode, ModelError, NothingToEvaluate
+from evalkit.gates import evaluate_gates
+from evalkit.models.adapters import AdapterInfo, check_fits_base, inspect_adapter
+from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_base, resolve_base
+from evalkit.runlog import RunLog, environment, write_run
+from evalkit.stats import metric_interval, paired_compare
+from evalkit.tasks.base import SampleResult, TaskResult
+
+Log = Callable[[str], None]
+
+
+def default_run_dir(suite: Suite) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("reports") / f"{suite.name}-{stamp}"
+
+
+def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool = True,
+             cache_path: Path | None = None, progress: bool = True, log: Log = print) -> RunLog:
+    started = time.time()
+    suite = load_suite(suite_path)
+    if not suite.tasks:
+        raise NothingToEvaluate(f"{suite.path.name}: the suite has no tasks")
+    for task in suite.tasks:
+        if task.kind == "judge":
+            from evalkit.tasks import judge
+
+            judge.preflight(task, suite)  # fail in seconds, before any model loads
+    suite = _train_adapters(suite, log)
+    infos = {v.name: inspect_adapter(v.adapter, allow_pickle=v.allow_pickle) for v in suite.variants if v.adapter}
+    resolved = resolve_base(suite.base, suite.dir)
+    cache = Cache((cache_path or cache_root() / "results.sqlite") if use_cache else None)
+    try:
+        ctx = _load_variants(suite, resolved, infos, cache, log, progress)
+        checks = _pre_checks(ctx, infos, log)
+        results: dict[str, TaskResult] = {}
+        for task in suite.tasks:
+            log(f"task {task.name} ({task.kind})")
+            results[task.name] = _run_task(ctx, task)
+        checks += _post_checks(ctx, results, log)
+        record, samples = _assemble(suite, ctx, infos, results, checks, started)
+    finally:
+        cache.close()
+    run_dir = Path(out) if out else default_run_dir(suite)
+    write_run(run_dir, record, samples)
+    _write_reports(run_dir, record, log)
+    code = ExitCode.OK if record["verdict"] == "pass" else ExitCode.GATE_FAILED
+    return RunLog(results=record, run_dir=run_dir, exit_code=int(code))
+
+
+def _write_reports(run_dir: Path, record: dict[str, Any], log: Log) -> None:
+    try:
+        from evalkit.report import write_all
+    except ImportError:
+        return
+    write_all(run_dir, record)
+
+
+def _train_adapters(suite: Suite, log: Log) -> Suite:
+    """`train: RECIPE` variants get their adapter from the bundled trainers (reused when fresh)."""
+    if not any(v.train for v in suite.variants):
+        return suite
+    import trainers
+
+    variants = []
+    for v in suite.variants:
+        if v.train:
+            result = trainers.ensure_adapter(v.train, log=log)
+            v = dataclasses.replace(v, adapter=Path(result.adapter_dir))
+        variants.append(v)
+    return dataclasses.replace(suite, variants=tuple(variants))
+
+
+def _template_hash(tokenizer) -> str:
+    return hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest()
+
+
+def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, AdapterInfo], cache: Cache,
+                   log: Log, progress: bool) -> RunContext:
+    """One full-precision base for base + plain adapters; one per quantization; merged copies apart."""
+    log(f"loading base {resolved.spec.ref}")
+    model, tokenizer = load_base(resolved)
+    for info in infos.values():
+        check_fits_base(info, model, resolved)
+    ctx = RunContext(suite=suite, base=resolved, tokenizer=tokenizer, variants=[], cache=cache, log=log,
+                     progress=progress, models={"full": model})
+    template = _template_hash(tokenizer)
+    merged = {}
+    for v in suite.variants:
+        info = infos.get(v.name)
+        if info is None:
+            continue
+        if v.merge:
+            merged[v.name] = _merged(ctx, v, info)
+        else:
+            ctx.attach(v.quantize, v.name, info)
+    for v in suite.variants:  # bound after attaching: the first adapter wraps the base in a PeftModel
+        info = infos.get(v.name)
+        model = merged.get(v.name) or ctx.model_for(v.quantize)
+        ctx.variants.append(LoadedVariant(v, model, v.name if info and not v.merge else None, info,
+                                          variant_fingerprint(resolved, v, info, template)))
+    for m in ctx.models.values():
+        m.eval()
+    return ctx
+
+
+def _merged(ctx: RunContext, v: Variant, info: AdapterInfo):
+    """A merged copy. Merging into a 4-bit base re-quantizes and changes the model (DESIGN.md), so
+    the default merges into a full-precision base ("dequantize-then-merge"); `merge_into:
+    quantized` reproduces the lossy merge on purpose, so merge_equivalence can catch it."""
+    from evalkit.models.adapters import attach_adapter
+
+    quantize = v.quantize if v.merge_into == "quantized" else None
+    ctx.log(f"building merged variant '{v.name}' ({'into ' + quantize if quantize else 'full precision'})")
+    base = load_base(ctx.base, quantize=quantize)[0]  # a merge rewrites weights: it needs its own copy
+    return attach_adapter(base, v.name, info).merge_and_unload()
+
+
+def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> list[dict[str, Any]]:
+    checks = []
+    for lv in ctx.variants:
+        if lv.info is None:
+            continue
+        checks.append(_template_parity(ctx, lv, log))
+    from evalkit.checks import adapter_active
+
+    checks += adapter_active(ctx, log)
+    return checks
+
+
+def _template_parity(ctx: RunContext, lv: LoadedVariant, log: Log) -> dict[str, Any]:
+    """The chat template an adapter was trained with must be the one it is evaluated with."""
+    saved = lv.info.path / "chat_template.jinja"
+    if not saved.is_file():
+        return {"name": "template_parity", "variant": lv.name, "passed": True,
+                "message": "adapter ships no chat template; nothing to compare"}
+    trained = saved.read_text()
+    current = getattr(ctx.tokenizer, "chat_template", None) or ""
+    if trained.strip() == current.strip():
+        return {"name": "template_parity", "variant": lv.name, "passed": True, "message": "same chat template"}
+    msg = (f"variant '{lv.name}': adapter was trained with another chat template than the base tokenizer's "
+           f"({saved})")
+    if not lv.variant.allow_template_mismatch:
+        raise ModelError(msg + "; set `allow_template_mismatch: true` on the variant to evaluate anyway")
+    log(f"WARNING: {msg} (acknowledged by allow_template_mismatch)")
+    return {"name": "template_parity", "variant": lv.name, "passed": False, "message": msg + " (acknowledged)"}
+
+
+def _post_checks(ctx: RunContext, results: dict[str, TaskResult], log: Log) -> list[dict[str, Any]]:
+    from evalkit.checks import leakage, merge_equivalence
+
+    return leakage(ctx, log) + merge_equivalence(ctx, results, log)
+
+
+def _run_task(ctx: RunContext, task: Task) -> TaskResult:
+    if task.kind == "mmlu":
+        from evalkit.tasks import mmlu as kind
+    elif task.kind == "judge":
+        from evalkit.tasks import judge as kind
+    else:
+        from evalkit.tasks import generation as kind
+    return kind.run(ctx, task)
+
+
+def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], results: dict[str, TaskResult],
+              checks: list[dict[str, Any]], started: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    values: dict[tuple[str, str, str], dict[str, float | None]] = defaultdict(dict)  # (task, metric, variant) -> case -> v
+    samples: list[dict[str, Any]] = []
+    for tname, tr in results.items():
+        for s in tr.samples:
+            for metric, score in s.scores.items():
+                values[(tname, metric, s.variant)][s.case_id] = score.value
+            samples.append(_sample_record(s))
+    metrics: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for (tname, metric, variant), per_case in values.items():
+        binary = results[tname].binary.get(metric, False)
+        valid = [v for v in per_case.values() if v is not None]
+        iv = metric_interval(valid, binary=binary)
+        metrics[(tname, metric, variant)] = {"task": tname, "metric": metric, "variant": variant, "value": iv.value,
+                                             "low": iv.low, "high": iv.high, "n": iv.n,
+                                             "n_invalid": len(per_case) - len(valid), "method": iv.method,
+                                             "confidence": 0.95}
+    comparisons = _comparisons(suite, results, values)
+    gates = evaluate_gates(suite, metrics, comparisons, checks)
+    verdict = "pass" if all(g["passed"] for g in gates) else "fail"
+    device = str(next(ctx.variants[0].model.parameters()).device) if ctx.variants else "cpu"
+    record = {
+        "schema_version": "1.0", "evalkit_version": __version__,
+        "run_id": f"{suite.name}-{datetime.fromtimestamp(started).strftime('%Y%m%d-%H%M%S')}",
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(), "duration_s": round(time.time() - started, 3),
+        "status": "complete",
+        "suite": {"name": suite.name, "path": str(suite.path), "sha256": file_sha256(suite.path)},
+        "config": dict(suite.raw), "environment": environment(device),
+        "base": {"ref": suite.base.ref, "kind": suite.base.kind, "sha256": ctx.base.sha256},
+        "variants": [_variant_record(lv, ctx) for lv in ctx.variants],
+        "tasks": [{"name": t, "kind": suite_task(suite, t).kind, "n_cases": len({s.case_id for s in tr.samples}),
+                   "binary": tr.binary, "extras": tr.extras} for t, tr in results.items()],
+        "metrics": list(metrics.values()),
+        "comparisons": [_comparison_record(k, c) for k, c in comparisons.items()],
+        "gates": gates, "checks": checks, "verdict": verdict,
+        "cache": {"hits": ctx.cache.hits, "misses": ctx.cache.misses,
+                  "path": str(ctx.cache.path) if ctx.cache.path else None},
+    }
+    return record, samples
+
+
+def suite_task(suite: Suite, name: str) -> Task:
+    return next(t for t in suite.tasks if t.name == name)
+
+
+def _comparisons(suite: Suite, results: dict[str, TaskResult], values) -> dict[tuple[str, str, str, str], Any]:
+    """Paired comparisons of every variant against the reference, and for every `vs:` a gate names."""
+    pairs = {(v.name, suite.reference) for v in suite.variants if v.name != suite.reference}
+    pairs |= {(var, g.vs) for g in suite.gates if g.vs for var in _gate_variants(suite, g) if var != g.vs}
+    out = {}
+    for (tname, metric, variant), cand in values.items():
+        for cv, ref_name in pairs:
+            if cv != variant or (tname, metric, ref_name) not in values:
+                continue
+            ref = values[(tname, metric, ref_name)]
+            ids = [i for i in cand if i in ref]
+            out[(tname, metric, variant, ref_name)] = paired_compare(
+                [ref[i] for i in ids], [cand[i] for i in ids], binary=results[tname].binary.get(metric, False))
+    return out
+
+
+def _gate_variants(suite: Suite, gate) -> list[str]:
+    from evalkit.gates import gate_targets
+
+    return gate_targets(gate, suite)
+
+
+def _comparison_record(key: tuple[str, str, str, str], c) -> dict[str, Any]:
+    task, metric, variant, vs = key
+    significant = bool(c.n and c.p_value < 1 - c.confidence)
+    return {"task": task, "metric": metric, "variant": variant, "vs": vs, "delta": c.delta, "low": c.low,
+            "high": c.high, "p_value": c.p_value, "test": c.test, "n": c.n, "n_ref_only": c.n_ref_only,
+            "n_cand_only": c.n_cand_only, "confidence": c.confidence, "significant": significant}
+
+
+def _variant_record(lv: LoadedVariant, ctx: RunContext) -> dict[str, Any]:
+    cost = dict(ctx.stats.get(lv.name, {}))
+    if cost.get("seconds"):
+        cost["tokens_per_s"] = cost.get("output_tokens", 0) / cost["seconds"]
+        cost["latency_per_case_s"] = cost["seconds"] / max(cost.get("cases", 1), 1)
+    v = lv.variant
+    return {"name": v.name, "adapter": str(v.adapter) if v.adapter else None,
+            "adapter_sha256": lv.info.sha256 if lv.info else None, "quantize": v.quantize, "merge": v.merge,
+            "is_dora": bool(lv.info and lv.info.is_dora), "fingerprint": lv.fingerprint,
+            "provenance": lv.info.provenance if lv.info else None, "cost": cost}
+
+
+def _sample_record(s: SampleResult) -> dict[str, Any]:
+    return {"task": s.task, "variant": s.variant, "case_id": s.case_id, "prompt": s.prompt, "output": s.output,
+            "target": s.target, "scores": {k: {"value": v.value, "reason": v.reason} for k, v in s.scores.items()},
+            "cached": s.cached, "meta": dict(s.meta)}
