@@ -100,3 +100,10 @@ def test_scorer_file_params_resolve_against_suite(suite_dir, tiny_model_dir, tin
         "[exact_match, json_valid]", "[exact_match, {json_schema: s.json}]")
     suite = load_suite(write(suite_dir, text))
     assert suite.tasks[0].scorers[1].name == "json_schema"
+
+
+def test_bad_regex_is_a_located_config_error(capsys, suite_dir, tiny_model_dir, tiny_adapter):
+    text = SUITE.format(base=tiny_model_dir, adapter=tiny_adapter).replace(
+        "[exact_match, json_valid]", "[exact_match, {regex: '([a-z'}]")
+    code, out = run_cli(capsys, write(suite_dir, text))
+    assert code == 4 and "suite.yml:9 tasks[0].scorers[1]:" in out and "Traceback" not in out

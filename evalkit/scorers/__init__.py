@@ -73,4 +73,18 @@ def build(name: str, params: dict[str, Any], base_dir: Path | None = None) -> Sc
         raise ConfigError(f"scorer '{name}' needs parameter(s): {', '.join(missing)}")
     fn = functools.partial(sdef.fn, **bound)
     functools.update_wrapper(fn, sdef.fn)
+    _dry_run(fn)
     return fn
+
+
+def _dry_run(fn: Scorer) -> None:
+    """Call the scorer once on an empty case so bad params (a broken regex, an invalid schema)
+    fail at config load, where the error can name the suite line, not mid-run."""
+    from evalkit.types import Case, Output
+
+    try:
+        fn(Case(id="dry-run", prompt="", target=""), Output(text=""))
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - other failures are about the empty case, not the params
+        pass
