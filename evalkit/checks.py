@@ -17,15 +17,18 @@ PROBES = ("The capital of France is", "def fibonacci(n):", "Translate to German:
 ACTIVE_TOLERANCE = 1e-4
 
 
-def _probe_prompts(ctx, limit: int = 4) -> list[str]:
-    prompts = list(PROBES)
+def _case_prompts(ctx, limit: int) -> list[str]:
+    """The first `limit` rendered cases of the first task with a dataset (what the run will score)."""
     for task in ctx.suite.tasks:
         if task.data is not None and task.kind != "mmlu":
             from evalkit.tasks.generation import load_cases
 
-            prompts += [render_prompt(ctx.tokenizer, c) for c in load_cases(task.data, limit)]
-            break
-    return prompts
+            return [render_prompt(ctx.tokenizer, c) for c in load_cases(task.data, limit)]
+    return []
+
+
+def _probe_prompts(ctx, limit: int = 4) -> list[str]:
+    return list(PROBES) + _case_prompts(ctx, limit)
 
 
 def probe_logits(lv, tokenizer, prompts: list[str]):
@@ -91,10 +94,9 @@ class _BaseView:
 
 
 def _base_on(ctx, lv):
-    """Reference for the adapter-active check: the same weights the adapter sits on, adapters off."""
-    if lv.variant.merge:
-        return _BaseView(ctx.models.get(lv.variant.quantize if lv.variant.merge_into == "quantized" else "full"))
-    return _BaseView(lv.model)
+    """Reference for the adapter-active check: the same weights the adapter sits on, adapters off
+    (for a merge, the base it was merged into: a dequantized merge starts from the quantized base)."""
+    return _BaseView(ctx.model_for(lv.variant.quantize) if lv.variant.merge else lv.model)
 
 
 def leakage(ctx, log) -> list[dict[str, Any]]:
@@ -124,45 +126,86 @@ def leakage(ctx, log) -> list[dict[str, Any]]:
     return records
 
 
+def _check_params(ctx, check: str, variant: str) -> dict[str, Any]:
+    """Tolerances from the `check:` gate for this variant (a gate naming it beats a catch-all one)."""
+    gates = [g for g in ctx.suite.gates if g.check == check and g.variant in (None, variant)]
+    gates.sort(key=lambda g: g.variant is None)
+    return dict(gates[0].params) if gates else {}
+
+
 def merge_equivalence(ctx, results, log) -> list[dict[str, Any]]:
-    """Merged variant vs its unmerged twin: logits on probe prompts and task cases, and task scores."""
+    """Merged variant vs its unmerged twin on probe prompts and task cases (max |logit diff|, top-1
+    agreement at every position) and on the task scores (paired deltas, reported). A merge into a
+    full-precision base matches its twin to fp32 noise; a merge into a 4-bit base re-quantizes
+    the merged weights and fails."""
+    merged = [lv for lv in ctx.variants if lv.variant.merge]
+    if not merged:
+        return []
+    probes, cases = list(PROBES), _case_prompts(ctx, limit=8)
     records = []
-    gates = {g.check: g for g in ctx.suite.gates if g.check == "merge_equivalence"}
-    gate = gates.get("merge_equivalence")
-    tol = (gate.params.get("max_abs_logit_diff") if gate else None) or 1e-3
-    min_agree = (gate.params.get("min_top1_agreement") if gate else None) or 0.99
-    for lv in ctx.variants:
-        if not lv.variant.merge:
-            continue
+    for lv in merged:
+        params = _check_params(ctx, "merge_equivalence", lv.name)
+        tol = params.get("max_abs_logit_diff", 1e-3)
+        min_agree = params.get("min_top1_agreement", 0.99)
         twin = _unmerged_twin(ctx, lv)
-        prompts = _probe_prompts(ctx, limit=8)
-        max_abs, agree = _diff(probe_logits(lv, ctx.tokenizer, prompts), probe_logits(twin, ctx.tokenizer, prompts))
-        score_deltas = {}
-        for tname, tr in results.items():
-            for metric in tr.binary:
-                a = {s.case_id: s.scores[metric].value for s in tr.samples if s.variant == lv.name and metric in s.scores}
-                b = {s.case_id: s.scores[metric].value for s in tr.samples if s.variant == twin.name and metric in s.scores}
-                ids = [i for i in a if i in b and a[i] is not None and b[i] is not None]
-                if ids:
-                    score_deltas[f"{tname}.{metric}"] = sum(a[i] - b[i] for i in ids) / len(ids)
+        a, b = probe_logits(lv, ctx.tokenizer, probes + cases), probe_logits(twin, ctx.tokenizer, probes + cases)
+        max_abs, agree = _diff(a, b)
+        per_set = {"probes": _diff(a[:len(probes)], b[:len(probes)])}
+        if cases:
+            per_set["task_cases"] = _diff(a[len(probes):], b[len(probes):])
+        scores = _score_deltas(ctx, results, lv, twin)
         passed = max_abs <= tol and agree >= min_agree
+        where = "; ".join(f"{k} ({n}): {d:.3g} / {g:.1%}" for (k, (d, g)), n in
+                          zip(per_set.items(), (len(probes), len(cases))))
         msg = (f"'{lv.name}' vs unmerged '{twin.name}': max |logit diff| {max_abs:.3g} "
                f"({'<=' if max_abs <= tol else '>'} {tol:g}), top-1 agreement {agree:.1%} "
-               f"({'>=' if agree >= min_agree else '<'} {min_agree:.0%}) on {len(prompts)} prompts")
-        if score_deltas:
-            msg += "; score deltas " + ", ".join(f"{k} {v:+.3f}" for k, v in score_deltas.items())
+               f"({'>=' if agree >= min_agree else '<'} {min_agree:.0%}) [{where}]")
+        if scores:
+            msg += "; paired score deltas " + ", ".join(
+                f"{k} {c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" for k, c in scores.items())
         log(("" if passed else "FAIL: ") + f"merge_equivalence: {msg}")
         records.append({"name": "merge_equivalence", "variant": lv.name, "passed": passed, "message": msg,
-                        "details": {"twin": twin.name, "max_abs_logit_diff": max_abs, "top1_agreement": agree,
-                                    "score_deltas": score_deltas, "n_prompts": len(prompts)}})
+                        "details": {"twin": twin.name, "merge_into": lv.variant.merge_into,
+                                    "quantize": lv.variant.quantize, "max_abs_logit_diff": max_abs,
+                                    "top1_agreement": agree, "tolerance": tol, "min_top1_agreement": min_agree,
+                                    **{f"{k}_max_abs_logit_diff": d for k, (d, _) in per_set.items()},
+                                    **{f"{k}_top1_agreement": g for k, (_, g) in per_set.items()},
+                                    "score_deltas": scores, "n_prompts": len(probes) + len(cases)}})
     return records
 
 
+def _score_deltas(ctx, results, lv, twin) -> dict[str, dict[str, Any]]:
+    """Paired task-score deltas merged - unmerged. A twin that is not a suite variant is generated
+    and scored here (cached like any variant) for generation tasks."""
+    from evalkit.stats import paired_compare
+    from evalkit.tasks import generation
+
+    out = {}
+    for task in ctx.suite.tasks:
+        tr = results.get(task.name)
+        if tr is None:
+            continue
+        twin_samples = [s for s in tr.samples if s.variant == twin.name]
+        if not twin_samples and task.kind == "generate":
+            cases = generation.load_cases(task.data, task.limit)
+            twin_samples = generation.score_outputs(
+                task, twin.name, cases, ctx.generate(twin, cases, task.generation, desc=f"{task.name} (twin)"))
+        for metric, binary in tr.binary.items():
+            a = {s.case_id: s.scores[metric].value for s in tr.samples if s.variant == lv.name and metric in s.scores}
+            b = {s.case_id: s.scores[metric].value for s in twin_samples if metric in s.scores}
+            ids = [i for i in a if i in b]
+            if ids:
+                c = paired_compare([b[i] for i in ids], [a[i] for i in ids], binary=binary)
+                out[f"{task.name}.{metric}"] = {"delta": c.delta, "low": c.low, "high": c.high,
+                                                "p_value": c.p_value, "n": c.n}
+    return out
+
+
 def _unmerged_twin(ctx, lv):
-    """The same adapter, unmerged, on the same kind of base the merge went into."""
-    target_q = lv.variant.quantize if lv.variant.merge_into == "quantized" else None
+    """The same adapter, unmerged, on the base precision the merge started from: the quantized
+    base for a QLoRA adapter (dequantize-then-merge must reproduce it), else the full one."""
     for other in ctx.variants:
         if (other.info is not None and not other.variant.merge and other.info.sha256 == lv.info.sha256
-                and other.variant.quantize == target_q):
+                and other.variant.quantize == lv.variant.quantize):
             return other
-    return ctx.attach_twin(lv, target_q)
+    return ctx.attach_twin(lv, lv.variant.quantize)

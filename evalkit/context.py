@@ -6,6 +6,7 @@ per run whatever the number of variants and tasks.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from evalkit.backends.hf import generate, render_prompt
 from evalkit.cache import Cache
 from evalkit.config.suite import GenerationConfig, Suite, Variant
+from evalkit.memory import PeakMemory
 from evalkit.models.adapters import AdapterInfo
 from evalkit.models.base import ResolvedBase
 from evalkit.types import Case, Output, stable_hash
@@ -45,8 +47,32 @@ class LoadedVariant:
 
 
 def variant_fingerprint(base: ResolvedBase, variant: Variant, info: AdapterInfo | None, template_hash: str) -> str:
+    # merge_into matters only for merged variants: a 4-bit merge is another model than a full one
     return stable_hash({"base": base.sha256, "adapter": info.sha256 if info else None,
-                        "quantize": variant.quantize, "merge": variant.merge, "chat_template": template_hash})
+                        "quantize": variant.quantize, "merge": variant.merge,
+                        "merge_into": variant.merge_target, "chat_template": template_hash})
+
+
+def template_hash(tokenizer) -> str:
+    return hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest()
+
+
+def _mixable(lv: LoadedVariant) -> bool:
+    """peft mixes adapters row by row (`adapter_names`) only for plain LoRA on a peft model. DoRA
+    refuses with a ValueError and leaves its hooks behind, so every later generate() fails too;
+    merged copies have no adapter to pick."""
+    if not hasattr(lv.model, "peft_config"):
+        return False
+    return lv.info is None or (lv.info.config.get("peft_type", "LORA") == "LORA" and not lv.info.is_dora)
+
+
+def mix_groups(lvs: Sequence[LoadedVariant]) -> list[list[LoadedVariant]]:
+    """Variants that can share generation batches: mixable ones on the same model instance; every
+    other variant is a group of its own (it runs with set_adapter / disable_adapter)."""
+    groups: dict[int, list[LoadedVariant]] = {}
+    for lv in lvs:
+        groups.setdefault(id(lv.model) if _mixable(lv) else id(lv), []).append(lv)
+    return list(groups.values())
 
 
 @dataclass
@@ -58,7 +84,7 @@ class RunContext:
     cache: Cache
     log: Callable[[str], None] = print
     progress: bool = True
-    stats: dict[str, dict[str, float]] = field(default_factory=dict)  # per-variant cost counters
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-variant cost counters
     models: dict[str, Any] = field(default_factory=dict)  # "full" | "nf4" | "int8" -> the one instance of each
 
     def model_for(self, quantize: str | None) -> Any:
@@ -82,7 +108,8 @@ class RunContext:
         name = f"{lv.name}~unmerged"
         model = self.attach(quantize, name, lv.info)
         twin = Variant(name=name, adapter=lv.variant.adapter, quantize=quantize)
-        return LoadedVariant(twin, model, name, lv.info, "")
+        return LoadedVariant(twin, model, name, lv.info,
+                             variant_fingerprint(self.base, twin, lv.info, template_hash(self.tokenizer)))
 
     def variant(self, name: str) -> LoadedVariant:
         return next(v for v in self.variants if v.name == name)
@@ -94,29 +121,58 @@ class RunContext:
 
     def generate(self, lv: LoadedVariant, cases: Sequence[Case], gen: GenerationConfig, *,
                  desc: str = "") -> list[tuple[Output, bool]]:
-        """Outputs for every case, reusing cached ones; each finished batch is cached at once,
-        so an interrupted run resumes where it stopped. Returns (output, was_cached) pairs."""
+        """Outputs of one variant for every case: (output, was_cached) pairs."""
+        return self.generate_many([lv], cases, gen, desc=desc)[lv.name]
+
+    def generate_many(self, lvs: Sequence[LoadedVariant], cases: Sequence[Case], gen: GenerationConfig, *,
+                      desc: str = "") -> dict[str, list[tuple[Output, bool]]]:
+        """Outputs of several variants for every case, by variant name. Cached outputs are reused
+        and only misses generate; each finished batch is cached at once, so an interrupted run
+        resumes where it stopped. Base and plain LoRA variants on one model share mixed batches."""
         prompts = [render_prompt(self.tokenizer, c) for c in cases]
-        keys = [Cache.key("generate", model=lv.fingerprint, gen=gen.key(), prompt=p) for p in prompts]
-        found = [self.cache.get(k) for k in keys]
-        todo = [i for i, f in enumerate(found) if f is None]
-        results: list[tuple[Output, bool] | None] = [
-            None if f is None else (Output(**f), True) for f in found]
-        if todo:
-            bar = _progress(len(todo), f"{desc or 'generate'} [{lv.name}]", self.progress)
-
-            def on_batch(idx: list[int], outs: list[Output]) -> None:
-                self.cache.put_many({keys[todo[i]]: o.__dict__ for i, o in zip(idx, outs)})
-                self._count(lv.name, cases=len(outs), output_tokens=sum(o.n_output_tokens for o in outs),
-                            seconds=sum(o.latency_s for o in outs))
-                bar.update(len(outs))
-
-            with lv.active() as model:
-                outs = generate(model, self.tokenizer, [prompts[i] for i in todo], gen, on_batch=on_batch)
-            bar.close()
-            for i, o in zip(todo, outs):
-                results[i] = (o, False)
+        keys = {lv.name: [Cache.key("generate", model=lv.fingerprint, gen=gen.key(), prompt=p) for p in prompts]
+                for lv in lvs}
+        results: dict[str, list[tuple[Output, bool] | None]] = {}
+        missing: dict[str, list[int]] = {}  # variant -> case indices still to generate
+        for lv in lvs:
+            found = [self.cache.get(k) for k in keys[lv.name]]
+            results[lv.name] = [None if f is None else (Output(**f), True) for f in found]
+            missing[lv.name] = [i for i, f in enumerate(found) if f is None]
+        for group in mix_groups([lv for lv in lvs if missing[lv.name]]):
+            # case-major order: the rows of one prompt (one per variant) sit side by side, so a
+            # mixed batch is mostly rows of equal length (the backend's length sort is stable)
+            todo = sorted(((lv, i) for lv in group for i in missing[lv.name]), key=lambda job: job[1])
+            self._generate_group(group, todo, prompts, keys, results, gen, desc)
         return results  # type: ignore[return-value]
+
+    def _generate_group(self, group: list[LoadedVariant], todo: list[tuple[LoadedVariant, int]],
+                        prompts: list[str], keys: dict[str, list[str]],
+                        results: dict[str, list[Any]], gen: GenerationConfig, desc: str) -> None:
+        label = ",".join(lv.name for lv in group)
+        bar = _progress(len(todo), f"{desc or 'generate'} [{label}]", self.progress)
+
+        def on_batch(idx: list[int], outs: list[Output]) -> None:
+            rows = [(todo[j][0], todo[j][1], o) for j, o in zip(idx, outs)]
+            self.cache.put_many({keys[lv.name][i]: o.__dict__ for lv, i, o in rows})
+            for lv, i, o in rows:
+                results[lv.name][i] = (o, False)
+                self._count(lv.name, cases=1, output_tokens=o.n_output_tokens, seconds=o.latency_s)
+            bar.update(len(outs))
+
+        names = None
+        if len(group) > 1:  # "__base__" is peft's name for "no adapter" in a mixed batch
+            names = [lv.adapter_name or "__base__" for lv, _ in todo]
+        device = str(next(group[0].model.parameters()).device)
+        # a mixed batch ignores the active adapter but not disable_adapter(): use the bare model
+        scope = contextlib.nullcontext(group[0].model) if names else group[0].active()
+        with PeakMemory(device) as peak, scope as model:
+            generate(model, self.tokenizer, [prompts[i] for _, i in todo], gen, adapter_names=names,
+                     on_batch=on_batch)
+        bar.close()
+        for lv in group:  # a shared batch has one peak: every variant in it gets it
+            bucket = self.stats.setdefault(lv.name, {})
+            bucket["peak_memory_mb"] = max(bucket.get("peak_memory_mb", 0.0), round(peak.mb, 1))
+            bucket["peak_memory_source"] = peak.source
 
 
 def _progress(total: int, desc: str, enabled: bool):

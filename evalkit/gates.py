@@ -25,7 +25,12 @@ def evaluate_gates(suite: Suite, metrics: dict[tuple[str, str, str], dict[str, A
                    checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     results = []
     for gate in suite.gates:
-        for variant in gate_targets(gate, suite):
+        targets = gate_targets(gate, suite)
+        if gate.check and not gate.variant:
+            # a check gate covers the variants its check applies to (merge_equivalence: merged
+            # ones), not every variant; one that ran for none is a misconfigured gate: fail
+            targets = list(dict.fromkeys(c["variant"] for c in checks if c["name"] == gate.check)) or ["*"]
+        for variant in targets:
             results.append(_one(gate, variant, metrics, comparisons, checks))
     return results
 

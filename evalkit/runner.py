@@ -7,7 +7,6 @@ base ONCE -> attach adapters by name -> checks (template parity, adapter active,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -18,7 +17,7 @@ from evalkit import __version__
 from evalkit.cache import Cache
 from evalkit.config import load_suite
 from evalkit.config.suite import Suite, Task, Variant
-from evalkit.context import LoadedVariant, RunContext, variant_fingerprint
+from evalkit.context import LoadedVariant, RunContext, template_hash, variant_fingerprint
 from evalkit.errors import ConfigError, ExitCode, ModelError, NothingToEvaluate
 from evalkit.gates import evaluate_gates
 from evalkit.models.adapters import AdapterInfo, check_fits_base, inspect_adapter
@@ -91,10 +90,6 @@ def _train_adapters(suite: Suite, log: Log) -> Suite:
     return dataclasses.replace(suite, variants=tuple(variants))
 
 
-def _template_hash(tokenizer) -> str:
-    return hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest()
-
-
 def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, AdapterInfo], cache: Cache,
                    log: Log, progress: bool) -> RunContext:
     """One full-precision base for base + plain adapters; one per quantization; merged copies apart."""
@@ -104,7 +99,7 @@ def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, Adapte
         check_fits_base(info, model, resolved)
     ctx = RunContext(suite=suite, base=resolved, tokenizer=tokenizer, variants=[], cache=cache, log=log,
                      progress=progress, models={"full": model})
-    template = _template_hash(tokenizer)
+    template = template_hash(tokenizer)
     merged = {}
     for v in suite.variants:
         info = infos.get(v.name)
@@ -130,9 +125,14 @@ def _merged(ctx: RunContext, v: Variant, info: AdapterInfo):
     quantized` reproduces the lossy merge on purpose, so merge_equivalence can catch it."""
     from evalkit.models.adapters import attach_adapter
 
-    quantize = v.quantize if v.merge_into == "quantized" else None
-    ctx.log(f"building merged variant '{v.name}' ({'into ' + quantize if quantize else 'full precision'})")
-    base = load_base(ctx.base, quantize=quantize)[0]  # a merge rewrites weights: it needs its own copy
+    into_quantized = v.merge_target == "quantized"
+    how = f"into {v.quantize}" if into_quantized else f"dequantized from {v.quantize}" if v.quantize else "full precision"
+    ctx.log(f"building merged variant '{v.name}' ({how})")
+    base = load_base(ctx.base, quantize=v.quantize)[0]  # a merge rewrites weights: it needs its own copy
+    if v.quantize and not into_quantized:
+        # dequantize-then-merge: the quantized weights a QLoRA adapter was trained on, in full
+        # precision, so the merged model reproduces the unmerged QLoRA variant (not the fp base's)
+        base = base.dequantize()
     return attach_adapter(base, v.name, info).merge_and_unload()
 
 
@@ -267,6 +267,7 @@ def _variant_record(lv: LoadedVariant, ctx: RunContext) -> dict[str, Any]:
     v = lv.variant
     return {"name": v.name, "adapter": str(v.adapter) if v.adapter else None,
             "adapter_sha256": lv.info.sha256 if lv.info else None, "quantize": v.quantize, "merge": v.merge,
+            "merge_into": v.merge_target,
             "is_dora": bool(lv.info and lv.info.is_dora), "fingerprint": lv.fingerprint,
             "provenance": lv.info.provenance if lv.info else None, "cost": cost}
 

@@ -27,6 +27,13 @@ class Variant:
     def is_base(self) -> bool:
         return self.adapter is None and self.train is None
 
+    @property
+    def merge_target(self) -> str | None:
+        """Where a merge goes: "quantized" only for a quantized variant that asks for it; None unmerged."""
+        if not self.merge:
+            return None
+        return "quantized" if self.quantize and self.merge_into == "quantized" else "full"
+
 
 @dataclass(frozen=True)
 class ScorerSpec:

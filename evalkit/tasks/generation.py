@@ -7,7 +7,7 @@ from pathlib import Path
 from evalkit.config.suite import Task
 from evalkit.errors import ConfigError
 from evalkit.tasks.base import SampleResult, TaskResult
-from evalkit.types import Case, Score
+from evalkit.types import Case, Output, Score
 
 
 def load_cases(path: Path, limit: int | None = None) -> list[Case]:
@@ -42,17 +42,21 @@ def load_cases(path: Path, limit: int | None = None) -> list[Case]:
 
 def run(ctx, task: Task) -> TaskResult:
     cases = load_cases(task.data, task.limit)
-    samples: list[SampleResult] = []
-    for lv in ctx.variants:
-        outputs = ctx.generate(lv, cases, task.generation, desc=task.name)
-        for case, (out, cached) in zip(cases, outputs):
-            scores = {s.name: _safe_score(s, case, out) for s in task.scorers}
-            samples.append(SampleResult(task=task.name, variant=lv.name, case_id=case.id, prompt=out.prompt,
-                                        output=out.text, target=case.target, scores=scores, cached=cached,
-                                        meta={"finish_reason": out.finish_reason,
-                                              "output_tokens": out.n_output_tokens}))
+    outputs = ctx.generate_many(ctx.variants, cases, task.generation, desc=task.name)
+    samples = [s for lv in ctx.variants for s in score_outputs(task, lv.name, cases, outputs[lv.name])]
     return TaskResult(samples=samples, binary={s.name: s.binary for s in task.scorers},
                       extras={"n_cases": len(cases)})
+
+
+def score_outputs(task: Task, variant: str, cases: list[Case], outputs: list[tuple[Output, bool]]) -> list[SampleResult]:
+    """One variant's (output, was_cached) pairs, scored by the task's scorers."""
+    samples = []
+    for case, (out, cached) in zip(cases, outputs):
+        scores = {s.name: _safe_score(s, case, out) for s in task.scorers}
+        samples.append(SampleResult(task=task.name, variant=variant, case_id=case.id, prompt=out.prompt,
+                                    output=out.text, target=case.target, scores=scores, cached=cached,
+                                    meta={"finish_reason": out.finish_reason, "output_tokens": out.n_output_tokens}))
+    return samples
 
 
 def _safe_score(spec, case: Case, out) -> Score:
