@@ -30,9 +30,11 @@ def _truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationConfig, *,
              adapter_names: Sequence[str] | None = None,
-             on_batch: Callable[[list[int], list[Output]], None] | None = None) -> list[Output]:
+             on_batch: Callable[[list[int], list[Output]], None] | None = None,
+             sampling: dict[str, Any] | None = None) -> list[Output]:
     """Greedy-decode every prompt; `on_batch(indices, outputs)` fires after each batch (for caching
-    and progress) so an interrupted run keeps what finished."""
+    and progress) so an interrupted run keeps what finished. `sampling` (e.g. temperature, top_p)
+    samples instead: only `evalkit serve` uses it, evaluation stays greedy."""
     import torch
 
     n = len(prompts)
@@ -50,6 +52,8 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationConfig, *,
                           add_special_tokens=not chat_special).to(device)
         kwargs: dict[str, Any] = dict(max_new_tokens=gen.max_new_tokens, do_sample=False,
                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
+        if sampling:
+            kwargs.update(do_sample=True, **sampling)
         if adapter_names is not None:
             kwargs["adapter_names"] = [adapter_names[i] for i in idx]
         if gen.stop:
