@@ -142,13 +142,16 @@ def merge_equivalence(ctx, results, log) -> list[dict[str, Any]]:
     if not merged:
         return []
     probes, cases = list(PROBES), _case_prompts(ctx, limit=8)
+    twin_logits: dict[str, list] = {}  # qlora-merged and qlora-merged-4bit share one twin
     records = []
     for lv in merged:
         params = _check_params(ctx, "merge_equivalence", lv.name)
         tol = params.get("max_abs_logit_diff", 1e-3)
         min_agree = params.get("min_top1_agreement", 0.99)
         twin = _unmerged_twin(ctx, lv)
-        a, b = probe_logits(lv, ctx.tokenizer, probes + cases), probe_logits(twin, ctx.tokenizer, probes + cases)
+        if twin.name not in twin_logits:
+            twin_logits[twin.name] = probe_logits(twin, ctx.tokenizer, probes + cases)
+        a, b = probe_logits(lv, ctx.tokenizer, probes + cases), twin_logits[twin.name]
         max_abs, agree = _diff(a, b)
         per_set = {"probes": _diff(a[:len(probes)], b[:len(probes)])}
         if cases:
@@ -165,7 +168,7 @@ def merge_equivalence(ctx, results, log) -> list[dict[str, Any]]:
                 f"{k} {c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" for k, c in scores.items())
         log(("" if passed else "FAIL: ") + f"merge_equivalence: {msg}")
         records.append({"name": "merge_equivalence", "variant": lv.name, "passed": passed, "message": msg,
-                        "details": {"twin": twin.name, "merge_into": lv.variant.merge_into,
+                        "details": {"twin": twin.name, "merge_into": lv.variant.merge_target,
                                     "quantize": lv.variant.quantize, "max_abs_logit_diff": max_abs,
                                     "top1_agreement": agree, "tolerance": tol, "min_top1_agreement": min_agree,
                                     **{f"{k}_max_abs_logit_diff": d for k, (d, _) in per_set.items()},

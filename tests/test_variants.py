@@ -110,8 +110,8 @@ def test_inert_adapter_rejected_when_quantized_or_merged(capsys, tmp_path, tiny_
 
 
 def test_mixed_batches_equal_separate_and_dora_apart(capsys, tmp_path, tiny_model_dir, adapters, monkeypatch):
-    """Base and LoRA variants share batches (adapter_names); DoRA runs alone and never meets
-    adapter_names (peft would raise and then break every later generate)."""
+    """Base and LoRA variants pool their partial batches (adapter_names); DoRA runs alone and
+    never meets adapter_names (peft would raise and then break every later generate)."""
     path = suite(tmp_path, tiny_model_dir, [
         {"name": "base"}, {"name": "lora", "adapter": str(adapters["lora"])},
         {"name": "dora", "adapter": str(adapters["dora"])}, {"name": "lora2", "adapter": str(adapters["qlora"])},
@@ -126,14 +126,15 @@ def test_mixed_batches_equal_separate_and_dora_apart(capsys, tmp_path, tiny_mode
     monkeypatch.setattr(evalkit.context, "generate", spy)
     code, text, _ = run(capsys, path, tmp_path / "mixed", "--no-cache")
     assert code == 0, text
-    mixed = [c for c in calls if c is not None]  # one mixed call (base, lora, lora2), DoRA alone
-    assert len(calls) == 2 and len(mixed) == 1 and len(mixed[0]) == 3 * len(EXTRACT_ROWS), calls
-    assert set(mixed[0]) == {"__base__", "lora", "lora2"}
+    # 6 cases, batch 4: base, lora and lora2 each run one full batch alone, their 3 x 2 leftover
+    # rows share one mixed run; DoRA runs all 6 alone
+    mixed = [c for c in calls if c is not None]
+    assert len(calls) == 5 and len(mixed) == 1 and sorted(mixed[0]) == sorted(["__base__", "lora", "lora2"] * 2), calls
 
     calls.clear()
     monkeypatch.setattr(evalkit.context, "mix_groups", lambda lvs: [[lv] for lv in lvs])
     code, text, _ = run(capsys, path, tmp_path / "separate", "--no-cache")
-    assert code == 0 and calls == [None] * 4, (text, calls)
+    assert code == 0 and calls == [None] * 4, (text, calls)  # mixing off: one run per variant
     out = lambda d: {(s["variant"], s["case_id"]): s["output"] for s in samples(d)}  # noqa: E731
     assert out(tmp_path / "mixed") == out(tmp_path / "separate")
 
