@@ -72,6 +72,7 @@ def test_merge_equivalence_matrix(capsys, tmp_path, tiny_model_dir, adapters):
         {"name": "qlora", "adapter": qlora, "quantize": "nf4"},
         {"name": "qlora-merged", "adapter": qlora, "quantize": "nf4", "merge": True},
         {"name": "qlora-merged-4bit", "adapter": qlora, "quantize": "nf4", "merge": True, "merge_into": "quantized"},
+        {"name": "qlora-int8", "adapter": qlora, "quantize": "int8"},
     ], gates=[{"check": "merge_equivalence", "max_abs_logit_diff": 1e-3}])
     code, text, res = run(capsys, path, tmp_path / "run")
     assert code == 1, text  # the 4-bit merge fails its gate
@@ -91,7 +92,8 @@ def test_merge_equivalence_matrix(capsys, tmp_path, tiny_model_dir, adapters):
     assert "FAIL" in text and "qlora-merged-4bit" in text
 
     active = {c["variant"]: c["passed"] for c in res["checks"] if c["name"] == "adapter_active"}
-    assert set(active) == {"lora", "lora-merged", "qlora", "qlora-merged", "qlora-merged-4bit"} and all(active.values())
+    assert set(active) == {"lora", "lora-merged", "qlora", "qlora-merged", "qlora-merged-4bit", "qlora-int8"}
+    assert all(active.values())
     variants = {v["name"]: v for v in res["variants"]}
     assert variants["qlora-merged"]["merge_into"] == "full" and variants["qlora-merged-4bit"]["merge_into"] == "quantized"
     assert variants["lora"]["merge_into"] is None
