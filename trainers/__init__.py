@@ -1,0 +1,14 @@
+"""Bundled LoRA / QLoRA / DoRA runners (trl SFTTrainer + peft + bitsandbytes), with provenance.
+
+    import trainers
+    result = trainers.ensure_adapter("trainers/recipes/lora.yml")   # trains only when missing or stale
+    result.adapter_dir, result.reused, result.provenance
+
+Importing this package is cheap: torch, trl, peft, datasets and bitsandbytes load when training.
+"""
+from trainers.provenance import PROVENANCE_FILE, read_provenance, template_hash
+from trainers.recipe import Recipe, load_recipe
+from trainers.sft import TrainResult, ensure_adapter
+
+__all__ = ["load_recipe", "Recipe", "ensure_adapter", "TrainResult", "read_provenance", "template_hash",
+           "PROVENANCE_FILE"]

@@ -1,0 +1,79 @@
+"""Training rows: suite-format jsonl -> trl prompt/completion rows, and the held-out split.
+
+Accepted rows (one format per file):
+- `{"messages": [...], "target": X}`: the suite format. The completion is X as an assistant turn
+  (a dict or list is serialized with `json.dumps(X, ensure_ascii=False)`, a string is used as is).
+- `{"messages": [..., {"role": "assistant", ...}]}`: the trailing assistant turn is the completion.
+- `{"prompt": str, "completion": str}`: raw text, no chat template (as a raw-prompt case is evaluated).
+Conversational rows become trl rows `{"prompt": messages, "completion": [assistant turn]}`, so the
+loss is on the completion only and the prompt is rendered with the tokenizer's chat template.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from evalkit.errors import ConfigError
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"invalid JSON: {e.msg}", file=path, line=n) from None
+            if not isinstance(row, dict):
+                raise ConfigError("each line must be a JSON object", file=path, line=n)
+            rows.append(row)
+    if not rows:
+        raise ConfigError("no rows", file=path)
+    return rows
+
+
+def completion_text(target: Any) -> str:
+    """How a suite target is written as the answer the model learns (and exact match compares to)."""
+    return target if isinstance(target, str) else json.dumps(target, ensure_ascii=False)
+
+
+def to_trl_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    messages = row.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ConfigError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        turns = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        if "target" in row:
+            return {"prompt": turns, "completion": [{"role": "assistant", "content": completion_text(row["target"])}]}
+        if turns and turns[-1]["role"] == "assistant" and len(turns) > 1:
+            return {"prompt": turns[:-1], "completion": turns[-1:]}
+        raise ConfigError(f"{where}: a messages row needs a 'target' or a final assistant turn")
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return {"prompt": row["prompt"], "completion": row["completion"]}
+    raise ConfigError(f"{where}: expected 'messages' (+ 'target') or 'prompt' + 'completion' strings")
+
+
+def load_training_rows(path: Path) -> list[dict[str, Any]]:
+    """The raw rows (for leakage checks) converted to trl rows, with an `id` each; one format per file."""
+    out = []
+    for i, row in enumerate(read_jsonl(path)):
+        trl_row = to_trl_row(row, f"{path.name} row {i + 1}")
+        if out and isinstance(out[0]["prompt"], str) != isinstance(trl_row["prompt"], str):
+            raise ConfigError(f"{path.name} row {i + 1}: mixes chat rows and raw prompt/completion rows")
+        out.append({"id": str(row.get("id", f"#{i}")), **trl_row})
+    return out
+
+
+def split_rows(rows: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic held-out split of the training file (at least one row each side when asked)."""
+    if eval_fraction <= 0 or len(rows) < 2:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(rows) - 1, max(1, round(len(rows) * eval_fraction)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]

@@ -1,0 +1,336 @@
+"""Train a LoRA / QLoRA / DoRA adapter with trl's SFTTrainer, and reuse it while it is fresh.
+
+`ensure_adapter` is the entry point: it trains only when the adapter is missing or its fingerprint
+(recipe + training data + base model + library versions) changed, trains into a temp folder next
+to the output and moves it into place at the end, so an interrupted run never leaves a folder that
+looks finished. trl, peft, datasets and bitsandbytes are imported only when training.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import resource
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from evalkit.errors import ConfigError, EvalkitError, missing_extra
+from evalkit.leakage import NORMALIZATION, find_overlap, train_index
+from evalkit.models.base import ResolvedBase, disable_cpu_bf16_repack, load_base, resolve_base
+from trainers.data import load_training_rows, read_jsonl, split_rows
+from trainers.provenance import (SCHEMA_VERSION, device_info, file_record, fingerprint, fingerprint_parts,
+                                 package_versions, read_provenance, stale_reason, template_hash, write_provenance)
+from trainers.recipe import Recipe, load_recipe
+
+Log = Callable[[str], Any]
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "evalkit_train.json")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    reused: bool
+    provenance: dict[str, Any]
+
+
+def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log = print,
+                   overrides: dict[str, Any] | None = None) -> TrainResult:
+    """The recipe's adapter: reused when its provenance fingerprint matches, else (re)trained."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    resolved = resolve_base(recipe.base, base_dir=recipe.base_dir)
+    data_record = file_record(recipe.data.train)
+    recipe_dict = recipe.to_dict()
+    parts = fingerprint_parts(recipe_dict, data_record["sha256"], resolved)
+    fp = fingerprint(parts)
+    out = recipe.output
+    old = read_provenance(out) if all((out / f).is_file() for f in ADAPTER_FILES) else None
+    if old is not None and old.get("fingerprint") == fp and not force:
+        log(f"reused adapter at {out} (fingerprint {fp[:12]})")
+        return TrainResult(out, True, old)
+    log(f"training {recipe.name} ({recipe.method}) into {out}: {'forced' if force else stale_reason(old, parts)}")
+
+    rows = load_training_rows(recipe.data.train)
+    leakage = check_leakage(recipe, rows, log)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()  # not mkdtemp: the finished folder keeps the usual (umask) permissions
+    try:
+        started = datetime.now(timezone.utc)
+        t0 = time.perf_counter()
+        run = train_adapter(recipe, resolved, rows, tmp, log=log)
+        provenance = {
+            "schema_version": SCHEMA_VERSION,
+            "fingerprint": fp,
+            "fingerprint_parts": parts,
+            "name": recipe.name,
+            "method": recipe.method,
+            "recipe_file": str(recipe.source) if recipe.source else None,
+            "recipe": recipe_dict,
+            "base": {"kind": recipe.base.kind, "ref": recipe.base.ref, "revision": recipe.base.revision,
+                     "path": resolved.path, "sha256": resolved.sha256},
+            # train_index: normalized-input hash -> training row ids, for leakage checks at evaluation
+            "data": {"train": data_record, **run.pop("data"), "train_index": train_index(rows),
+                     "train_index_normalization": NORMALIZATION},
+            "leakage": leakage,
+            "seed": recipe.seed,
+            "versions": package_versions(),
+            "started_at": started.isoformat(timespec="seconds"),
+            **run,
+            "wall_time_s": round(time.perf_counter() - t0, 2),
+        }
+        write_provenance(tmp, provenance)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"saved adapter to {out} in {provenance['wall_time_s']:.0f}s ({provenance['tokens_per_s']:.0f} tokens/s, "
+        f"train loss {_fmt(run['final_train_loss'])}, eval loss {_fmt(run['final_eval_loss'])})")
+    return TrainResult(out, False, provenance)
+
+
+def check_leakage(recipe: Recipe, rows: list[dict[str, Any]], log: Log) -> list[dict[str, Any]]:
+    """Eval cases of `data.check_against` files whose input also appears in the training file."""
+    index = train_index(rows)
+    report = []
+    for path in recipe.data.check_against:
+        pairs = find_overlap(read_jsonl(path), index)
+        report.append({"file": str(path), "sha256": file_record(path)["sha256"], "overlap": len(pairs),
+                       "pairs": [list(p) for p in pairs]})
+        if pairs:
+            shown = ", ".join(f"{e}~{t}" for e, t in pairs[:5]) + (" ..." if len(pairs) > 5 else "")
+            log(f"WARNING leakage: {len(pairs)} eval case(s) of {path.name} also in the training data: {shown}")
+        else:
+            log(f"leakage check: no case of {path.name} appears in the training data")
+    return report
+
+
+def _remove_orphans(out: Path) -> None:
+    """Temp folders of trainings killed before they could clean up (their process is gone)."""
+    prefix = f".{out.name}.tmp-"
+    for d in out.parent.glob(prefix + "*"):
+        try:
+            os.kill(int(d.name[len(prefix):].split("-")[0]), 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output exists and is not a folder: {out}")
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _import(module: str, extra: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing_extra(module.split(".")[0], extra) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def resolve_settings(recipe: Recipe, device: str) -> dict[str, Any]:
+    """The recipe's `auto` choices made concrete for this device (recorded in provenance)."""
+    import torch
+
+    t, q, cuda = recipe.training, recipe.quantization, device == "cuda"
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    compute = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    if q is not None and q.compute_dtype != "auto":
+        compute = q.compute_dtype
+    return {
+        "device": device,
+        "precision": precision,
+        "dtype": compute,  # the base's non-quantized weights and the 4-bit compute dtype
+        "optim": t.optim if t.optim != "auto" else ("paged_adamw_8bit" if q is not None and cuda else "adamw_torch"),
+        "gradient_checkpointing": cuda if t.gradient_checkpointing == "auto" else t.gradient_checkpointing,
+    }
+
+
+def guard_4bit_for_training(model) -> int:
+    """Make a 4-bit base safe to train on CPU whatever ran before: turn off the AVX512-BF16 repack
+    (see `disable_cpu_bf16_repack`) and undo it on layers an earlier no-grad forward already
+    repacked, whose gradients would otherwise be silently wrong. Returns how many were undone."""
+    disable_cpu_bf16_repack(model)
+    import bitsandbytes as bnb
+
+    undone = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+            undone += 1
+    return undone
+
+
+def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, Any]], out_dir: Path, *,
+                  model=None, log: Log = print) -> dict[str, Any]:
+    """Train and save the adapter (+ tokenizer and chat template) into `out_dir`; returns the run
+    record for provenance. `model` may be a base already loaded in this process (for QLoRA: in 4 bits)."""
+    import torch
+
+    trl = _import("trl", "train")
+    datasets = _import("datasets", "train")
+    peft = _import("peft", "train")
+    from transformers import PrinterCallback, TrainerCallback, set_seed
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = resolve_settings(recipe, device)
+    quantized = recipe.quantization is not None
+    if quantized:
+        _import("bitsandbytes", "quant")
+        if recipe.quantization.quant_type != "nf4" or not recipe.quantization.double_quant:
+            raise ConfigError("this runner trains QLoRA on an NF4 base with double quantization",
+                              file=recipe.source, path="quantization")
+    set_seed(recipe.seed)
+    if model is None:
+        model, tok = load_base(resolved, quantize="nf4" if quantized else None,
+                               dtype=getattr(torch, settings["dtype"]), device=device)
+    else:
+        from evalkit.models.base import load_tokenizer
+
+        tok = load_tokenizer(resolved)
+    if tok.chat_template is None and not isinstance(rows[0]["prompt"], str):
+        raise EvalkitError(f"base '{resolved.spec.ref}' has no chat template; chat rows need one")
+    if quantized:
+        if undone := guard_4bit_for_training(model):
+            log(f"undid the CPU bf16 repack on {undone} 4-bit layers (a no-grad forward ran before training)")
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings["gradient_checkpointing"])
+
+    train_rows, eval_rows = split_rows(rows, recipe.data.eval_fraction, recipe.seed)
+
+    def as_dataset(rs: list[dict[str, Any]]):
+        return datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rs])
+
+    t, lora = recipe.training, recipe.lora
+    # transformers 5 renamed gradient_checkpointing (a deprecated alias that warns) to activation_checkpointing
+    checkpointing_arg = ("activation_checkpointing" if "activation_checkpointing" in trl.SFTConfig.__dataclass_fields__
+                         else "gradient_checkpointing")
+    try:
+        args = trl.SFTConfig(
+            output_dir=str(out_dir / "_trainer"), report_to="none", save_strategy="no", disable_tqdm=True,
+            seed=recipe.seed, data_seed=recipe.seed, use_cpu=device == "cpu",
+            num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+            per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio
+            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=settings["optim"],
+            bf16=settings["precision"] == "bf16", fp16=settings["precision"] == "fp16",
+            **{checkpointing_arg: settings["gradient_checkpointing"]},
+            logging_steps=t.logging_steps, logging_first_step=True,
+            eval_strategy="steps" if eval_rows else "no", eval_steps=t.eval_steps or t.logging_steps,
+            max_length=t.max_length, completion_only_loss=t.completion_only_loss)
+    except ValueError as e:  # e.g. an unknown optim or scheduler name
+        raise ConfigError(str(e).splitlines()[0], file=recipe.source, path="training") from None
+    peft_config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora, bias="none",
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+        task_type="CAUSAL_LM")
+
+    datasets_bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=as_dataset(train_rows),
+                                 eval_dataset=as_dataset(eval_rows) if eval_rows else None,
+                                 processing_class=tok, peft_config=peft_config)
+    finally:
+        if datasets_bars:
+            datasets.enable_progress_bars()
+    if quantized and settings["dtype"] == "float32":
+        # trl casts QLoRA adapter weights to bf16 (the paper's GPU recipe); with a float32 compute
+        # dtype (CPU) that only loses precision in the updates, so keep them in float32.
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype == torch.bfloat16:
+                p.data = p.data.float()
+
+    class LogCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            shown = [f"{k} {logs[k]:.4f}" for k in ("loss", "eval_loss") if k in (logs or {})]
+            if shown:
+                log(f"  step {state.global_step}/{state.max_steps}: " + ", ".join(shown))
+
+    trainer.remove_callback(PrinterCallback)  # prints raw dicts; LogCallback says it shorter
+    trainer.add_callback(LogCallback())
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    trainer.train()
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    history = trainer.state.log_history
+    if eval_rows and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in history):
+        trainer.evaluate()  # the held-out loss of the final adapter
+    tokens = getattr(trainer, "_total_train_tokens", None) or max(
+        (h.get("num_tokens", 0) for h in history), default=0)
+
+    trainer.model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)  # tokenizer + chat_template.jinja: the template evaluation must use
+    shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
+    curve = _loss_curve(trainer.state.log_history)
+    return {
+        "data": {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "format":
+                 "text" if isinstance(rows[0]["prompt"], str) else "chat"},
+        "chat_template_sha256": template_hash(tok),
+        "chat_template_file": "chat_template.jinja" if (out_dir / "chat_template.jinja").is_file() else None,
+        "settings": settings,
+        "device": device_info(device),
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0, 3),
+        "train_time_s": round(train_s, 2),
+        "train_cpu_time_s": round(train_cpu_s, 2),  # all threads; on a busy shared machine wall time says less
+        "train_tokens": int(tokens),
+        "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else 0.0,
+        **_peak_memory(device),
+        "final_train_loss": next((c["loss"] for c in reversed(curve) if "loss" in c), None),
+        "final_eval_loss": next((c["eval_loss"] for c in reversed(curve) if "eval_loss" in c), None),
+        "log": curve,
+    }
+
+
+def _loss_curve(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train and held-out eval loss (and lr, accuracy) per logging step, merged by step."""
+    keep = ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy", "eval_mean_token_accuracy")
+    by_step: dict[int, dict[str, Any]] = {}
+    for h in history:
+        vals = {k: round(float(h[k]), 6) for k in keep if k in h}
+        if vals:
+            entry = by_step.setdefault(h["step"], {"step": h["step"], "epoch": round(h.get("epoch", 0), 4)})
+            entry.update(vals)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _peak_memory(device: str) -> dict[str, Any]:
+    if device == "cuda":
+        import torch
+
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                "peak_memory_kind": "cuda_max_allocated"}
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_memory_kind": "process_max_rss"}
