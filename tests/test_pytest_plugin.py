@@ -186,3 +186,14 @@ def test_collects_the_demo_suite(pytester):
     assert result.outlines[:3] == ["suites/demo.yml::demo::extract.exact_match[lora]",
                                    "suites/demo.yml::demo::extract.json_schema[lora]",
                                    "suites/demo.yml::demo::extract.exact_match[lora]#2"]
+
+
+def test_a_check_that_ran_for_no_variant_fails_its_items(suite_dir):
+    results = _results()
+    results["gates"] = [g for g in results["gates"] if not g["id"].startswith("merge_equivalence")]
+    results["gates"].append(_gate("merge_equivalence[*]", False, kind="check",
+                                  message="check 'merge_equivalence' did not run for variant '*'"))
+    _can(suite_dir, results)
+    result = suite_dir.runpytest("--evalkit", "suite.yml")
+    result.assert_outcomes(passed=3, failed=2)
+    assert result.stdout.str().count("check 'merge_equivalence' did not run for variant '*'") >= 2

@@ -13,7 +13,7 @@ from fixtures.run_folder import HOSTILE, PWNED_MARKERS, write_run
 
 from evalkit.errors import EvalkitError, ExitCode
 from evalkit.report import render_report, write_all, write_junit, write_summary
-from evalkit.report.data import baseline_rows
+from evalkit.report.data import baseline_rows, fmt_delta
 
 SCRIPT_PAYLOADS = HOSTILE[:5]  # the ones that would run if they reached the page as markup
 
@@ -126,7 +126,6 @@ def test_baseline_comparison_shows_deltas(tmp_path):
     assert row.delta == pytest.approx(row.now.value - row.then.value)
     html = render_report(tmp_path / "a", tmp_path / "b").read_text(encoding="utf-8")
     assert "Compared with baseline run" in html and "not a paired test" in html
-    from evalkit.report.data import fmt_delta
     assert fmt_delta(row.delta) in html
 
 

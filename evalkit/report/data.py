@@ -78,6 +78,12 @@ def fmt_p(p: Any) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def fmt_p_eq(p: Any) -> str:
+    """`p=0.042` or `p<0.001`, for running text."""
+    text = fmt_p(p)
+    return "p" + (text if text.startswith("<") else "=" + text)
+
+
 # ---- gates
 
 def reference_variant(results: dict[str, Any]) -> str:
@@ -103,7 +109,7 @@ def gate_numbers(g: dict[str, Any]) -> str:
         parts.append(f"{fmt_interval(g['low'], g['high'])}" + (f" ({conf:.0%})" if is_num(conf) else ""))
     parts.append(f"threshold {gate_threshold(g)}")
     if is_num(g.get("p_value")):
-        parts.append(f"p={fmt_p(g['p_value'])}")
+        parts.append(fmt_p_eq(g["p_value"]))
     return ", ".join(parts)
 
 

@@ -20,7 +20,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from evalkit.report import data
-from evalkit.report.data import fmt, fmt_delta, fmt_interval, fmt_p, is_num
+from evalkit.report.data import fmt, fmt_delta, fmt_interval, fmt_p, fmt_p_eq, is_num
 
 REPORT = "report.html"
 PALETTE = ("#6b7280", "#2563eb", "#d97706", "#059669", "#7c3aed", "#db2777", "#0891b2", "#65a30d")
@@ -30,7 +30,7 @@ PALETTE = ("#6b7280", "#2563eb", "#d97706", "#059669", "#7c3aed", "#db2777", "#0
 def _env() -> Environment:
     env = Environment(loader=PackageLoader("evalkit.report", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(fmt=fmt, fmt_delta=fmt_delta, fmt_p=fmt_p, short=lambda s: (s or "")[:12])
+    env.filters.update(fmt=fmt, fmt_delta=fmt_delta, fmt_p=fmt_p, fmt_p_eq=fmt_p_eq, short=lambda s: (s or "")[:12])
     env.globals.update(fmt_interval=fmt_interval, is_num=is_num)
     return env
 
@@ -61,6 +61,7 @@ def render_html(results: dict[str, Any], samples: Iterable[dict[str, Any]],
     gates = results.get("gates") or []
     return env.get_template("report.html.j2").render(
         r=results, matrix=matrix, colors=colors,
+        confidence=f"{next((m['confidence'] for m in results.get('metrics') or [] if is_num(m.get('confidence'))), 0.95):.0%}",
         verdict_line=data.verdict_line(results),
         gates=sorted(gates, key=lambda g: bool(g.get("passed"))),  # failures first, order kept otherwise
         failed=[g for g in gates if not g.get("passed")],
