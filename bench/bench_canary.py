@@ -35,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="lm-eval HF batch sizes to time (1 is simple_evaluate's default)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice); 1 makes CPU seconds comparable on a busy machine")
     args = ap.parse_args(argv)
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from evalkit.models import BaseSpec, load_base, resolve_base
     from evalkit.tasks import mmlu
