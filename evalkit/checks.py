@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from evalkit.backends.hf import render_prompt
-from evalkit.errors import ModelError
 from evalkit.types import Case
 
 PROBES = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning",
@@ -70,7 +69,7 @@ def adapter_active(ctx, log) -> list[dict[str, Any]]:
             reference_cache[key] = probe_logits(ref_lv, ctx.tokenizer, prompts)
         max_abs, agree = _diff(probe_logits(lv, ctx.tokenizer, prompts), reference_cache[key])
         if max_abs <= ACTIVE_TOLERANCE:
-            raise ModelError(f"adapter of variant '{lv.name}' ({lv.info.path}) changes nothing: max |logit diff| vs "
+            raise ctx.suite.error(ctx.suite.variant_path(lv.name), f"adapter of variant '{lv.name}' ({lv.info.path}) changes nothing: max |logit diff| vs "
                              f"base {max_abs:.2e} <= {ACTIVE_TOLERANCE:g} on {len(prompts)} probe prompts (zero B "
                              "matrices, wrong target_modules, or weights that did not load?)")
         records.append({"name": "adapter_active", "variant": lv.name, "passed": True,

@@ -149,6 +149,10 @@ def _quiet_libraries() -> None:
     """Library chatter (weight-loading bars, optional-kernel notices) drowns the run's own output."""
     import logging
     import os
+    import warnings
+
+    # deprecation notices between transformers / peft / trl versions are for their developers, not ours
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl)\b")
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

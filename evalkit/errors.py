@@ -41,6 +41,26 @@ class ConfigError(EvalkitError):
         return f"{text}\n  hint: {self.hint}" if self.hint else text
 
 
+YamlPath = tuple[str | int, ...]
+
+
+def fmt_path(path: YamlPath) -> str:
+    """("tasks", 0, "scorers", 1) -> "tasks[0].scorers[1]"."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def located(message: str, file: str | Path, lines: dict[YamlPath, int], path: YamlPath,
+            hint: str | None = None) -> ConfigError:
+    """A ConfigError at `path`, on the line of its nearest ancestor the YAML line map knows."""
+    at = path
+    while at not in lines and at:
+        at = at[:-1]
+    return ConfigError(message, file=file, line=lines.get(at), path=fmt_path(path), hint=hint)
+
+
 class ModelError(EvalkitError):
     """A model or adapter that cannot be used as asked (wrong base, corrupt file, unsafe format)."""
 

@@ -9,7 +9,6 @@ pytest and the standard library are imported here; evalkit itself is imported in
 """
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -130,16 +129,12 @@ class SuiteNode(pytest.Collector):
     def collect(self) -> Iterator[pytest.Item]:
         from evalkit.gates import gate_targets
 
-        seen: Counter[str] = Counter()
-        for gate in self.suite.gates:
+        for gate in self.suite.gates:  # gate ids are unique within a suite (the loader sees to it)
             for variant in gate_targets(gate, self.suite):
                 gate_id = f"{gate.id}[{variant}]"
-                seen[gate_id] += 1
                 self.gate_ids.add(gate_id)
-                # two gates on one metric and variant share a results id; the n-th item takes the n-th
-                name = gate_id if seen[gate_id] == 1 else f"{gate_id}#{seen[gate_id]}"
-                yield GateItem.from_parent(self, name=name, gate_id=gate_id, occurrence=seen[gate_id] - 1,
-                                           spec=gate.id, fanned_out=not gate.variant, line=gate.line)
+                yield GateItem.from_parent(self, name=gate_id, gate_id=gate_id, spec=gate.id,
+                                           fanned_out=not gate.variant, line=gate.line)
 
 
 class ConfigErrorItem(pytest.Item):
@@ -155,10 +150,9 @@ class ConfigErrorItem(pytest.Item):
 
 
 class GateItem(pytest.Item):
-    def __init__(self, *, gate_id: str, occurrence: int, spec: str, fanned_out: bool, line: int | None,
-                 **kwargs: Any):
+    def __init__(self, *, gate_id: str, spec: str, fanned_out: bool, line: int | None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.gate_id, self.occurrence, self.spec = gate_id, occurrence, spec
+        self.gate_id, self.spec = gate_id, spec
         self.fanned_out, self.line = fanned_out, line
 
     def runtest(self) -> None:
@@ -169,9 +163,8 @@ class GateItem(pytest.Item):
             run = self.config.stash[_RUNS].get(self.path)
         except EvalkitError as e:
             raise pytest.fail.Exception(f"suite {self.parent.name} did not run: {e}", pytrace=False) from None
-        gates = [g for g in run.results.get("gates") or [] if g.get("id") == self.gate_id]
-        if self.occurrence < len(gates):
-            gate = gates[self.occurrence]
+        gate = next((g for g in run.results.get("gates") or [] if g.get("id") == self.gate_id), None)
+        if gate is not None:
             if not gate.get("passed"):
                 pytest.fail(f"{gate_text(gate)}\nreport: {run.run_dir / 'report.html'}", pytrace=False)
             return

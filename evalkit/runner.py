@@ -6,19 +6,20 @@ base ONCE -> attach adapters by name -> checks (template parity, adapter active,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from evalkit import __version__
 from evalkit.cache import Cache
 from evalkit.config import load_suite
 from evalkit.config.suite import Suite, Task, Variant
 from evalkit.context import LoadedVariant, RunContext, template_hash, variant_fingerprint
-from evalkit.errors import ConfigError, ExitCode, ModelError, NothingToEvaluate
+from evalkit.errors import ConfigError, ExitCode, ModelError, NothingToEvaluate, YamlPath
 from evalkit.gates import evaluate_gates
 from evalkit.models.adapters import AdapterInfo, check_fits_base, inspect_adapter
 from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_base, resolve_base
@@ -40,14 +41,20 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
     suite = load_suite(suite_path)
     if not suite.tasks:
         raise NothingToEvaluate(f"{suite.path.name}: the suite has no tasks")
-    for task in suite.tasks:
+    for i, task in enumerate(suite.tasks):
         if task.kind == "judge":
             from evalkit.tasks import judge
 
-            judge.preflight(task, suite)  # fail in seconds, before any model loads
+            with _about(suite, ("tasks", i, "judge")):
+                judge.preflight(task, suite)  # fail in seconds, before any model loads
     suite = _train_adapters(suite, log)
-    infos = {v.name: inspect_adapter(v.adapter, allow_pickle=v.allow_pickle) for v in suite.variants if v.adapter}
-    resolved = resolve_base(suite.base, suite.dir)
+    infos = {}
+    for v in suite.variants:
+        if v.adapter:
+            with _about(suite, suite.variant_path(v.name)):
+                infos[v.name] = inspect_adapter(v.adapter, allow_pickle=v.allow_pickle)
+    with _about(suite, ("base",)):
+        resolved = resolve_base(suite.base, suite.dir)
     cache = Cache((cache_path or cache_root() / "results.sqlite") if use_cache else None)
     try:
         ctx = _load_variants(suite, resolved, infos, cache, log, progress)
@@ -65,6 +72,20 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
     _write_reports(run_dir, record, log)
     code = ExitCode.OK if record["verdict"] == "pass" else ExitCode.GATE_FAILED
     return RunLog(results=record, run_dir=run_dir, exit_code=int(code))
+
+
+@contextlib.contextmanager
+def _about(suite: Suite, path: YamlPath) -> Iterator[None]:
+    """A user-facing error raised while acting on one part of the suite (its adapter, its base, a
+    judge endpoint) is re-raised at that part's FILE:LINE PATH, unless it already names a file."""
+    try:
+        yield
+    except ConfigError as e:
+        if e.file is not None:
+            raise
+        raise suite.error(path, e.message, e.hint) from None
+    except ModelError as e:
+        raise suite.error(path, str(e)) from None
 
 
 def _write_reports(run_dir: Path, record: dict[str, Any], log: Log) -> None:
@@ -94,9 +115,11 @@ def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, Adapte
                    log: Log, progress: bool) -> RunContext:
     """One full-precision base for base + plain adapters; one per quantization; merged copies apart."""
     log(f"loading base {resolved.spec.ref}")
-    model, tokenizer = load_base(resolved)
-    for info in infos.values():
-        check_fits_base(info, model, resolved)
+    with _about(suite, ("base",)):
+        model, tokenizer = load_base(resolved)
+    for name, info in infos.items():
+        with _about(suite, suite.variant_path(name)):
+            check_fits_base(info, model, resolved)
     ctx = RunContext(suite=suite, base=resolved, tokenizer=tokenizer, variants=[], cache=cache, log=log,
                      progress=progress, models={"full": model})
     template = template_hash(tokenizer)
@@ -105,10 +128,11 @@ def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, Adapte
         info = infos.get(v.name)
         if info is None:
             continue
-        if v.merge:
-            merged[v.name] = _merged(ctx, v, info)
-        else:
-            ctx.attach(v.quantize, v.name, info)
+        with _about(suite, suite.variant_path(v.name)):
+            if v.merge:
+                merged[v.name] = _merged(ctx, v, info)
+            else:
+                ctx.attach(v.quantize, v.name, info)
     for v in suite.variants:  # bound after attaching: the first adapter wraps the base in a PeftModel
         info = infos.get(v.name)
         model = merged.get(v.name) or ctx.model_for(v.quantize)
@@ -161,7 +185,8 @@ def _template_parity(ctx: RunContext, lv: LoadedVariant, log: Log) -> dict[str, 
     msg = (f"variant '{lv.name}': adapter was trained with another chat template than the base tokenizer's "
            f"({saved})")
     if not lv.variant.allow_template_mismatch:
-        raise ModelError(msg + "; set `allow_template_mismatch: true` on the variant to evaluate anyway")
+        raise ctx.suite.error(ctx.suite.variant_path(lv.name),
+                              msg + "; set `allow_template_mismatch: true` on the variant to evaluate anyway")
     log(f"WARNING: {msg} (acknowledged by allow_template_mismatch)")
     return {"name": "template_parity", "variant": lv.name, "passed": False, "message": msg + " (acknowledged)"}
 

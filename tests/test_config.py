@@ -107,3 +107,12 @@ def test_bad_regex_is_a_located_config_error(capsys, suite_dir, tiny_model_dir, 
         "[exact_match, json_valid]", "[exact_match, {regex: '([a-z'}]")
     code, out = run_cli(capsys, write(suite_dir, text))
     assert code == 4 and "suite.yml:9 tasks[0].scorers[1]:" in out and "Traceback" not in out
+
+
+def test_gate_ids_are_distinct(suite_dir, tiny_model_dir, tiny_adapter):
+    text = SUITE.format(base=tiny_model_dir, adapter=tiny_adapter) + (
+        "  - {metric: extract.exact_match, min: 0.5}\n"
+        "  - {metric: extract.exact_match, max_drop: 1}\n")
+    suite = load_suite(write(suite_dir, text))
+    assert [g.id for g in suite.gates] == ["extract.exact_match", "extract.exact_match#2",
+                                           "extract.exact_match-vs-base"]

@@ -183,9 +183,11 @@ def test_collects_the_demo_suite(pytester):
     demo = REPO / "suites" / "demo.yml"
     result = pytester.runpytest("--evalkit", str(demo), "--collect-only", "-q", f"--rootdir={REPO}")
     assert result.ret == 0, result.stdout.str()
-    assert result.outlines[:3] == ["suites/demo.yml::demo::extract.exact_match[lora]",
-                                   "suites/demo.yml::demo::extract.json_schema[lora]",
-                                   "suites/demo.yml::demo::extract.exact_match[lora]#2"]
+    ids = [line for line in result.outlines if line.startswith("suites/demo.yml::")]
+    assert ids[:2] == ["suites/demo.yml::demo::extract.exact_match[lora]",
+                       "suites/demo.yml::demo::extract.exact_match[qlora]"]
+    assert "suites/demo.yml::demo::canary.accuracy-vs-base[dora]" in ids
+    assert len(ids) == len(set(ids)) == 15  # 5 gates x 3 adapter variants, every id distinct
 
 
 def test_a_check_that_ran_for_no_variant_fails_its_items(suite_dir):

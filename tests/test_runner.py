@@ -66,6 +66,7 @@ def test_inert_adapter_rejected_before_scoring(capsys, tmp_path, suite_factory, 
     suite = suite_factory([{"name": "base"}, {"name": "dud", "adapter": str(adapters["zero"])}])
     code, text = run(capsys, suite, tmp_path / "run")
     assert code == 4 and "adapter of variant 'dud'" in text and "changes nothing" in text
+    assert "suite.yml:" in text and "variants[1].adapter:" in text
     assert not (tmp_path / "run" / "results.json").exists() and "Traceback" not in text
 
 
@@ -77,6 +78,7 @@ def test_adapter_for_another_base(capsys, tmp_path, suite_factory, adapters):
     (other / "adapter_config.json").write_text(json.dumps(cfg))
     code, text = run(capsys, suite_factory([{"name": "base"}, {"name": "x", "adapter": str(other)}]), tmp_path / "r")
     assert code == 4 and "made for base 'meta-llama/Llama-3.1-8B'" in text and "Traceback" not in text
+    assert "suite.yml:" in text and "variants[1].adapter:" in text  # where the suite names the adapter
 
 
 def test_adapter_shapes_must_fit(capsys, tmp_path, suite_factory, tiny_model_dir):
@@ -107,6 +109,7 @@ def test_pickle_refused_and_corrupt_safetensors(capsys, tmp_path, suite_factory,
     (corrupt / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])
     code, text = run(capsys, suite_factory([{"name": "base"}, {"name": "c", "adapter": str(corrupt)}]), tmp_path / "r")
     assert code == 4 and "corrupt" in text and "Traceback" not in text
+    assert "suite.yml:" in text and "variants[1].adapter:" in text
 
 
 def test_nothing_to_evaluate(capsys, tmp_path, tiny_model_dir):

@@ -6,6 +6,7 @@ and unknown keys; the semantic checks (files exist, names resolve) follow.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import cache
 from importlib import resources
@@ -16,23 +17,16 @@ import yaml
 
 from evalkit import scorers
 from evalkit.config.suite import GenerationConfig, Gate, ScorerSpec, Suite, Task, Variant
-from evalkit.errors import ConfigError, did_you_mean
+from evalkit.errors import ConfigError, YamlPath, did_you_mean, located
 from evalkit.models.base import BaseSpec
 
-PathKey = tuple[str | int, ...]
+PathKey = YamlPath
 TASK_METRICS = {"mmlu": ("accuracy",), "judge": ("rubric", "pairwise", "anchor_accuracy", "anchor_kappa")}
 
 
 @cache
 def suite_schema() -> dict[str, Any]:
     return json.loads(resources.files("evalkit.config").joinpath("suite.schema.json").read_text())
-
-
-def fmt_path(path: PathKey) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
 
 
 def _line_map(node: yaml.Node, path: PathKey = (), lines: dict[PathKey, int] | None = None) -> dict[PathKey, int]:
@@ -56,12 +50,10 @@ class _Ctx:
         self.file, self.lines = file, lines
 
     def line(self, path: PathKey) -> int | None:
-        while path not in self.lines and path:
-            path = path[:-1]
-        return self.lines.get(path)
+        return self.error(path, "").line
 
     def error(self, path: PathKey, message: str, hint: str | None = None) -> ConfigError:
-        return ConfigError(message, file=self.file, line=self.line(path), path=fmt_path(path), hint=hint)
+        return located(message, self.file, self.lines, path, hint)
 
 
 def read_yaml(file: Path) -> tuple[Any, dict[PathKey, int]]:
@@ -161,9 +153,19 @@ def load_suite(path: str | Path) -> Suite:
     for i, n in enumerate(tnames):
         if tnames.index(n) != i:
             raise ctx.error(("tasks", i, "name"), f"duplicate task name '{n}'")
-    gates = tuple(_gate(ctx, i, g, tasks, names, reference) for i, g in enumerate(data.get("gates") or []))
+    gates = _unique_ids([_gate(ctx, i, g, tasks, names, reference) for i, g in enumerate(data.get("gates") or [])])
     return Suite(name=data["name"], path=file.resolve(), base=base, variants=variants, tasks=tasks, gates=gates,
-                 seed=data.get("seed", 0), reference=reference, raw=data)
+                 seed=data.get("seed", 0), reference=reference, raw=data, lines=lines)
+
+
+def _unique_ids(gates: list[Gate]) -> tuple[Gate, ...]:
+    """Gate ids name JUnit cases and pytest items, so they must differ: a repeated one gets `#2`, `#3`."""
+    seen: dict[str, int] = {}
+    out = []
+    for g in gates:
+        seen[g.id] = seen.get(g.id, 0) + 1
+        out.append(dataclasses.replace(g, id=f"{g.id}#{seen[g.id]}") if seen[g.id] > 1 else g)
+    return tuple(out)
 
 
 def _base(d: dict[str, Any]) -> BaseSpec:
@@ -264,8 +266,10 @@ def _gate(ctx: _Ctx, i: int, d: dict[str, Any], tasks: tuple[Task, ...], variant
             raise ctx.error(where + ("metric",), f"task '{tname}' has no metric '{metric}'{did_you_mean(metric, known)}")
         if "max_drop" in d and d.get("vs", reference) == d.get("variant"):
             raise ctx.error(where, "a max_drop gate compares a variant with another one (`vs:`)")
-    label = d.get("name") or d.get("metric") or d.get("check")
+    vs = d.get("vs", reference if "max_drop" in d else None)
+    # a relative gate on a metric is another test than an absolute one: keep their ids apart
+    label = d.get("name") or d.get("check") or (f"{d['metric']}-vs-{vs}" if "max_drop" in d else d["metric"])
     params = {k: d[k] for k in ("max_abs_logit_diff", "min_top1_agreement") if k in d}
     return Gate(id=label, metric=d.get("metric"), variant=d.get("variant"), min=d.get("min"), max=d.get("max"),
-                max_drop=d.get("max_drop"), vs=d.get("vs", reference if "max_drop" in d else None),
+                max_drop=d.get("max_drop"), vs=vs,
                 confidence=d.get("confidence"), check=d.get("check"), params=params, line=ctx.line(where))

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from evalkit.errors import ConfigError, YamlPath, located
 from evalkit.models.base import BaseSpec
 from evalkit.types import Scorer
 
@@ -94,6 +95,16 @@ class Suite:
     seed: int = 0
     reference: str = "base"  # variant every comparison is made against
     raw: Mapping[str, Any] = field(default_factory=dict)  # the YAML as loaded, for the run record
+    lines: Mapping[YamlPath, int] = field(default_factory=dict, repr=False)  # YAML path -> line
+
+    def error(self, path: YamlPath, message: str, hint: str | None = None) -> ConfigError:
+        """A located error about part of this suite found after loading (an adapter for another
+        base, an unreachable judge): `FILE:LINE PATH: message`, like the loader's own."""
+        return located(message, self.path, dict(self.lines), path, hint)
+
+    def variant_path(self, name: str) -> YamlPath:
+        i, v = next((i, v) for i, v in enumerate(self.variants) if v.name == name)
+        return ("variants", i, "train" if v.train else "adapter")
 
     @property
     def dir(self) -> Path:

@@ -402,8 +402,9 @@ def run(ctx, task: Task) -> TaskResult:
 
 
 def summary_lines(result: TaskResult, *, reference: str | None = "base", confidence: float = 0.95) -> list[str]:
-    """Console view of a canary: accuracy per variant with its interval, the paired delta vs the
-    reference (interval, McNemar p), then accuracy per subject side by side."""
+    """Log view of a canary: accuracy per variant with its interval, the paired delta vs the
+    reference (interval, McNemar p, questions lost and gained). The CLI's summary adds the
+    per-subject table."""
     from evalkit.stats import paired_compare, wilson
 
     correct: dict[str, dict[str, float]] = {}
@@ -423,11 +424,4 @@ def summary_lines(result: TaskResult, *, reference: str | None = "base", confide
             line += (f"; vs {reference}: {100 * cmp.delta:+.1f} pts [{100 * cmp.low:+.1f}, {100 * cmp.high:+.1f}], "
                      f"McNemar p={cmp.p_value:.3g} ({cmp.n_ref_only} lost, {cmp.n_cand_only} gained)")
         lines.append(line)
-    per_subject = result.extras.get("per_subject", {})
-    subjects = sorted({s for rows in per_subject.values() for s in rows})
-    width = max((len(s) for s in subjects), default=0)
-    for subject in subjects:
-        cells = [f"{v} {rows[subject]['correct']}/{rows[subject]['n']}" for v, rows in per_subject.items()
-                 if subject in rows]
-        lines.append(f"  {subject:<{width}}  " + "  ".join(cells))
     return lines
