@@ -33,17 +33,17 @@ class Cache:
     def key(namespace: str, **parts: Any) -> str:
         return stable_hash({"ns": namespace, "evalkit": __version__, **parts})
 
-    def get(self, key: str) -> Any | None:
-        if self._db is None:
-            self.misses += 1
-            return None
-        with self._lock:
-            row = self._db.execute("SELECT value FROM results WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return json.loads(row[0])
+    def get(self, key: str, *, count: bool = True) -> Any | None:
+        """The value stored under `key`, or None. `count=False` keeps a lookup out of `hits` and
+        `misses`, which count per-sample results (what a run record reports as reused)."""
+        row = None
+        if self._db is not None:
+            with self._lock:
+                row = self._db.execute("SELECT value FROM results WHERE key = ?", (key,)).fetchone()
+        if count:
+            self.hits += row is not None
+            self.misses += row is None
+        return None if row is None else json.loads(row[0])
 
     def put_many(self, items: dict[str, Any]) -> None:
         if self._db is None or not items:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from evalkit.backends.hf import render_prompt
+from evalkit.cache import Cache
 from evalkit.types import Case
 
 PROBES = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning",
@@ -54,28 +55,33 @@ def _diff(a, b) -> tuple[float, float]:
 
 def adapter_active(ctx, log) -> list[dict[str, Any]]:
     """Every adapter variant must move the logits beyond numerical noise; otherwise it is inert
-    (zero B matrices, wrong target modules, a loader that dropped it) and scoring it is a lie."""
+    (zero B matrices, wrong target modules, a loader that dropped it) and scoring it is a lie.
+    A passed check is cached under the variant's fingerprint, so a rerun loads no model for it."""
     adapters = [lv for lv in ctx.variants if lv.info is not None]
     if not adapters:
         return []
     prompts = _probe_prompts(ctx, limit=2)
-    base = next((lv for lv in ctx.variants if lv.info is None and lv.model is adapters[0].model), None)
     records = []
     reference_cache: dict[int, list] = {}
     for lv in adapters:
-        ref_lv = _base_on(ctx, lv)
-        key = id(ref_lv.model)
-        if key not in reference_cache:
-            reference_cache[key] = probe_logits(ref_lv, ctx.tokenizer, prompts)
-        max_abs, agree = _diff(probe_logits(lv, ctx.tokenizer, prompts), reference_cache[key])
-        if max_abs <= ACTIVE_TOLERANCE:
-            raise ctx.suite.error(ctx.suite.variant_path(lv.name), f"adapter of variant '{lv.name}' ({lv.info.path}) changes nothing: max |logit diff| vs "
-                             f"base {max_abs:.2e} <= {ACTIVE_TOLERANCE:g} on {len(prompts)} probe prompts (zero B "
-                             "matrices, wrong target_modules, or weights that did not load?)")
+        key = Cache.key("adapter_active", model=lv.fingerprint, prompts=prompts, tolerance=ACTIVE_TOLERANCE)
+        found = ctx.cache.get(key, count=False)
+        if found is None:
+            ref_lv = _base_on(ctx, lv)
+            if id(ref_lv.model) not in reference_cache:
+                reference_cache[id(ref_lv.model)] = probe_logits(ref_lv, ctx.tokenizer, prompts)
+            max_abs, agree = _diff(probe_logits(lv, ctx.tokenizer, prompts), reference_cache[id(ref_lv.model)])
+            if max_abs <= ACTIVE_TOLERANCE:
+                raise ctx.suite.error(ctx.suite.variant_path(lv.name), (
+                    f"adapter of variant '{lv.name}' ({lv.info.path}) changes nothing: max |logit diff| vs base "
+                    f"{max_abs:.2e} <= {ACTIVE_TOLERANCE:g} on {len(prompts)} probe prompts (zero B matrices, "
+                    "wrong target_modules, or weights that did not load?)"))
+            found = {"max_abs_logit_diff": max_abs, "top1_agreement": agree}
+            ctx.cache.put(key, found)
         records.append({"name": "adapter_active", "variant": lv.name, "passed": True,
-                        "message": f"max |logit diff| vs base {max_abs:.3g}, top-1 agreement {agree:.1%}",
-                        "details": {"max_abs_logit_diff": max_abs, "top1_agreement": agree}})
-    del base
+                        "message": f"max |logit diff| vs base {found['max_abs_logit_diff']:.3g}, "
+                                   f"top-1 agreement {found['top1_agreement']:.1%}",
+                        "details": found})
     return records
 
 

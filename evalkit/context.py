@@ -23,14 +23,26 @@ from evalkit.types import Case, Output, stable_hash
 @dataclass
 class LoadedVariant:
     variant: Variant
-    model: Any  # the module this variant runs on (shared PeftModel for plain adapters)
+    _model: Any  # the module this variant runs on (shared PeftModel for plain adapters); see `model`
     adapter_name: str | None  # active peft adapter on `model`; None runs with adapters disabled
     info: AdapterInfo | None
     fingerprint: str  # content address of "this model, as evaluated" (base, adapter, quantize, merge, template)
+    load: Callable[[], None] | None = field(default=None, repr=False, compare=False)  # binds `model` when called
 
     @property
     def name(self) -> str:
         return self.variant.name
+
+    @property
+    def model(self) -> Any:
+        """The model, loaded on first use: a run whose every result is cached never loads one."""
+        if self._model is None and self.load is not None:
+            self.load()
+        return self._model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        self._model = model
 
     @contextlib.contextmanager
     def active(self) -> Iterator[Any]:
@@ -102,6 +114,20 @@ class RunContext:
     progress: bool = True
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-variant cost counters
     models: dict[str, Any] = field(default_factory=dict)  # "full" | "nf4" | "int8" -> the one instance of each
+    loader: Callable[["RunContext"], None] | None = None  # loads the models and binds every variant's
+
+    def ensure_models(self) -> None:
+        """Load the base and attach every adapter, once, when the first result the cache cannot
+        answer needs a model (a variant's `model` calls this)."""
+        if self.loader is not None:
+            loader, self.loader = self.loader, None
+            loader(self)
+
+    @property
+    def device(self) -> str:
+        """Where the models run; "none" when the cache answered everything and none was loaded."""
+        model = next(iter(self.models.values()), None)
+        return str(next(model.parameters()).device) if model is not None else "none"
 
     def model_for(self, quantize: str | None) -> Any:
         """The shared base instance for a precision, loaded on first use (once per run)."""

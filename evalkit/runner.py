@@ -22,7 +22,7 @@ from evalkit.context import LoadedVariant, RunContext, template_hash, variant_fi
 from evalkit.errors import ConfigError, ExitCode, ModelError, NothingToEvaluate, YamlPath
 from evalkit.gates import evaluate_gates
 from evalkit.models.adapters import AdapterInfo, check_fits_base, inspect_adapter
-from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_base, resolve_base
+from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_base, load_tokenizer, resolve_base
 from evalkit.runlog import RunLog, environment, write_run
 from evalkit.stats import metric_interval, paired_compare
 from evalkit.tasks.base import SampleResult, TaskResult
@@ -113,34 +113,45 @@ def _train_adapters(suite: Suite, log: Log) -> Suite:
 
 def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, AdapterInfo], cache: Cache,
                    log: Log, progress: bool) -> RunContext:
-    """One full-precision base for base + plain adapters; one per quantization; merged copies apart."""
-    log(f"loading base {resolved.spec.ref}")
+    """The run's variants with their fingerprints (content addresses). The models behind them load
+    on first use (`RunContext.ensure_models`), so an unchanged rerun that the cache answers whole
+    never loads one; the tokenizer is enough to render prompts and key the cache."""
     with _about(suite, ("base",)):
-        model, tokenizer = load_base(resolved)
-    for name, info in infos.items():
-        with _about(suite, suite.variant_path(name)):
-            check_fits_base(info, model, resolved)
+        tokenizer = load_tokenizer(resolved)
     ctx = RunContext(suite=suite, base=resolved, tokenizer=tokenizer, variants=[], cache=cache, log=log,
-                     progress=progress, models={"full": model})
+                     progress=progress, loader=lambda ctx: _load_models(ctx, infos))
     template = template_hash(tokenizer)
-    merged = {}
     for v in suite.variants:
         info = infos.get(v.name)
-        if info is None:
+        ctx.variants.append(LoadedVariant(v, None, v.name if info and not v.merge else None, info,
+                                          variant_fingerprint(resolved, v, info, template), ctx.ensure_models))
+    return ctx
+
+
+def _load_models(ctx: RunContext, infos: dict[str, AdapterInfo]) -> None:
+    """One full-precision base for base + plain adapters (loaded once, adapters attached by name);
+    one per quantization; merged copies apart."""
+    suite, resolved = ctx.suite, ctx.base
+    ctx.log(f"loading base {resolved.spec.ref}")
+    with _about(suite, ("base",)):
+        ctx.models["full"] = load_base(resolved)[0]
+    for name, info in infos.items():
+        with _about(suite, suite.variant_path(name)):
+            check_fits_base(info, ctx.models["full"], resolved)
+    merged = {}
+    for lv in ctx.variants:
+        v = lv.variant
+        if lv.info is None:
             continue
         with _about(suite, suite.variant_path(v.name)):
             if v.merge:
-                merged[v.name] = _merged(ctx, v, info)
+                merged[v.name] = _merged(ctx, v, lv.info)
             else:
-                ctx.attach(v.quantize, v.name, info)
-    for v in suite.variants:  # bound after attaching: the first adapter wraps the base in a PeftModel
-        info = infos.get(v.name)
-        model = merged.get(v.name) or ctx.model_for(v.quantize)
-        ctx.variants.append(LoadedVariant(v, model, v.name if info and not v.merge else None, info,
-                                          variant_fingerprint(resolved, v, info, template)))
+                ctx.attach(v.quantize, v.name, lv.info)
+    for lv in ctx.variants:  # bound after attaching: the first adapter wraps the base in a PeftModel
+        lv.model = merged.get(lv.name) or ctx.model_for(lv.variant.quantize)
     for m in ctx.models.values():
         m.eval()
-    return ctx
 
 
 def _merged(ctx: RunContext, v: Variant, info: AdapterInfo):
@@ -228,7 +239,7 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
     comparisons = _comparisons(suite, results, values)
     gates = evaluate_gates(suite, metrics, comparisons, checks)
     verdict = "pass" if all(g["passed"] for g in gates) else "fail"
-    device = str(next(ctx.variants[0].model.parameters()).device) if ctx.variants else "cpu"
+    device = ctx.device
     record = {
         "schema_version": "1.0", "evalkit_version": __version__,
         "run_id": f"{suite.name}-{datetime.fromtimestamp(started).strftime('%Y%m%d-%H%M%S')}",

@@ -43,6 +43,7 @@ def test_gate_exit_codes_record_and_cache(capsys, tmp_path, suite_factory, adapt
     variants = [{"name": "base"}, {"name": "lora", "adapter": str(adapters["lora"])}]
     ok = suite_factory(variants, [{"metric": "extract.rouge_l", "min": 0.0}])
     code, text = run(capsys, ok, tmp_path / "run1")
+    first_text = text
     assert code == 0, text
     assert "PASS" in text and "extract.rouge_l[lora]" in text
 
@@ -56,7 +57,9 @@ def test_gate_exit_codes_record_and_cache(capsys, tmp_path, suite_factory, adapt
     failing = suite_factory(variants, [{"metric": "extract.rouge_l", "min": 1.01}])
     code, text = run(capsys, failing, tmp_path / "run2")
     assert code == 1 and "FAIL" in text
+    assert "loading base" in first_text and "loading base" not in text  # all cached: no model loaded
     rerun = json.loads((tmp_path / "run2" / "results.json").read_text())
+    assert results["environment"]["device"] == "cpu" and rerun["environment"]["device"] == "none"
     assert rerun["cache"]["misses"] == 0 and all(s["cached"] for s in map(
         json.loads, (tmp_path / "run2" / "samples.jsonl").read_text().splitlines()))
     assert [m["value"] for m in rerun["metrics"]] == [m["value"] for m in results["metrics"]]
