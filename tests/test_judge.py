@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from evalkit.cache import Cache
+from evalkit.cli import _judge_noise
 from evalkit.config.suite import Suite, Task, Variant
 from evalkit.context import LoadedVariant, RunContext
 from evalkit.errors import ConfigError, ExitCode
@@ -166,6 +167,7 @@ def test_judge_survives_faults_records_invalid_and_rerun_makes_no_calls(workdir,
         assert result.binary == {"rubric": False}
         assert not any(s.cached for s in result.samples)  # judge calls were made for each
         assert j["model"] == "judge" and j["position_bias_rate"] == {}
+        assert "flip rate over 2 samples: base 0.0%, lora 25.0%" in _judge_noise(j)  # the console line
 
         before = dict(srv.counts)
         again = judge.run(make_ctx(task, workdir), task)
@@ -187,6 +189,7 @@ def test_pairwise_reports_position_bias_and_outcomes(workdir, key_env):
     assert [lora[c].meta["order_disagree"] for c in ("c0", "c1", "c2", "c3")] == [False, False, False, True]
     j = result.extras["judge"]
     assert j["position_bias_rate"] == {"lora": 0.25} and j["vs"] == "base"
+    assert "position bias (orders disagree): lora 25.0%" in _judge_noise(j)
     assert j["calls"] == 4 * 2 and srv.counts["chat"] == 8
     assert result.samples[0].meta["reference_output"] == "BAD answer"
 

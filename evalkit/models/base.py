@@ -193,23 +193,28 @@ def quantization_config(quantize: str | None, compute_dtype: Any = None):
 
 
 def load_base(resolved: ResolvedBase, *, quantize: str | None = None, dtype: Any = None, device: str | None = None):
-    """Load the base model once (eval mode, no grad needed). Returns (model, tokenizer)."""
+    """Load the base model once (eval mode, no grad needed), on `device` (default: the GPU when
+    there is one, else the CPU). Returns (model, tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if dtype is None:
         dtype = torch.float32
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False, "revision": resolved.spec.revision}
     qc = quantization_config(quantize, dtype)
     if qc is not None:
         kwargs["quantization_config"] = qc
+        if device != "cpu":  # bitsandbytes quantizes as the weights land on the GPU
+            kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise _hub_error(resolved, e) from None
     if quantize == "nf4":
         disable_cpu_bf16_repack(model)
-    if device and qc is None:
+    if qc is None and device != "cpu":
         model.to(device)
     model.eval()
     return model, load_tokenizer(resolved)
