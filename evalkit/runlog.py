@@ -40,18 +40,28 @@ def environment(device: str) -> dict[str, Any]:
             "packages": versions}
 
 
-def atomic_write(path: Path, chunks: Iterable[str]) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+def atomic_write(path: Path, data: str | bytes | Iterable[str]) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file, and a
+    killed run leaves the previous file whole. The file gets the usual permissions (umask)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for chunk in chunks:
-                f.write(chunk)
+        with os.fdopen(fd, "wb") as f:
+            for chunk in [data] if isinstance(data, (str, bytes)) else data:
+                f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: a run folder is shared (CI artifacts)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_run(run_dir: Path, results: dict[str, Any], samples: Iterable[dict[str, Any]]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def test_gate_exit_codes_record_and_cache(capsys, tmp_path, suite_factory, adapt
 
     results = json.loads((tmp_path / "run1" / "results.json").read_text())
     jsonschema.Draft202012Validator(results_schema()).validate(results)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("results.json", "samples.jsonl", "report.html", "junit.xml", "summary.md"):
+        assert (tmp_path / "run1" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # not mkstemp's 0600
     samples = [json.loads(line) for line in (tmp_path / "run1" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 4 and all("<|im_start|>" in s["prompt"] for s in samples)
     assert {c["variant"] for c in results["comparisons"]} == {"lora"}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.models.base import ResolvedBase, file_sha256
+from evalkit.runlog import atomic_write
 from evalkit.types import stable_hash
 
 PROVENANCE_FILE = "evalkit_train.json"
@@ -106,4 +107,4 @@ def read_provenance(adapter_dir: str | Path) -> dict[str, Any] | None:
 
 
 def write_provenance(adapter_dir: Path, provenance: dict[str, Any]) -> None:
-    (adapter_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(adapter_dir / PROVENANCE_FILE, json.dumps(provenance, indent=2, ensure_ascii=False) + "\n")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.errors import ConfigError, ModelError
+from evalkit.runlog import atomic_write
 
 WEIGHT_SUFFIXES = (".safetensors",)
 
@@ -76,15 +77,8 @@ def dir_sha256(folder: Path) -> str:
         h.update(file_sha256(p).encode())
     digest = h.hexdigest()
     memo.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(memo, json.dumps({"stamp": stamp, "sha256": digest}))
+    atomic_write(memo, json.dumps({"stamp": stamp, "sha256": digest}))
     return digest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def resolve_pkg_path(ref: str) -> Path:

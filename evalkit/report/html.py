@@ -21,6 +21,7 @@ from markupsafe import Markup
 
 from evalkit.report import data
 from evalkit.report.data import fmt, fmt_delta, fmt_interval, fmt_p, fmt_p_eq, is_num
+from evalkit.runlog import atomic_write
 
 REPORT = "report.html"
 PALETTE = ("#6b7280", "#2563eb", "#d97706", "#059669", "#7c3aed", "#db2777", "#0891b2", "#65a30d")
@@ -45,9 +46,7 @@ def render_report(run_dir: Path, baseline: Path | None = None) -> Path:
 def write_report(run_dir: Path, results: dict[str, Any], baseline: dict[str, Any] | None = None) -> Path:
     html = render_html(results, data.iter_samples(run_dir), baseline)
     path = Path(run_dir) / REPORT
-    tmp = path.with_name(f".{REPORT}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)  # a reader never opens half a page
+    atomic_write(path, html)  # a reader never opens half a page
     return path
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.report.data import gate_numbers, is_num
+from evalkit.runlog import atomic_write
 
 # XML 1.0 cannot carry most control characters, and model output reaches gate messages
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -44,5 +45,5 @@ def write_junit(results: dict[str, Any], path: Path) -> Path:
         ET.SubElement(case, "error", message=f"run {_clean(status)}: gates may be missing or incomplete",
                       type=_clean(status))
     ET.indent(root)
-    Path(path).write_bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True))
+    atomic_write(Path(path), ET.tostring(root, encoding="utf-8", xml_declaration=True))
     return Path(path)

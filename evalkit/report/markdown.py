@@ -6,6 +6,7 @@ from typing import Any
 
 from evalkit.report import data
 from evalkit.report.data import fmt, fmt_delta, fmt_interval, fmt_p
+from evalkit.runlog import atomic_write
 
 
 def _cell(text: Any) -> str:
@@ -52,5 +53,5 @@ def render_summary(results: dict[str, Any]) -> str:
 
 
 def write_summary(results: dict[str, Any], path: Path) -> Path:
-    Path(path).write_text(render_summary(results), encoding="utf-8")
+    atomic_write(Path(path), render_summary(results))
     return Path(path)
