@@ -32,6 +32,7 @@ def _fmt(x: Any, pct: bool = True) -> str:
 def print_summary(results: dict[str, Any], run_dir: Path) -> None:
     """Metrics per task and variant with intervals and paired deltas, then the gate table."""
     cmp = {(c["task"], c["metric"], c["variant"]): c for c in results["comparisons"] if c["vs"] == _reference(results)}
+    width = max([14] + [len(v["name"]) for v in results["variants"]])
     print(f"\n{results['suite']['name']}: {len(results['variants'])} variant(s) on base {results['base']['ref']}")
     for task in results["tasks"]:
         print(f"\n  task {task['name']} ({task['kind']}, {task['n_cases']} cases)   value % [95% CI]   "
@@ -44,7 +45,7 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
                 delta = (f"{c['delta'] * 100:+6.1f} [{c['low'] * 100:+.1f}, {c['high'] * 100:+.1f}] "
                          f"p={c['p_value']:.3g}{mark}")
             inv = f" ({m['n_invalid']} invalid)" if m["n_invalid"] else ""
-            print(f"    {m['metric']:<16} {m['variant']:<14} {_fmt(m['value'])} [{_fmt(m['low'])}, {_fmt(m['high'])}]"
+            print(f"    {m['metric']:<16} {m['variant']:<{width}} {_fmt(m['value'])} [{_fmt(m['low'])}, {_fmt(m['high'])}]"
                   f"   {delta}{inv}")
         per_subject = (task.get("extras") or {}).get("per_subject")
         if per_subject:

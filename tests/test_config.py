@@ -116,3 +116,20 @@ def test_gate_ids_are_distinct(suite_dir, tiny_model_dir, tiny_adapter):
     suite = load_suite(write(suite_dir, text))
     assert [g.id for g in suite.gates] == ["extract.exact_match", "extract.exact_match#2",
                                            "extract.exact_match-vs-base"]
+
+
+def test_gates_on_different_variants_keep_their_ids(suite_dir, tiny_model_dir, tiny_adapter):
+    text = SUITE.format(base=tiny_model_dir, adapter=tiny_adapter) + (
+        "  - {check: adapter_active, variant: lora}\n"
+        "  - {check: adapter_active, variant: base}\n"
+        "  - {check: adapter_active}\n")
+    suite = load_suite(write(suite_dir, text))
+    assert [g.id for g in suite.gates][1:] == ["adapter_active", "adapter_active", "adapter_active#3"]
+
+
+@pytest.mark.parametrize("name", ["demo.yml", "judge-demo.yml", "matrix.yml"])
+def test_bundled_suites_validate(capsys, name):
+    from conftest import REPO
+
+    code = main(["validate", str(REPO / "suites" / name)])
+    assert code == 0, capsys.readouterr().err

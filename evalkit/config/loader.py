@@ -159,12 +159,15 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def _unique_ids(gates: list[Gate]) -> tuple[Gate, ...]:
-    """Gate ids name JUnit cases and pytest items, so they must differ: a repeated one gets `#2`, `#3`."""
-    seen: dict[str, int] = {}
+    """Gate ids (with the variant) name JUnit cases and pytest items, so two gates whose ids would
+    meet on a variant must differ: the later one gets `#2`, `#3`."""
+    taken: dict[str, list[str | None]] = {}  # id -> the `variant:` of each gate using it (None: all)
     out = []
     for g in gates:
-        seen[g.id] = seen.get(g.id, 0) + 1
-        out.append(dataclasses.replace(g, id=f"{g.id}#{seen[g.id]}") if seen[g.id] > 1 else g)
+        users = taken.setdefault(g.id, [])
+        clash = any(v is None or g.variant is None or v == g.variant for v in users)
+        users.append(g.variant)
+        out.append(dataclasses.replace(g, id=f"{g.id}#{len(users)}") if clash else g)
     return tuple(out)
 
 
