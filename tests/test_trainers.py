@@ -307,3 +307,30 @@ def test_without_the_guard_the_trap_breaks_training(trap_recipe, trained_first, 
     broken = _train_after_base_eval(trap_recipe, tmp_path)
     assert max(abs(a - b) for a, b in zip(broken, trained_first)) > 0.2 * trained_first[0], (
         "bitsandbytes no longer shows the CPU repack trap; the guard (and this test) may be unnecessary")
+
+
+def test_evalkit_run_trains_a_suite_variant_and_gates_on_leakage(tiny_model_dir, tmp_path, capsys):
+    """`train: RECIPE` in a suite: `evalkit run` trains the adapter, then reports (and gates on) an
+    eval case that slipped into the training data."""
+    import yaml
+
+    from evalkit.cli import main
+    from helpers import write_suite
+
+    eval_rows = [json.loads(line) for line in EXTRACT_TEST.read_text().splitlines()[:3]]
+    data = write_rows(tmp_path / "train.jsonl", extract_rows(7) + [eval_rows[1]])
+    recipe = yaml.safe_load((RECIPES / "lora.yml").read_text())
+    recipe.update(tiny(tiny_model_dir, data, tmp_path / "adapter"))  # 2 steps: the 1st is lr warmup
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    write_rows(tmp_path / "eval.jsonl", eval_rows)
+    suite = write_suite(tmp_path / "suite.yml", {
+        "name": "leaky", "base": {"path": str(tiny_model_dir)},
+        "variants": [{"name": "base"}, {"name": "lora", "train": "recipe.yml"}],
+        "tasks": [{"name": "extract", "data": "eval.jsonl", "scorers": ["json_valid"], "max_new_tokens": 4}],
+        "gates": [{"check": "no_leakage"}]})
+    code = main(["run", str(suite), "--out", str(tmp_path / "run"), "-q"])
+    out = capsys.readouterr()
+    assert code == 1, out.out + out.err
+    assert "training lora (lora)" in out.err and (tmp_path / "adapter" / "evalkit_train.json").is_file()
+    assert f"WARNING: leakage: 1 eval case(s) also in the training data of 'lora': extract/{eval_rows[1]['id']}" in out.err
+    assert "FAIL  no_leakage[lora]" in out.out
