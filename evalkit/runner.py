@@ -1,8 +1,9 @@
 """Orchestration: evaluate(suite) -> RunLog. The same path serves the CLI and the library API.
 
-Flow: load suite -> preflight judges -> train stale adapters -> check adapter files -> load the
-base ONCE -> attach adapters by name -> checks (template parity, adapter active, leakage) -> tasks
--> metrics with intervals -> paired comparisons vs the reference -> gates -> run folder.
+Flow: load suite -> preflight judges -> train stale adapters -> check adapter files -> variants
+keyed by content -> checks (template parity, adapter active, leakage) -> tasks -> metrics with
+intervals -> paired comparisons vs the reference -> gates -> run folder. The base is loaded ONCE,
+with adapters attached by name, at the first result the cache cannot answer (never, on a rerun).
 """
 from __future__ import annotations
 
@@ -239,7 +240,6 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
     comparisons = _comparisons(suite, results, values)
     gates = evaluate_gates(suite, metrics, comparisons, checks)
     verdict = "pass" if all(g["passed"] for g in gates) else "fail"
-    device = ctx.device
     record = {
         "schema_version": "1.0", "evalkit_version": __version__,
         "run_id": f"{suite.name}-{datetime.fromtimestamp(started).strftime('%Y%m%d-%H%M%S')}",
@@ -247,7 +247,7 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
         "finished_at": datetime.now(timezone.utc).isoformat(), "duration_s": round(time.time() - started, 3),
         "status": "complete",
         "suite": {"name": suite.name, "path": str(suite.path), "sha256": file_sha256(suite.path)},
-        "config": dict(suite.raw), "environment": environment(device),
+        "config": dict(suite.raw), "environment": environment(ctx.device),
         "base": {"ref": suite.base.ref, "kind": suite.base.kind, "sha256": ctx.base.sha256},
         "variants": [_variant_record(lv, ctx) for lv in ctx.variants],
         "tasks": [{"name": t, "kind": suite_task(suite, t).kind, "n_cases": len({s.case_id for s in tr.samples}),
