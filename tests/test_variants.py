@@ -194,6 +194,29 @@ def test_sigkill_midway_then_resume(capsys, tmp_path, tiny_model_dir, adapters):
     assert values(resumed) == values(clean)
 
 
+def test_ctrl_c_exits_2_keeps_finished_work(capsys, tmp_path, tiny_model_dir, adapters):
+    """Ctrl-C (SIGINT) midway: exit code 2, a one-line message and no traceback; the batches that
+    finished are in the cache, and the rerun computes only the rest."""
+    rows = [{"id": f"i{i}", "prompt": f"Count to {i}:"} for i in range(40)]
+    rows = [r | {"target": str(i)} for i, r in enumerate(rows)]
+    path = suite(tmp_path, tiny_model_dir, [{"name": "base"}], rows=rows, max_new_tokens=16, batch_size=2)
+    cache = tmp_path / "int.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "evalkit.cli", "run", str(path), "--out", str(tmp_path / "int"),
+                             "--cache", str(cache), "-q"], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _rows(cache) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out + err
+    assert "interrupted; finished work is cached" in err and "Traceback" not in err
+    done = _rows(cache)
+    assert 0 < done < len(rows)
+    code, text, resumed = run(capsys, path, tmp_path / "resumed", "--cache", str(cache))
+    assert code == 0 and resumed["cache"]["hits"] == done and resumed["cache"]["misses"] == len(rows) - done
+
+
 def _rows(db: Path) -> int:
     if not db.exists():
         return 0
