@@ -89,6 +89,27 @@ def test_adapter_for_another_base(capsys, tmp_path, suite_factory, adapters):
     assert "suite.yml:" in text and "variants[1].adapter:" in text  # where the suite names the adapter
 
 
+def test_provenance_does_not_excuse_a_config_naming_another_base(capsys, tmp_path, suite_factory, adapters,
+                                                                 tiny_model_dir):
+    from evalkit.models import BaseSpec, resolve_base
+
+    resolved = resolve_base(BaseSpec("path", str(tiny_model_dir)))
+    ours = tmp_path / "ours"
+    shutil.copytree(adapters["lora"], ours)
+    (ours / "evalkit_train.json").write_text(json.dumps({"base": {
+        "kind": "id", "ref": "org/tiny-llama", "path": resolved.path, "sha256": resolved.sha256}}))
+    cfg = json.loads((ours / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "org/tiny-llama"  # trained from the hub id: the provenance vouches
+    (ours / "adapter_config.json").write_text(json.dumps(cfg))
+    code, text = run(capsys, suite_factory([{"name": "base"}, {"name": "x", "adapter": str(ours)}]), tmp_path / "r1")
+    assert code == 0, text
+
+    cfg["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"  # names neither this base nor the recorded one
+    (ours / "adapter_config.json").write_text(json.dumps(cfg))
+    code, text = run(capsys, suite_factory([{"name": "base"}, {"name": "x", "adapter": str(ours)}]), tmp_path / "r2")
+    assert code == 4 and "made for base 'meta-llama/Llama-3.1-8B'" in text and "variants[1].adapter:" in text
+
+
 def test_adapter_shapes_must_fit(capsys, tmp_path, suite_factory, tiny_model_dir):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -98,11 +98,17 @@ def adapter_shapes(info: AdapterInfo) -> dict[str, tuple[int, ...]]:
 def check_fits_base(info: AdapterInfo, base_model, resolved: ResolvedBase) -> None:
     """The adapter must name this base (or carry provenance with its content hash) and fit its shapes."""
     named = info.config.get("base_model_name_or_path")
-    prov_hash = ((info.provenance or {}).get("base") or {}).get("sha256")
+    trained_on = (info.provenance or {}).get("base") or {}
+    prov_hash = trained_on.get("sha256")
     if prov_hash and prov_hash != resolved.sha256:
         raise ModelError(f"adapter {info.path} was trained on a base with content hash {prov_hash[:12]}…, "
                          f"but this suite's base is {resolved.sha256[:12]}… ({resolved.spec.ref})")
-    if named and not prov_hash and _name_key(named) not in base_aliases(resolved, base_model.config):
+    # the name is a label: the provenance's content hash, when there is one, proves identity, but a
+    # config naming neither this base nor the one the provenance records is an adapter for another base
+    known = base_aliases(resolved, base_model.config)
+    if prov_hash:
+        known |= {_name_key(n) for n in (trained_on.get("ref"), trained_on.get("path")) if n}
+    if named and _name_key(named) not in known:
         raise ModelError(f"adapter {info.path} was made for base '{named}', not '{resolved.spec.ref}'")
     modules = dict(base_model.named_modules())
     for key, shape in adapter_shapes(info).items():
