@@ -110,6 +110,30 @@ def test_provenance_does_not_excuse_a_config_naming_another_base(capsys, tmp_pat
     assert code == 4 and "made for base 'meta-llama/Llama-3.1-8B'" in text and "variants[1].adapter:" in text
 
 
+def test_chat_template_parity(capsys, tmp_path, suite_factory, adapters, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(adapters["lora"], same)
+    template = AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    (same / "chat_template.jinja").write_text(template)
+    code, text = run(capsys, suite_factory([{"name": "base"}, {"name": "s", "adapter": str(same)}]), tmp_path / "r1")
+    assert code == 0, text
+
+    shutil.copytree(same, other)
+    (other / "chat_template.jinja").write_text(template.replace("<|im_start|>", "<|start|>"))  # trained on another
+    code, text = run(capsys, suite_factory([{"name": "base"}, {"name": "o", "adapter": str(other)}]), tmp_path / "r2")
+    assert code == 4 and "variants[1].adapter:" in text and "another chat template" in text
+    assert "allow_template_mismatch" in text and not (tmp_path / "r2" / "results.json").exists()
+
+    acknowledged = {"name": "o", "adapter": str(other), "allow_template_mismatch": True}
+    code, text = run(capsys, suite_factory([{"name": "base"}, acknowledged]), tmp_path / "r3")
+    assert code == 0 and "WARNING: variant 'o': adapter was trained with another chat template" in text
+    checks = json.loads((tmp_path / "r3" / "results.json").read_text())["checks"]
+    parity = next(c for c in checks if c["name"] == "template_parity")
+    assert parity["passed"] is False and "(acknowledged)" in parity["message"]
+
+
 def test_adapter_shapes_must_fit(capsys, tmp_path, suite_factory, tiny_model_dir):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
