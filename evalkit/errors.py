@@ -52,13 +52,16 @@ def fmt_path(path: YamlPath) -> str:
     return out
 
 
+def line_of(lines: dict[YamlPath, int], path: YamlPath) -> int | None:
+    """The line of `path`, or of its nearest ancestor the YAML line map knows."""
+    while path not in lines and path:
+        path = path[:-1]
+    return lines.get(path)
+
+
 def located(message: str, file: str | Path, lines: dict[YamlPath, int], path: YamlPath,
             hint: str | None = None) -> ConfigError:
-    """A ConfigError at `path`, on the line of its nearest ancestor the YAML line map knows."""
-    at = path
-    while at not in lines and at:
-        at = at[:-1]
-    return ConfigError(message, file=file, line=lines.get(at), path=fmt_path(path), hint=hint)
+    return ConfigError(message, file=file, line=line_of(lines, path), path=fmt_path(path), hint=hint)
 
 
 class ModelError(EvalkitError):

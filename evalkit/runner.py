@@ -42,12 +42,11 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
     suite = load_suite(suite_path)
     if not suite.tasks:
         raise NothingToEvaluate(f"{suite.path.name}: the suite has no tasks")
-    for i, task in enumerate(suite.tasks):
+    for task in suite.tasks:
         if task.kind == "judge":
             from evalkit.tasks import judge
 
-            with _about(suite, ("tasks", i, "judge")):
-                judge.preflight(task, suite)  # fail in seconds, before any model loads
+            judge.preflight(task, suite)  # fail in seconds, before any model loads; errors name the task
     suite = _train_adapters(suite, log)
     infos = {}
     for v in suite.variants:
@@ -77,8 +76,8 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
 
 @contextlib.contextmanager
 def _about(suite: Suite, path: YamlPath) -> Iterator[None]:
-    """A user-facing error raised while acting on one part of the suite (its adapter, its base, a
-    judge endpoint) is re-raised at that part's FILE:LINE PATH, unless it already names a file."""
+    """A user-facing error raised while acting on one part of the suite (its adapter, its base) is
+    re-raised at that part's FILE:LINE PATH, unless it already names a file."""
     try:
         yield
     except ConfigError as e:

@@ -17,7 +17,7 @@ import yaml
 
 from evalkit import scorers
 from evalkit.config.suite import GenerationConfig, Gate, ScorerSpec, Suite, Task, Variant
-from evalkit.errors import ConfigError, YamlPath, did_you_mean, located
+from evalkit.errors import ConfigError, YamlPath, did_you_mean, line_of, located
 from evalkit.models.base import BaseSpec
 
 PathKey = YamlPath
@@ -50,7 +50,7 @@ class _Ctx:
         self.file, self.lines = file, lines
 
     def line(self, path: PathKey) -> int | None:
-        return self.error(path, "").line
+        return line_of(self.lines, path)
 
     def error(self, path: PathKey, message: str, hint: str | None = None) -> ConfigError:
         return located(message, self.file, self.lines, path, hint)
