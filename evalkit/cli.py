@@ -75,7 +75,9 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
 def _judge_noise(j: dict[str, Any]) -> str:
     """How far to trust a judge: its calls, invalid verdicts, flip rate over k samples, position
     bias in pairwise mode, and agreement with the human-labelled anchors."""
-    rates = lambda d: ", ".join(f"{v} {_fmt(r).strip()}%" for v, r in d.items() if r is not None)  # noqa: E731
+    def rates(by_variant: dict[str, float | None]) -> str:
+        return ", ".join(f"{v} {_fmt(r).strip()}%" for v, r in by_variant.items() if r is not None)
+
     parts = [f"judge {j['model']}: {j['calls']} calls ({j['cached']} cached), {j['invalid']} invalid"]
     if rates(j.get("flip_rate") or {}):
         parts.append(f"flip rate over {j['samples']} samples: {rates(j['flip_rate'])}")

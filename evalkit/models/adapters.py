@@ -96,7 +96,8 @@ def adapter_shapes(info: AdapterInfo) -> dict[str, tuple[int, ...]]:
 
 
 def check_fits_base(info: AdapterInfo, base_model, resolved: ResolvedBase) -> None:
-    """The adapter must name this base (or carry provenance with its content hash) and fit its shapes."""
+    """The adapter must have been trained on this base (its provenance's content hash, when it has
+    one), name this base (or the one its provenance records), and fit its shapes."""
     named = info.config.get("base_model_name_or_path")
     trained_on = (info.provenance or {}).get("base") or {}
     prov_hash = trained_on.get("sha256")
