@@ -178,8 +178,9 @@ def load_engine(base: BaseSpec | ResolvedBase | str, adapters: Mapping[str, str 
     resolved = _resolve(base)
     log(f"evalkit serve: loading {resolved.spec.ref}")
     model, tokenizer = load_base(resolved, quantize=quantize)
-    for name, info in infos.items():
+    for info in infos.values():  # on the bare base: attaching wraps it and renames its modules
         check_fits_base(info, model, resolved)
+    for name, info in infos.items():
         model = attach_adapter(model, name, info)
         log(f"evalkit serve: adapter '{name}' <- {info.path}")
     model.eval()
@@ -468,6 +469,9 @@ def _suite_models(suite_path: str, log: Callable[[str], None]) -> tuple[BaseSpec
                 continue
         if path is not None:
             adapters[v.name] = path
+            if v.quantize or v.merge:  # one server, one base: served unmerged on the base loaded
+                log(f"evalkit serve: variant '{v.name}' is served unmerged on the one base this server loads "
+                    f"(the suite evaluates it {'merged' if v.merge else 'on ' + v.quantize}; see --quantize)")
     return suite.base, suite.dir, adapters
 
 

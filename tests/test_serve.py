@@ -22,8 +22,9 @@ def adapter(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, adapter):
-    srv = make_server(str(tiny_model_dir), {"lora": adapter}, port=0, log=lambda _: None)
+def server(tiny_model_dir, adapter, tmp_path_factory):
+    other = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "other", seed=4, scale_b=40)
+    srv = make_server(str(tiny_model_dir), {"lora": adapter, "other": other}, port=0, log=lambda _: None)
     srv.start()
     yield srv
     srv.close()
@@ -45,14 +46,14 @@ def raw(url: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
 
 def test_models_and_chat_per_adapter(server, tiny_model_dir):
     c = client(server.url)
-    assert [m.id for m in c.models.list()] == ["base", "lora"]
+    assert [m.id for m in c.models.list()] == ["base", "lora", "other"]
     answers = {}
-    for name in ("base", "lora"):
+    for name in ("base", "lora", "other"):
         r = c.chat.completions.create(model=name, messages=HI, max_tokens=8)
         assert r.model == name and r.choices[0].message.role == "assistant"
         assert r.usage.completion_tokens <= 8 and r.choices[0].finish_reason in ("stop", "length")
         answers[name] = r.choices[0].message.content
-    assert answers["base"] != answers["lora"]  # the request's `model` picked the adapter
+    assert len(set(answers.values())) == 3  # the request's `model` picked the adapter
 
     # "base" is the plain model: the same text as generating without peft at all
     from evalkit.backends.hf import generate, render_prompt
@@ -67,7 +68,7 @@ def test_models_and_chat_per_adapter(server, tiny_model_dir):
     sampled = [c.chat.completions.create(model="lora", messages=HI, max_tokens=8, temperature=1.0, seed=7)
                .choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed makes sampling reproducible
-    assert server.counts["chat"] == 4 and server.counts["models"] == 1
+    assert server.counts["chat"] == 5 and server.counts["models"] == 1
 
 
 def test_errors_are_openai_shaped_json(server):
@@ -96,7 +97,7 @@ def test_bearer_key_and_judge_preflight(server, monkeypatch):
     try:
         with pytest.raises(openai.AuthenticationError):
             client(guarded.url, "wrong").models.list()
-        assert [m.id for m in client(guarded.url, "serve-secret").models.list()] == ["base", "lora"]
+        assert [m.id for m in client(guarded.url, "serve-secret").models.list()] == ["base", "lora", "other"]
         task = Task("t", "judge", params={"judge": {"base_url": guarded.url, "model": "lora", "api_key_env": KEY_ENV},
                                           "mode": "pairwise"})
         judge.preflight(task)
