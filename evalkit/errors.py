@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 
@@ -52,14 +52,14 @@ def fmt_path(path: YamlPath) -> str:
     return out
 
 
-def line_of(lines: dict[YamlPath, int], path: YamlPath) -> int | None:
+def line_of(lines: Mapping[YamlPath, int], path: YamlPath) -> int | None:
     """The line of `path`, or of its nearest ancestor the YAML line map knows."""
     while path not in lines and path:
         path = path[:-1]
     return lines.get(path)
 
 
-def located(message: str, file: str | Path, lines: dict[YamlPath, int], path: YamlPath,
+def located(message: str, file: str | Path, lines: Mapping[YamlPath, int], path: YamlPath,
             hint: str | None = None) -> ConfigError:
     return ConfigError(message, file=file, line=line_of(lines, path), path=fmt_path(path), hint=hint)
 

@@ -100,7 +100,7 @@ class Suite:
     def error(self, path: YamlPath, message: str, hint: str | None = None) -> ConfigError:
         """A located error about part of this suite found after loading (an adapter for another
         base, an unreachable judge): `FILE:LINE PATH: message`, like the loader's own."""
-        return located(message, self.path, dict(self.lines), path, hint)
+        return located(message, self.path, self.lines, path, hint)
 
     def variant_path(self, name: str) -> YamlPath:
         i, v = next((i, v) for i, v in enumerate(self.variants) if v.name == name)

@@ -45,5 +45,5 @@ def write_junit(results: dict[str, Any], path: Path) -> Path:
         ET.SubElement(case, "error", message=f"run {_clean(status)}: gates may be missing or incomplete",
                       type=_clean(status))
     ET.indent(root)
-    atomic_write(Path(path), ET.tostring(root, encoding="utf-8", xml_declaration=True))
+    atomic_write(path, ET.tostring(root, encoding="utf-8", xml_declaration=True))
     return Path(path)

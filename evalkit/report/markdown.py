@@ -53,5 +53,5 @@ def render_summary(results: dict[str, Any]) -> str:
 
 
 def write_summary(results: dict[str, Any], path: Path) -> Path:
-    atomic_write(Path(path), render_summary(results))
+    atomic_write(path, render_summary(results))
     return Path(path)
