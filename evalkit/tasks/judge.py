@@ -101,13 +101,12 @@ def _validate(task: Task) -> dict[str, Any]:
         JudgeConfig.from_params(params["judge"])  # raises its own message, which never echoes the value
     error = next(iter(Draft202012Validator(PARAMS_SCHEMA).iter_errors(params)), None)
     if error is not None:
-        where = "".join(f".{p}" for p in error.absolute_path)
         message = error.message
         if error.validator == "additionalProperties":
             allowed = error.schema.get("properties", {})
             extra = sorted(set(error.instance) - set(allowed))[0]
             message = f"unknown key '{extra}'{did_you_mean(extra, allowed)}"
-        raise ConfigError(message, line=task.line, path=f"tasks[{task.name}]{where}")
+        raise ConfigError(message, line=task.line, path=task.where(*error.absolute_path))
     return params
 
 
@@ -118,16 +117,16 @@ def parse(task: Task, suite_dir: Path | None = None) -> JudgeTask:
     scale = V.PASS_FAIL if scale == V.PASS_FAIL else (float(scale[0]), float(scale[1]))
     if scale != V.PASS_FAIL and scale[0] >= scale[1]:
         raise ConfigError(f"scale must be [min, max] with min < max, got {params['scale']}",
-                          line=task.line, path=f"tasks[{task.name}].scale")
+                          line=task.line, path=task.where("scale"))
     if "rubric" in params:
         path = _resolve(params["rubric"], suite_dir)
         if not path.is_file():
-            raise ConfigError(f"rubric file not found: {path}", line=task.line, path=f"tasks[{task.name}].rubric")
+            raise ConfigError(f"rubric file not found: {path}", line=task.line, path=task.where("rubric"))
         rubric = path.read_text()
     elif mode == "pairwise":
         rubric = V.DEFAULT_PAIRWISE_RUBRIC
     else:
-        raise ConfigError("a rubric judge task needs `rubric: FILE`", line=task.line, path=f"tasks[{task.name}]")
+        raise ConfigError("a rubric judge task needs `rubric: FILE`", line=task.line, path=task.where())
     jt = JudgeTask(JudgeConfig.from_params(params["judge"]), mode, rubric, scale, params.get("samples", 1),
                    params.get("aggregate", "majority"), params.get("vs"), ())
     if "anchors" in params:
@@ -176,11 +175,9 @@ def preflight(task: Task, suite: Suite | Path | None = None) -> None:
         jt = parse(task, suite_dir) if suite_dir is not None else None
         _endpoint_preflight(jt.judge if jt else JudgeConfig.from_params(_validate(task)["judge"]))
     except ConfigError as e:
-        if e.file is None:  # point at the task in the suite file (errors inside a data file keep theirs)
-            e.file = suite.path if isinstance(suite, Suite) else None
-            e.line = e.line or task.line
-            e.path = e.path or f"tasks[{task.name}].judge"
-        e.args = (e.format(),)
+        if e.file is None and not e.path.startswith("tasks"):  # the endpoint's errors: the task's `judge:`
+            e.path = f"{task.where()}.{e.path or 'judge'}"
+            e.args = (e.format(),)
         raise
 
 
@@ -221,7 +218,7 @@ def run(ctx: RunContext, task: Task) -> TaskResult:
     jt = parse(task, ctx.suite.dir)
     if task.data is None:
         raise ConfigError("a judge task needs `data: FILE` (jsonl of prompts)", line=task.line,
-                          path=f"tasks[{task.name}]")
+                          path=task.where())
     cases = load_cases(_resolve(task.data, ctx.suite.dir), task.limit)
     if not cases:
         raise NothingToEvaluate(f"task '{task.name}': no cases in {task.data}")
@@ -229,7 +226,7 @@ def run(ctx: RunContext, task: Task) -> TaskResult:
     ref = jt.vs or ctx.suite.reference
     if jt.mode == "pairwise" and ref not in names:
         raise ConfigError(f"pairwise reference variant '{ref}' is not in this run (variants: {', '.join(names)})",
-                          line=task.line, path=f"tasks[{task.name}].vs")
+                          line=task.line, path=task.where("vs"))
     generated = {lv.name: ctx.generate(lv, cases, task.generation, desc=task.name) for lv in ctx.variants}
     scored = [n for n in names if jt.mode == "rubric" or n != ref]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evalkit.cache import Cache
-from evalkit.config.suite import Task
+from evalkit.config.suite import Suite, Task
 from evalkit.errors import ConfigError, missing_extra
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.tasks.mmlu_data import (LETTERS, CanarySlice, Question, load_questions, per_subject_accuracy,
@@ -88,13 +88,13 @@ class CanaryParams:
         unknown = sorted(set(p) - set(PARAMS_SCHEMA["properties"]))
         if unknown:
             raise ConfigError(f"unknown key(s) for a kind: mmlu task: {', '.join(unknown)}",
-                              path=f"tasks.{task.name}", line=task.line)
+                              path=task.where(), line=task.line)
         if task.limit is not None:
             raise ConfigError("`limit` does not apply to a kind: mmlu task (it would break the stratified "
-                              "slice)", path=f"tasks.{task.name}.limit", line=task.line,
+                              "slice)", path=task.where("limit"), line=task.line,
                               hint="size the slice with `per_subject: N` or `detect_drop: POINTS`")
         if p.get("per_subject") is not None and p.get("detect_drop") is not None:
-            raise ConfigError("give either per_subject or detect_drop, not both", path=f"tasks.{task.name}",
+            raise ConfigError("give either per_subject or detect_drop, not both", path=task.where(),
                               line=task.line)
         subjects = p.get("subjects")
         return cls(per_subject=p.get("per_subject"), detect_drop=p.get("detect_drop"),
@@ -343,6 +343,11 @@ def _record(lls: Sequence[float], prompt: str, answer: int, seconds: float = 0.0
 
 
 # ---------------------------------------------------------------- the task kind
+
+def preflight(task: Task, suite: Suite) -> None:
+    """The task's parameters, checked before any model loads."""
+    CanaryParams.from_task(task, suite.seed)
+
 
 def run(ctx, task: Task) -> TaskResult:
     """Every variant's answer to every question of the slice, joined by question id."""
