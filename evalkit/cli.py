@@ -45,8 +45,8 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
                 delta = (f"{c['delta'] * 100:+6.1f} [{c['low'] * 100:+.1f}, {c['high'] * 100:+.1f}] "
                          f"p={c['p_value']:.3g}{mark}")
             inv = f" ({m['n_invalid']} invalid)" if m["n_invalid"] else ""
-            print(f"    {m['metric']:<16} {m['variant']:<{width}} {_fmt(m['value'])} [{_fmt(m['low'])}, {_fmt(m['high'])}]"
-                  f"   {delta}{inv}")
+            print(f"    {m['metric']:<16} {m['variant']:<{width}} {_fmt(m['value'])} "
+                  f"[{_fmt(m['low'])}, {_fmt(m['high'])}]   {delta}{inv}")
         per_subject = (task.get("extras") or {}).get("per_subject")
         if per_subject:
             print("    per-subject accuracy:")
@@ -79,10 +79,10 @@ def _judge_noise(j: dict[str, Any]) -> str:
         return ", ".join(f"{v} {_fmt(r).strip()}%" for v, r in by_variant.items() if r is not None)
 
     parts = [f"judge {j['model']}: {j['calls']} calls ({j['cached']} cached), {j['invalid']} invalid"]
-    if rates(j.get("flip_rate") or {}):
-        parts.append(f"flip rate over {j['samples']} samples: {rates(j['flip_rate'])}")
-    if rates(j.get("position_bias_rate") or {}):
-        parts.append(f"position bias (orders disagree): {rates(j['position_bias_rate'])}")
+    if flips := rates(j.get("flip_rate") or {}):
+        parts.append(f"flip rate over {j['samples']} samples: {flips}")
+    if bias := rates(j.get("position_bias_rate") or {}):
+        parts.append(f"position bias (orders disagree): {bias}")
     anchors = j.get("anchors")
     if anchors:
         parts.append(f"anchors: accuracy {_fmt(anchors['accuracy']).strip()}%, kappa {_fmt(anchors['kappa'], False)} "

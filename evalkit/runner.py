@@ -1,9 +1,10 @@
 """Orchestration: evaluate(suite) -> RunLog. The same path serves the CLI and the library API.
 
-Flow: load suite -> preflight judges -> train stale adapters -> check adapter files -> variants
-keyed by content -> checks (template parity, adapter active, leakage) -> tasks -> metrics with
-intervals -> paired comparisons vs the reference -> gates -> run folder. The base is loaded ONCE,
-with adapters attached by name, at the first result the cache cannot answer (never, on a rerun).
+Flow: load suite -> preflight tasks (judge endpoints, canary parameters) -> train stale adapters
+-> check adapter files -> variants keyed by content -> checks (template parity, adapter active,
+leakage) -> tasks -> metrics with intervals -> paired comparisons vs the reference -> gates -> run
+folder. The base is loaded ONCE, with adapters attached by name, at the first result the cache
+cannot answer (never, on a rerun).
 """
 from __future__ import annotations
 

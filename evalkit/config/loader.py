@@ -20,7 +20,6 @@ from evalkit.config.suite import GenerationConfig, Gate, ScorerSpec, Suite, Task
 from evalkit.errors import ConfigError, YamlPath, did_you_mean, line_of, located
 from evalkit.models.base import BaseSpec
 
-PathKey = YamlPath
 TASK_METRICS = {"mmlu": ("accuracy",), "judge": ("rubric", "pairwise", "anchor_accuracy", "anchor_kappa")}
 
 
@@ -29,7 +28,7 @@ def suite_schema() -> dict[str, Any]:
     return json.loads(resources.files("evalkit.config").joinpath("suite.schema.json").read_text())
 
 
-def _line_map(node: yaml.Node, path: PathKey = (), lines: dict[PathKey, int] | None = None) -> dict[PathKey, int]:
+def _line_map(node: yaml.Node, path: YamlPath = (), lines: dict[YamlPath, int] | None = None) -> dict[YamlPath, int]:
     lines = {} if lines is None else lines
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
@@ -46,17 +45,17 @@ def _line_map(node: yaml.Node, path: PathKey = (), lines: dict[PathKey, int] | N
 class _Ctx:
     """Where the suite came from, to build located errors."""
 
-    def __init__(self, file: Path, lines: dict[PathKey, int]):
+    def __init__(self, file: Path, lines: dict[YamlPath, int]):
         self.file, self.lines = file, lines
 
-    def line(self, path: PathKey) -> int | None:
+    def line(self, path: YamlPath) -> int | None:
         return line_of(self.lines, path)
 
-    def error(self, path: PathKey, message: str, hint: str | None = None) -> ConfigError:
+    def error(self, path: YamlPath, message: str, hint: str | None = None) -> ConfigError:
         return located(message, self.file, self.lines, path, hint)
 
 
-def read_yaml(file: Path) -> tuple[Any, dict[PathKey, int]]:
+def read_yaml(file: Path) -> tuple[Any, dict[YamlPath, int]]:
     """safe_load + line map; a YAML syntax error names the file, line and column."""
     if not file.is_file():
         raise ConfigError(f"file not found: {file}")
@@ -197,7 +196,7 @@ def _variant(ctx: _Ctx, i: int, d: dict[str, Any], base_dir: Path) -> Variant:
                    allow_template_mismatch=bool(d.get("allow_template_mismatch", False)), line=ctx.line(where))
 
 
-def _scorer(ctx: _Ctx, path: PathKey, entry: Any, base_dir: Path) -> ScorerSpec:
+def _scorer(ctx: _Ctx, path: YamlPath, entry: Any, base_dir: Path) -> ScorerSpec:
     if isinstance(entry, str):
         name, params = entry, {}
     else:
@@ -217,7 +216,7 @@ def _scorer(ctx: _Ctx, path: PathKey, entry: Any, base_dir: Path) -> ScorerSpec:
     return ScorerSpec(name, params, fn, sdef.binary)
 
 
-def _scorer_def(ctx: _Ctx, path: PathKey, name: str):
+def _scorer_def(ctx: _Ctx, path: YamlPath, name: str):
     try:
         return scorers.get(name)
     except ConfigError as e:
