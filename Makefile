@@ -44,6 +44,7 @@ test: setup browser
 bench: setup
 	$(BIN)/python bench/bench_matrix.py
 	$(BIN)/python bench/bench_canary.py
+	$(BIN)/python bench/bench_verdicts.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -105,22 +105,23 @@ def _base_on(ctx, lv):
 
 
 def leakage(ctx, log) -> list[dict[str, Any]]:
-    """Eval cases that also appear in an adapter's training data (index stored in its provenance)."""
-    from evalkit.leakage import find_overlap
+    """Eval cases that also appear in an adapter's training data, through `leakage.adapter_overlap`
+    on the index its trainer stored in its provenance. An adapter without an index made with this
+    normalization gets no record: its leakage cannot be told (one with provenance says so)."""
+    from evalkit.leakage import NORMALIZATION, adapter_overlap
     from evalkit.tasks.generation import load_cases
 
+    cases: dict[str, list[Case]] = {task.name: load_cases(task.data, task.limit) for task in ctx.suite.tasks
+                                    if task.data is not None and task.kind != "mmlu"}
     records = []
     for lv in ctx.variants:
-        prov = (lv.info.provenance if lv.info else None) or {}
-        index = prov.get("leakage_index") or (prov.get("data") or {}).get("train_index")
-        if index is None:
+        prov = lv.info.provenance if lv.info else None
+        if adapter_overlap((), prov) is None:
+            if prov:
+                log(f"WARNING: leakage: the provenance of '{lv.name}' has no training-data index made with "
+                    f"normalization {NORMALIZATION}; leakage not checked (retrain it: `evalkit train RECIPE --force`)")
             continue
-        overlaps: list[tuple[str, str, str]] = []
-        for task in ctx.suite.tasks:
-            if task.data is None or task.kind == "mmlu":
-                continue
-            cases: list[Case] = load_cases(task.data, task.limit)
-            overlaps += [(task.name, e, t) for e, t in find_overlap(cases, index)]
+        overlaps = [(task, e, t) for task, rows in cases.items() for e, t in adapter_overlap(rows, prov) or ()]
         msg = (f"{len(overlaps)} eval case(s) also in the training data of '{lv.name}': "
                + ", ".join(f"{t}/{e} (train {tr})" for t, e, tr in overlaps[:5])
                + (" ..." if len(overlaps) > 5 else "")) if overlaps else "no eval case appears in the training data"

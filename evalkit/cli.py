@@ -24,29 +24,36 @@ def _log(msg: str) -> None:
 
 
 def _fmt(x: Any, pct: bool = True) -> str:
-    if x is None:
+    if x is None or x != x:  # None or NaN (a metric with no valid score)
         return "n/a"
     return f"{x * 100:5.1f}" if pct else f"{x:.3g}"
 
 
 def print_summary(results: dict[str, Any], run_dir: Path) -> None:
     """Metrics per task and variant with intervals and paired deltas, then the gate table."""
-    cmp = {(c["task"], c["metric"], c["variant"]): c for c in results["comparisons"] if c["vs"] == _reference(results)}
+    from evalkit.report.data import excludes_line, ruled_out
+
+    ref = _reference(results)
+    cmp = {(c["task"], c["metric"], c["variant"]): c for c in results["comparisons"] if c["vs"] == ref}
     width = max([14] + [len(v["name"]) for v in results["variants"]])
     print(f"\n{results['suite']['name']}: {len(results['variants'])} variant(s) on base {results['base']['ref']}")
     for task in results["tasks"]:
         print(f"\n  task {task['name']} ({task['kind']}, {task['n_cases']} cases)   value % [95% CI]   "
-              f"delta vs {_reference(results)} (pts) [CI] p")
+              f"delta vs {ref} (pts) [95% CI] p")
         for m in [m for m in results["metrics"] if m["task"] == task["name"]]:
             c = cmp.get((m["task"], m["metric"], m["variant"]))
             delta = ""
             if c and c["delta"] is not None:
                 mark = " *" if c["significant"] else ""
+                counts = f" ({c['n_ref_only']} lost / {c['n_cand_only']} gained)" if c["n_ref_only"] is not None else ""
                 delta = (f"{c['delta'] * 100:+6.1f} [{c['low'] * 100:+.1f}, {c['high'] * 100:+.1f}] "
-                         f"p={c['p_value']:.3g}{mark}")
+                         f"p={c['p_value']:.3g}{mark}{counts}")
             inv = f" ({m['n_invalid']} invalid)" if m["n_invalid"] else ""
             print(f"    {m['metric']:<16} {m['variant']:<{width}} {_fmt(m['value'])} "
                   f"[{_fmt(m['low'])}, {_fmt(m['high'])}]   {delta}{inv}")
+        for c in ruled_out(results):
+            if c["task"] == task["name"]:
+                print(f"    {excludes_line(c)}")
         per_subject = (task.get("extras") or {}).get("per_subject")
         if per_subject:
             print("    per-subject accuracy:")
@@ -67,6 +74,8 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
         print("\n  gates:")
         for g in gates:
             print(f"    {'PASS' if g['passed'] else 'FAIL'}  {g['id']:<40} {g['message']}")
+    if any(c["significant"] for c in results["comparisons"]):
+        print(f"\n  * significant at 5% after Holm's adjustment over the run's {len(results['comparisons'])} comparisons")
     n_fail = sum(not g["passed"] for g in gates)
     verdict = "PASS" if results["verdict"] == "pass" else "FAIL"
     print(f"\n{verdict}: {len(gates) - n_fail} passed, {n_fail} failed   (run folder: {run_dir})")
@@ -87,6 +96,16 @@ def _judge_noise(j: dict[str, Any]) -> str:
     if anchors:
         parts.append(f"anchors: accuracy {_fmt(anchors['accuracy']).strip()}%, kappa {_fmt(anchors['kappa'], False)} "
                      f"(n={anchors['n']})")
+    endpoint = j.get("endpoint")
+    if endpoint:
+        parts.append(f"weights {endpoint['fingerprint'][:12]}" if j.get("endpoint_verified") else
+                     f"{endpoint['base_url']} lists no content fingerprint for '{endpoint['id']}': weights "
+                     "unverified (cached verdicts keyed on URL + name only)")
+    probe = (j.get("seeds") or {}).get("probe")
+    if probe == "ignored":
+        parts.append(f"the endpoint ignores seeds: verdicts at temperature {j['temperature']} are not reproducible")
+    elif probe and probe not in ("honoured", "not needed at temperature 0"):
+        parts.append(f"seed support unknown ({probe})")
     return "; ".join(parts)
 
 

@@ -1,44 +1,93 @@
-"""Gate evaluation: pure functions of the aggregated metrics, comparisons and checks."""
+"""Gate evaluation: pure functions of the per-case scores, the paired comparisons and the checks.
+
+Every gate with `confidence: c` is a one-sided test at level c on the bound the gate names: `min:`
+needs the lower c-bound of the metric at or above the threshold, `max:` the upper one at or below,
+`max_drop:` the upper c-bound of the drop strictly below the margin (non-inferiority), and
+`max_invalid:` the upper c-bound of the invalid rate at or below it. Without `confidence:` the
+point estimate is compared, exactly for 0/1 metrics (as fractions of counts, never through
+rounded floats) and within GRADED_TOLERANCE otherwise.
+"""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable, Mapping
 
-from evalkit.config.suite import Gate, Suite
-from evalkit.stats import PairedComparison, noninferiority_upper_drop
+from evalkit.config.suite import Gate, Suite, Task, Variant
+from evalkit.stats import PairedComparison, mean_bound, metric_interval, wilson
+
+# Graded point estimates are means of floats: equal to a threshold up to summation rounding.
+GRADED_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One metric of one variant: each case's value (None = invalid) and whether it is 0/1."""
+
+    values: tuple[float | None, ...]
+    binary: bool
+
+    @property
+    def valid(self) -> list[float]:
+        return [v for v in self.values if v is not None]
+
+    @property
+    def n_invalid(self) -> int:
+        return len(self.values) - len(self.valid)
+
+
+# The variants a check without `variant:` covers: merge_equivalence compares merged variants with
+# their unmerged twins; the others look at every adapter (one the check could not run for fails).
+CHECK_APPLIES: dict[str, Callable[[Variant], bool]] = {"merge_equivalence": lambda v: v.merge}
 
 
 def gate_targets(gate: Gate, suite: Suite) -> list[str]:
-    """`variant:` when given, else every non-base variant (never the one compared against)."""
+    """`variant:` when given, else every non-base variant (never the one compared against) that
+    the gate's check, if any, applies to."""
     if gate.variant:
         return [gate.variant]
-    return [v.name for v in suite.variants if not v.is_base and v.name != gate.vs]
+    applies = CHECK_APPLIES.get(gate.check or "", lambda v: True)
+    return [v.name for v in suite.variants if not v.is_base and v.name != gate.vs and applies(v)]
 
 
-def _fmt(x: float | None, pct: bool = False) -> str:
-    if x is None or x != x:
-        return "n/a"
-    return f"{x * 100:.1f}%" if pct else f"{x:.4g}"
+def exact(x: float) -> Fraction:
+    """The number as written in the suite (0.8 is 4/5, not the binary float nearest to it)."""
+    return Fraction(repr(float(x)))
 
 
-def evaluate_gates(suite: Suite, metrics: dict[tuple[str, str, str], dict[str, Any]],
-                   comparisons: dict[tuple[str, str, str, str], PairedComparison],
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.4g}"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{x * 100:.2f}"
+
+
+def evaluate_gates(suite: Suite, scores: Mapping[tuple[str, str, str], Scores],
+                   comparisons: Mapping[tuple[str, str, str, str], PairedComparison],
                    checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The suite's gates, one result per (gate, target variant), then one failing result per metric
+    whose every score is invalid (unless its task says `invalid: drop`)."""
     results = []
     for gate in suite.gates:
-        targets = gate_targets(gate, suite)
-        if gate.check and not gate.variant:
-            # a check gate covers the variants its check applies to (merge_equivalence: merged
-            # ones), not every variant; one that ran for none is a misconfigured gate: fail
-            targets = list(dict.fromkeys(c["variant"] for c in checks if c["name"] == gate.check)) or ["*"]
+        # a check gate that applies to no variant is a misconfigured gate: it fails for "*"
+        targets = gate_targets(gate, suite) or (["*"] if gate.check else [])
         for variant in targets:
-            results.append(_one(gate, variant, metrics, comparisons, checks))
+            results.append(evaluate_gate(gate, variant, scores, comparisons, checks))
+    tasks = {t.name: t for t in suite.tasks}
+    for (task, metric, variant), s in scores.items():
+        if s.values and not s.valid and tasks[task].invalid == "loss":
+            results.append(_all_invalid(tasks[task], metric, variant, len(s.values)))
     return results
 
 
-def _one(gate: Gate, variant: str, metrics, comparisons, checks) -> dict[str, Any]:
+def evaluate_gate(gate: Gate, variant: str, scores: Mapping[tuple[str, str, str], Scores],
+                  comparisons: Mapping[tuple[str, str, str, str], PairedComparison],
+                  checks: list[dict[str, Any]]) -> dict[str, Any]:
     base = {"id": f"{gate.id}[{variant}]", "metric": gate.metric, "check": gate.check, "variant": variant,
             "vs": gate.vs, "confidence": gate.confidence, "line": gate.line, "threshold": None, "value": None,
-            "low": None, "high": None, "p_value": None}
+            "low": None, "high": None, "p_value": None, "bound": None, "side": None, "method": None,
+            "n": None, "n_invalid": None}
     if gate.check:
         found = [c for c in checks if c["name"] == gate.check and c["variant"] == variant]
         if not found:
@@ -48,38 +97,106 @@ def _one(gate: Gate, variant: str, metrics, comparisons, checks) -> dict[str, An
         return base | {"kind": "check", "passed": bool(c["passed"]), "message": c.get("message", "")}
     task, _, metric = gate.metric.partition(".")
     if gate.max_drop is not None:
-        cmp = comparisons.get((task, metric, variant, gate.vs))
-        if cmp is None or cmp.n == 0:
-            return base | {"kind": "max_drop", "threshold": gate.max_drop, "passed": False,
-                           "message": f"no paired results for {variant} vs {gate.vs} on {gate.metric}"}
-        drop_pts = -cmp.delta * 100
+        return base | _max_drop(gate, variant, comparisons.get((task, metric, variant, gate.vs)))
+    s = scores.get((task, metric, variant))
+    if gate.max_invalid is not None:
+        return base | _max_invalid(gate, variant, s)
+    return base | _min_max(gate, variant, s)
+
+
+def _max_drop(gate: Gate, variant: str, cmp: PairedComparison | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": "max_drop", "threshold": gate.max_drop}
+    if cmp is None or cmp.n == 0:
+        why = f"; {cmp.n_invalid} pairs had an invalid score" if cmp is not None and cmp.n_invalid else ""
+        return out | {"passed": False,
+                      "message": f"no paired results for {variant} vs {gate.vs} on {gate.metric}{why}"}
+    drop = -cmp.delta
+    counts = (f"{cmp.n_ref_only:g} lost / {cmp.n_cand_only:g} gained" if cmp.test == "tango"
+              else f"{cmp.n_nonzero} differ")
+    invalid = f", {cmp.n_invalid} invalid" + (f" ({cmp.n_invalid_as_loss} scored as losses)"
+                                              if cmp.n_invalid_as_loss else "")
+    out |= {"value": cmp.delta, "low": cmp.low, "high": cmp.high, "p_value": cmp.p_value, "n": cmp.n,
+            "n_invalid": cmp.n_invalid, "method": cmp.method,
+            "interval_confidence": cmp.confidence}
+    head = (f"{gate.metric} {variant} vs {gate.vs}: delta {cmp.delta * 100:+.2f} pts "
+            f"[{cmp.low * 100:+.2f}, {cmp.high * 100:+.2f}] ({cmp.method}, {cmp.confidence:.0%}), "
+            f"p={cmp.p_value:.3g}, n={cmp.n} ({counts}{invalid})")
+    if gate.confidence is not None:
+        bound = cmp.upper_drop(gate.confidence) * 100
+        passed = bound < gate.max_drop
+        how = (f"upper {gate.confidence:.0%} one-sided bound of the drop ({cmp.method}) {bound:.2f} pts "
+               f"{'<' if passed else '>='} {gate.max_drop:g}")
+        return out | {"bound": bound, "side": "upper", "passed": bool(passed), "message": f"{head}; {how}"}
+    if cmp.test == "tango":  # exactly, as counts: (lost - gained) / n * 100 <= max_drop
+        passed = Fraction(int(cmp.n_ref_only - cmp.n_cand_only) * 100, cmp.n) <= exact(gate.max_drop)
+    else:
+        passed = drop * 100 <= gate.max_drop + GRADED_TOLERANCE
+    how = f"drop {_pct(drop)} pts {'<=' if passed else '>'} {gate.max_drop:g} (point estimate, no confidence)"
+    return out | {"passed": bool(passed), "message": f"{head}; {how}"}
+
+
+def _min_max(gate: Gate, variant: str, s: Scores | None) -> dict[str, Any]:
+    kind = "min" if gate.min is not None else "max"
+    if s is None or not s.valid:
+        n_inv = f" ({s.n_invalid} invalid)" if s is not None and s.n_invalid else ""
+        return {"kind": kind, "passed": False, "n_invalid": s.n_invalid if s else None,
+                "message": f"no valid results for {gate.metric} on variant '{variant}'{n_inv}"}
+    valid = s.valid
+    iv = metric_interval(valid, binary=s.binary)
+    method = "Wilson" if s.binary else "bootstrap-t"
+    parts, verdicts, bound = [], [], None
+    for side, limit in (("lower", gate.min), ("upper", gate.max)):
+        if limit is None:
+            continue
+        at_least = side == "lower"
         if gate.confidence is not None:
-            bound = noninferiority_upper_drop(cmp, one_sided_confidence=gate.confidence) * 100
-            passed = bound < gate.max_drop
-            how = f"upper {gate.confidence:.0%} bound of the drop {bound:.2f} pts {'<' if passed else '>='} {gate.max_drop:g}"
+            v = bound = mean_bound(valid, gate.confidence, side=side, binary=s.binary)
+            ok = v >= limit if at_least else v <= limit
+            what = f"{side} {gate.confidence:.0%} one-sided bound ({method}) {_fmt(v)}"
+        elif s.binary:  # k / n against the threshold as written, in exact fractions
+            ok = (Fraction(int(sum(valid)), len(valid)) >= exact(limit) if at_least
+                  else Fraction(int(sum(valid)), len(valid)) <= exact(limit))
+            what = f"{_fmt(iv.value)}"
         else:
-            bound, passed = drop_pts, drop_pts <= gate.max_drop
-            how = f"drop {drop_pts:.2f} pts {'<=' if passed else '>'} {gate.max_drop:g}"
-        msg = (f"{gate.metric} {variant} vs {gate.vs}: delta {cmp.delta * 100:+.2f} pts "
-               f"[{cmp.low * 100:+.2f}, {cmp.high * 100:+.2f}], p={cmp.p_value:.3g} ({cmp.test}, n={cmp.n}); {how}")
-        return base | {"kind": "max_drop", "threshold": gate.max_drop, "value": -drop_pts / 100,
-                       "low": cmp.low, "high": cmp.high, "p_value": cmp.p_value, "passed": bool(passed),
-                       "message": msg}
-    m = metrics.get((task, metric, variant))
-    if m is None or not m["n"]:
-        return base | {"kind": "min" if gate.min is not None else "max", "passed": False,
-                       "message": f"no valid results for {gate.metric} on variant '{variant}'"}
-    # with `confidence`, the whole interval must clear the threshold, not just the point estimate
-    checks_ = []
-    if gate.min is not None:
-        v = m["low"] if gate.confidence is not None else m["value"]
-        checks_.append(("min", gate.min, v >= gate.min, f"{'lower bound ' if gate.confidence else ''}{_fmt(v)} {'>=' if v >= gate.min else '<'} min {gate.min:g}"))
-    if gate.max is not None:
-        v = m["high"] if gate.confidence is not None else m["value"]
-        checks_.append(("max", gate.max, v <= gate.max, f"{'upper bound ' if gate.confidence else ''}{_fmt(v)} {'<=' if v <= gate.max else '>'} max {gate.max:g}"))
-    passed = all(c[2] for c in checks_)
-    kind, threshold = (checks_[0][0], checks_[0][1]) if passed or checks_[0][2] is False else (checks_[-1][0], checks_[-1][1])
-    msg = (f"{gate.metric} {variant} = {_fmt(m['value'])} [{_fmt(m['low'])}, {_fmt(m['high'])}] (n={m['n']}); "
-           + "; ".join(c[3] for c in checks_))
-    return base | {"kind": kind, "threshold": threshold, "value": m["value"], "low": m["low"], "high": m["high"],
-                   "passed": bool(passed), "message": msg}
+            ok = iv.value >= limit - GRADED_TOLERANCE if at_least else iv.value <= limit + GRADED_TOLERANCE
+            what = f"{_fmt(iv.value)}"
+        op = (">=" if ok else "<") if at_least else ("<=" if ok else ">")
+        parts.append(f"{what} {op} {'min' if at_least else 'max'} {limit:g}")
+        verdicts.append(("min" if at_least else "max", limit, ok))
+    failed = [v for v in verdicts if not v[2]]
+    kind, threshold, _ = (failed or verdicts)[0]
+    msg = (f"{gate.metric} {variant} = {_fmt(iv.value)} [{_fmt(iv.low)}, {_fmt(iv.high)}] "
+           f"(n={iv.n}, {s.n_invalid} invalid); " + "; ".join(parts))
+    return {"kind": kind, "threshold": threshold, "value": iv.value, "low": iv.low, "high": iv.high,
+            "interval_confidence": iv.confidence, "bound": bound, "method": method if gate.confidence else None,
+            "side": ("lower" if kind == "min" else "upper") if gate.confidence else None,
+            "n": iv.n, "n_invalid": s.n_invalid, "passed": not failed, "message": msg}
+
+
+def _max_invalid(gate: Gate, variant: str, s: Scores | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": "max_invalid", "threshold": gate.max_invalid}
+    if s is None or not s.values:
+        return out | {"passed": False, "message": f"no results for {gate.metric} on variant '{variant}'"}
+    k, n = s.n_invalid, len(s.values)
+    out |= {"value": k / n, "n": n, "n_invalid": k}
+    if gate.confidence is not None:
+        bound = wilson(k, n, 2 * gate.confidence - 1).high
+        passed = bound <= gate.max_invalid
+        how = f"upper {gate.confidence:.0%} one-sided bound (Wilson) {_fmt(bound)}"
+        out |= {"bound": bound, "side": "upper", "method": "Wilson"}
+    else:
+        passed, how = Fraction(k, n) <= exact(gate.max_invalid), f"{_fmt(k / n)}"
+    msg = (f"{gate.metric} {variant}: {k} of {n} scores invalid; invalid rate {how} "
+           f"{'<=' if passed else '>'} max_invalid {gate.max_invalid:g}")
+    return out | {"passed": bool(passed), "message": msg}
+
+
+def _all_invalid(task: Task, metric: str, variant: str, n: int) -> dict[str, Any]:
+    """A metric with no valid score says nothing; silence would read as a pass (`nan`, exit 0)."""
+    return {"id": f"{task.name}.{metric}.valid[{variant}]", "metric": f"{task.name}.{metric}", "check": None,
+            "variant": variant, "vs": None, "confidence": None, "line": task.line, "kind": "all_invalid",
+            "threshold": None, "value": None, "low": None, "high": None, "p_value": None, "bound": None,
+            "side": None, "method": None, "n": 0, "n_invalid": n, "passed": False,
+            "message": (f"all {n} scores of {task.name}.{metric} for '{variant}' are invalid: the task measured "
+                        f"nothing (set `invalid: drop` on the task to report this without failing)")}
+

@@ -18,8 +18,6 @@ if TYPE_CHECKING:
     from evalkit.runlog import RunLog
 
 _RUNS = pytest.StashKey["_Runs"]()
-
-
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("evalkit", "evalkit gates as tests")
     group.addoption("--evalkit", action="append", default=[], metavar="SUITE",
@@ -133,8 +131,8 @@ class SuiteNode(pytest.Collector):
             for variant in gate_targets(gate, self.suite):
                 gate_id = f"{gate.id}[{variant}]"
                 self.gate_ids.add(gate_id)
-                yield GateItem.from_parent(self, name=gate_id, gate_id=gate_id, spec=gate.id,
-                                           fanned_out=not gate.variant, line=gate.line)
+                yield GateItem.from_parent(self, name=gate_id, gate_id=gate_id, spec=gate.id, check=gate.check,
+                                           line=gate.line)
 
 
 class ConfigErrorItem(pytest.Item):
@@ -150,10 +148,9 @@ class ConfigErrorItem(pytest.Item):
 
 
 class GateItem(pytest.Item):
-    def __init__(self, *, gate_id: str, spec: str, fanned_out: bool, line: int | None, **kwargs: Any):
+    def __init__(self, *, gate_id: str, spec: str, check: str | None, line: int | None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.gate_id, self.spec = gate_id, spec
-        self.fanned_out, self.line = fanned_out, line
+        self.gate_id, self.spec, self.check, self.line = gate_id, spec, check, line
 
     def runtest(self) -> None:
         from evalkit.errors import EvalkitError
@@ -171,7 +168,8 @@ class GateItem(pytest.Item):
         self._missing(run.results)
 
     def _missing(self, results: dict[str, Any]) -> None:
-        """A gate the run did not record: fine for a check that does not apply to this variant, else a failure."""
+        """A gate the run did not record: fine for a check that does not apply to this variant, else a
+        failure (a skip would pass CI for a gate nothing evaluated)."""
         from evalkit.report.data import gate_text
 
         orphans = [g for g in results.get("gates") or []
@@ -180,9 +178,8 @@ class GateItem(pytest.Item):
             pytest.fail(f"{self.gate_id}: not evaluated (run {results.get('status')})", pytrace=False)
         if any(not g.get("passed") for g in orphans):
             pytest.fail("\n".join(gate_text(g) for g in orphans if not g.get("passed")), pytrace=False)
-        if self.fanned_out:
-            pytest.skip(f"{self.gate_id}: the run recorded no such gate (it does not apply to this variant)")
-        pytest.fail(f"{self.gate_id}: the run recorded no such gate", pytrace=False)
+        why = f": check '{self.check}' did not run for this variant" if self.check else ""
+        pytest.fail(f"{self.gate_id}: the run recorded no such gate{why}", pytrace=False)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         # not a suffix of the node id, so pytest shows the id as is (it would turn "." into "::")

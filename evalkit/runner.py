@@ -23,11 +23,11 @@ from evalkit.config import load_suite
 from evalkit.config.suite import Suite, Task, Variant
 from evalkit.context import LoadedVariant, RunContext, template_hash, variant_fingerprint
 from evalkit.errors import ConfigError, ExitCode, ModelError, NothingToEvaluate, YamlPath
-from evalkit.gates import evaluate_gates
+from evalkit.gates import Scores, evaluate_gates, gate_targets
 from evalkit.models.adapters import AdapterInfo, check_fits_base, inspect_adapter
 from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_base, load_tokenizer, resolve_base
-from evalkit.runlog import RunLog, environment, write_run
-from evalkit.stats import metric_interval, paired_compare
+from evalkit.runlog import SCHEMA_VERSION, RunLog, environment, write_run
+from evalkit.stats import PairedComparison, holm, metric_interval, paired_compare
 from evalkit.tasks.base import SampleResult, TaskResult
 
 Log = Callable[[str], None]
@@ -243,22 +243,21 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
     for tname, tr in results.items():
         for s in tr.samples:
             for metric, score in s.scores.items():
-                values[(tname, metric, s.variant)][s.case_id] = score.value
+                v = score.value
+                values[(tname, metric, s.variant)][s.case_id] = None if v is None or v != v else v  # NaN is invalid
             samples.append(_sample_record(s))
+    scores = {k: Scores(tuple(per_case.values()), results[k[0]].binary.get(k[1], False)) for k, per_case in values.items()}
     metrics: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for (tname, metric, variant), per_case in values.items():
-        binary = results[tname].binary.get(metric, False)
-        valid = [v for v in per_case.values() if v is not None]
-        iv = metric_interval(valid, binary=binary)
+    for (tname, metric, variant), sc in scores.items():
+        iv = metric_interval(sc.valid, binary=sc.binary)
         metrics[(tname, metric, variant)] = {"task": tname, "metric": metric, "variant": variant, "value": iv.value,
-                                             "low": iv.low, "high": iv.high, "n": iv.n,
-                                             "n_invalid": len(per_case) - len(valid), "method": iv.method,
-                                             "confidence": 0.95}
+                                             "low": iv.low, "high": iv.high, "n": iv.n, "n_invalid": sc.n_invalid,
+                                             "method": iv.method, "confidence": iv.confidence}
     comparisons = _comparisons(suite, results, values)
-    gates = evaluate_gates(suite, metrics, comparisons, checks)
+    gates = evaluate_gates(suite, scores, comparisons, checks)
     verdict = "pass" if all(g["passed"] for g in gates) else "fail"
     record = {
-        "schema_version": "1.0", "evalkit_version": __version__,
+        "schema_version": SCHEMA_VERSION, "evalkit_version": __version__,
         "run_id": f"{suite.name}-{datetime.fromtimestamp(started).strftime('%Y%m%d-%H%M%S')}",
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(), "duration_s": round(time.time() - started, 3),
@@ -268,9 +267,10 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
         "base": {"ref": suite.base.ref, "kind": suite.base.kind, "sha256": ctx.base.sha256},
         "variants": [_variant_record(lv, ctx) for lv in ctx.variants],
         "tasks": [{"name": t, "kind": suite_task(suite, t).kind, "n_cases": len({s.case_id for s in tr.samples}),
-                   "binary": tr.binary, "extras": tr.extras} for t, tr in results.items()],
+                   "binary": tr.binary, "invalid": suite_task(suite, t).invalid, "extras": tr.extras}
+                  for t, tr in results.items()],
         "metrics": list(metrics.values()),
-        "comparisons": [_comparison_record(k, c) for k, c in comparisons.items()],
+        "comparisons": _comparison_records(suite, comparisons),
         "gates": gates, "checks": checks, "verdict": verdict,
         "cache": {"hits": ctx.cache.hits, "misses": ctx.cache.misses,
                   "path": str(ctx.cache.path) if ctx.cache.path else None},
@@ -283,9 +283,10 @@ def suite_task(suite: Suite, name: str) -> Task:
 
 
 def _comparisons(suite: Suite, results: dict[str, TaskResult], values) -> dict[tuple[str, str, str, str], Any]:
-    """Paired comparisons of every variant against the reference, and for every `vs:` a gate names."""
+    """Paired comparisons of every variant against the reference, and for every `vs:` a gate names,
+    over the cases both sides have; a candidate's invalid score is a loss unless `invalid: drop`."""
     pairs = {(v.name, suite.reference) for v in suite.variants if v.name != suite.reference}
-    pairs |= {(var, g.vs) for g in suite.gates if g.vs for var in _gate_variants(suite, g) if var != g.vs}
+    pairs |= {(var, g.vs) for g in suite.gates if g.vs for var in gate_targets(g, suite) if var != g.vs}
     out = {}
     for (tname, metric, variant), cand in values.items():
         for cv, ref_name in pairs:
@@ -294,22 +295,28 @@ def _comparisons(suite: Suite, results: dict[str, TaskResult], values) -> dict[t
             ref = values[(tname, metric, ref_name)]
             ids = [i for i in cand if i in ref]
             out[(tname, metric, variant, ref_name)] = paired_compare(
-                [ref[i] for i in ids], [cand[i] for i in ids], binary=results[tname].binary.get(metric, False))
+                [ref[i] for i in ids], [cand[i] for i in ids], binary=results[tname].binary.get(metric, False),
+                invalid_as_loss=suite_task(suite, tname).invalid == "loss")
     return out
 
 
-def _gate_variants(suite: Suite, gate) -> list[str]:
-    from evalkit.gates import gate_targets
-
-    return gate_targets(gate, suite)
-
-
-def _comparison_record(key: tuple[str, str, str, str], c) -> dict[str, Any]:
-    task, metric, variant, vs = key
-    significant = bool(c.n and c.p_value < 1 - c.confidence)
-    return {"task": task, "metric": metric, "variant": variant, "vs": vs, "delta": c.delta, "low": c.low,
-            "high": c.high, "p_value": c.p_value, "test": c.test, "n": c.n, "n_ref_only": c.n_ref_only,
-            "n_cand_only": c.n_cand_only, "confidence": c.confidence, "significant": significant}
+def _comparison_records(suite: Suite, comparisons: dict[tuple[str, str, str, str], PairedComparison]
+                        ) -> list[dict[str, Any]]:
+    """Each comparison with its Holm-adjusted p (across every comparison of the run: the report's
+    significance markers) and the drop it rules out, at the level of the gate on it (else 95%)."""
+    adjusted = holm([c.p_value for c in comparisons.values()])
+    levels = {(g.metric, v, g.vs): g.confidence for g in suite.gates if g.max_drop is not None and g.confidence
+              for v in gate_targets(g, suite)}
+    out = []
+    for ((task, metric, variant, vs), c), p_holm in zip(comparisons.items(), adjusted):
+        level = levels.get((f"{task}.{metric}", variant, vs), 0.95)
+        out.append({"task": task, "metric": metric, "variant": variant, "vs": vs, "delta": c.delta, "low": c.low,
+                    "high": c.high, "p_value": c.p_value, "p_holm": p_holm, "p_exact": c.p_exact, "test": c.test,
+                    "method": c.method, "n": c.n, "n_ref_only": c.n_ref_only, "n_cand_only": c.n_cand_only,
+                    "n_nonzero": c.n_nonzero, "n_invalid": c.n_invalid, "n_invalid_as_loss": c.n_invalid_as_loss,
+                    "confidence": c.confidence, "significant": bool(c.n and p_holm < 1 - c.confidence),
+                    "excludes_drop": c.upper_drop(level) if c.n else None, "excludes_level": level})
+    return out
 
 
 def _variant_record(lv: LoadedVariant, ctx: RunContext) -> dict[str, Any]:

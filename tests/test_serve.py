@@ -83,8 +83,22 @@ def test_errors_are_openai_shaped_json(server):
                        json.dumps({"model": "base", "messages": HI, "max_tokens": 10**6}).encode())
     assert status == 400 and body["error"]["param"] == "max_tokens"
     assert raw(server.url, "/v1/nothing")[0] == 404
-    assert raw(server.url, "/v1/models/lora") == (200, {"id": "lora", "object": "model",
-                                                        "created": server.engine.created, "owned_by": "evalkit"})
+    assert raw(server.url, "/v1/models/lora") == (200, {
+        "id": "lora", "object": "model", "created": server.engine.created, "owned_by": "evalkit",
+        "fingerprint": server.engine.fingerprints["lora"]})
+
+
+def test_models_list_a_content_fingerprint_per_name(server, tiny_model_dir, adapter):
+    """The base's is its content hash; an adapter's covers the adapter and the base it runs on."""
+    from evalkit.models.adapters import inspect_adapter
+    from evalkit.models.base import BaseSpec, resolve_base
+    from evalkit.types import stable_hash
+
+    listed = {m.id: m.model_dump() for m in client(server.url).models.list()}
+    base = resolve_base(BaseSpec("path", str(tiny_model_dir))).sha256
+    assert listed["base"]["fingerprint"] == base
+    assert listed["lora"]["fingerprint"] == stable_hash([base, inspect_adapter(adapter).sha256])
+    assert len({m["fingerprint"] for m in listed.values()}) == 3
 
 
 def test_bearer_key_and_judge_preflight(server, monkeypatch):
@@ -134,9 +148,12 @@ def test_judge_task_against_evalkit_serve(server, tmp_path):
     result = judge.run(ctx, task)
     scores = [s.scores["rubric"] for s in result.samples]
     assert all(s.value is None and s.reason.startswith("invalid: ") for s in scores)
-    assert result.extras["judge"]["calls"] == 2 == server.counts["chat"] - before
+    j = result.extras["judge"]
+    assert j["calls"] == 2 == server.counts["chat"] - before
+    assert j["endpoint"] == {"base_url": server.url, "id": "base", "owned_by": "evalkit",
+                             "fingerprint": server.engine.fingerprints["base"]} and j["endpoint_verified"]
     judge.run(ctx, task)
-    assert server.counts["chat"] - before == 2  # rerun: all from the cache
+    assert server.counts["chat"] - before == 4  # rerun: invalid verdicts are never cached, so asked again
 
     # with response_format json_schema, evalkit serve guides the same hopeless model to valid verdicts
     guided = Task("helpful", "judge", data=task.data, params={**task.params, "judge": {

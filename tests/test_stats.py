@@ -1,121 +1,173 @@
-"""Statistics against known references: scipy (tests only), hand-computed values, constructed data."""
+"""Statistics against known references (scipy, tests only; published values; the defining equations)
+and against brute force: exact enumeration of the gate actually run."""
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
-from scipy.stats import binomtest
+from scipy.stats import binomtest, multinomial
 
-from evalkit.stats import (Interval, PairedComparison, bootstrap_mean, mcnemar_exact, metric_interval,
-                           noninferiority_upper_drop, paired_compare, paired_sample_size, wilson)
+import evalkit.stats as S
+from evalkit.stats import (holm, mcnemar_exact, mean_bound, metric_interval, noninferiority_pass_rate,
+                           noninferiority_sample_size, paired_compare, smallest_clearable_margin, tango_p,
+                           tango_upper_drop, tango_z, wilson)
 
 
-def test_wilson_hand_computed():
-    iv = wilson(8, 10)
-    assert (iv.value, iv.n, iv.method) == (0.8, 10, "wilson")
-    assert (iv.low, iv.high) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
+def z(level):
+    return NormalDist().inv_cdf(level)
+
+
+# ------------------------------------------------------------------------------------ Wilson
+
+def test_wilson_with_yates_correction_is_newcombes_method_4(monkeypatch):
+    # Newcombe (1998), Stat Med 17:857, table I: method 4 (Yates' 1/2) and method 3 (no correction)
+    for cc, expected in ((0.5, (0.2535, 0.3682)), (0.0, (0.2553, 0.3662))):
+        monkeypatch.setattr(S, "CONTINUITY", cc)
+        iv = wilson(81, 263)
+        assert (round(iv.low, 4), round(iv.high, 4)) == expected
+
+
+@pytest.mark.parametrize("k, n, conf", [(8, 10, 0.95), (1, 114, 0.9), (49, 50, 0.99), (30, 300, 0.6)])
+def test_wilson_ends_solve_the_corrected_score_equation(k, n, conf):
+    iv, c, zz = wilson(k, n, conf), S.CONTINUITY, z((1 + conf) / 2)
+    for p0, shifted in ((iv.low, k - c), (iv.high, k + c)):
+        assert abs(shifted - n * p0) == pytest.approx(zz * math.sqrt(n * p0 * (1 - p0)), rel=1e-9)
+
+
+def test_wilson_edges():
     assert wilson(0, 20).low == 0.0 and wilson(20, 20).high == 1.0
     assert math.isnan(wilson(0, 0).value) and wilson(0, 0).n == 0
     with pytest.raises(ValueError):
         wilson(11, 10)
 
 
-def test_bootstrap_mean_is_deterministic_and_ignores_invalid():
-    values = [0.2, 0.9, None, 0.5, float("nan"), 0.7, 0.4, 0.6]
-    iv = bootstrap_mean(values, seed=3)
-    assert iv == bootstrap_mean(values, seed=3)
-    assert iv.n == 6 and iv.value == pytest.approx(3.3 / 6) and iv.method == "bootstrap"
-    assert 0.2 <= iv.low < iv.value < iv.high <= 0.9
-    assert bootstrap_mean([0.5]) == Interval(0.5, 0.5, 0.5, 1, "bootstrap")
-    assert bootstrap_mean([None]).n == 0 and math.isnan(bootstrap_mean([]).low)
+def test_one_sided_bound_is_the_two_sided_end_at_2c_minus_1_and_moves_with_the_level():
+    values = [1] * 40 + [0] * 10
+    assert mean_bound(values, 0.95, side="lower", binary=True) == wilson(40, 50, 0.90).low
+    bounds = [mean_bound(values, c, side="lower", binary=True) for c in (0.6, 0.8, 0.95, 0.99)]
+    assert bounds == sorted(bounds, reverse=True) and len(set(bounds)) == 4
+    with pytest.raises(ValueError, match="above 0.5"):
+        mean_bound(values, 0.4, side="lower", binary=True)
 
 
-def test_metric_interval_picks_method():
-    assert metric_interval([1, 0, 1, 1, 1, 1, 1, 1, None, 1, 0], binary=True) == wilson(8, 10)
-    assert metric_interval([0.1, 0.5, 0.9], binary=False).method == "bootstrap"
-    assert math.isnan(metric_interval([], binary=True).value)
-    with pytest.raises(ValueError, match="other than 0 and 1"):
-        metric_interval([0.5, 1.0], binary=True)
+# ------------------------------------------------------------------------------------ Tango
+
+def test_tango_without_correction_reproduces_the_uncorrected_score_bound(monkeypatch):
+    # 1 lost, 0 gained of 114: the uncorrected score bound is 3.84 pts (issue 10's reference)
+    monkeypatch.setattr(S, "CONTINUITY", 0.0)
+    assert tango_upper_drop(1, 0, 114, 0.95) * 100 == pytest.approx(3.836, abs=1e-3)
+    # at drop 0 the statistic is McNemar's z
+    assert float(tango_z(7, 2, 60, 0.0)) == pytest.approx(5 / 3)
+
+
+def test_one_lost_of_114_bound_and_zero_discordant():
+    assert 3.5 < tango_upper_drop(1, 0, 114, 0.95) * 100 < 4.5
+    assert tango_upper_drop(0, 0, 50, 0.95) * 100 > 2  # no discordant pair proves no drop of 2 pts
+    # the bound solves the score equation at the level
+    u = tango_upper_drop(5, 2, 80, 0.9)
+    assert float(tango_z(5, 2, 80, u)) == pytest.approx(-z(0.9), abs=1e-9)
+
+
+@pytest.mark.parametrize("n", [30, 114])
+def test_interval_and_p_never_contradict(n):
+    for b, c in itertools.product(range(0, 12), repeat=2):
+        cmp = paired_compare([1] * b + [0] * c + [1] * (n - b - c), [0] * b + [1] * c + [1] * (n - b - c),
+                             binary=True)
+        excludes_zero = cmp.low > 0 or cmp.high < 0
+        assert excludes_zero == (cmp.p_value < 0.05), (b, c, cmp)
+        assert cmp.p_value == tango_p(b, c, n) and cmp.p_exact == mcnemar_exact(b, c)
 
 
 @pytest.mark.parametrize("b, c", [(3, 3), (1, 6), (0, 10), (7, 2), (30, 45), (130, 100)])
 def test_mcnemar_exact_matches_scipy(b, c):
     assert mcnemar_exact(b, c) == pytest.approx(binomtest(min(b, c), b + c, 0.5).pvalue, rel=1e-12)
+    assert mcnemar_exact(0, 0) == 1.0
 
 
-def test_mcnemar_exact_hand_computed():
-    assert mcnemar_exact(1, 6) == 0.125  # 2 * (1 + 7) / 2**7
-    assert mcnemar_exact(0, 0) == 1.0  # no discordant pairs: no evidence (scipy rejects n=0)
+def test_pass_rate_is_the_gate_enumerated_by_brute_force():
+    """noninferiority_pass_rate == sum over every outcome of P(outcome) * [gate passes], where the
+    gate is paired_compare + upper_drop exactly as gates.py runs it."""
+    n, margin, psi, true_drop = 9, 0.2, 0.4, 0.1
+    p_lost, p_gained = (psi + true_drop) / 2, (psi - true_drop) / 2
+    total = 0.0
+    for b in range(n + 1):
+        for c in range(n + 1 - b):
+            cmp = paired_compare([1] * b + [0] * c + [1] * (n - b - c), [0] * b + [1] * c + [1] * (n - b - c),
+                                 binary=True)
+            if cmp.upper_drop(0.95) < margin:
+                total += multinomial.pmf([b, c, n - b - c], n, [p_lost, p_gained, 1 - psi])
+    assert noninferiority_pass_rate(n, margin, psi, true_drop=true_drop) == pytest.approx(total, rel=1e-9)
 
 
-def test_paired_compare_binary_constructed():
-    # 100 cases: 45 both right, 5 reference only (b), 15 candidate only (c), 35 both wrong,
-    # plus two pairs with an invalid score that must be dropped.
-    ref = [1] * 50 + [0] * 50 + [1, None]
-    cand = [1] * 45 + [0] * 5 + [1] * 15 + [0] * 35 + [float("nan"), 1]
-    cmp = paired_compare(ref, cand, binary=True)
-    assert (cmp.n, cmp.n_ref_only, cmp.n_cand_only, cmp.test) == (100, 5, 15, "mcnemar")
-    assert cmp.delta == pytest.approx(0.10)
-    assert cmp.p_value == mcnemar_exact(5, 15)
-    assert cmp.low < 0.10 < cmp.high
-    assert cmp == paired_compare(ref, cand, binary=True)  # fixed seed: deterministic
+@pytest.mark.parametrize("n", [50, 114, 300])
+def test_binary_max_drop_holds_its_level_at_the_threshold(n):
+    for psi, drop in [(0.02, 0.02), (0.05, 0.02), (0.15, 0.05), (0.30, 0.10)]:
+        assert noninferiority_pass_rate(n, drop, psi, level=0.95, true_drop=drop) <= 0.05
 
 
-def test_paired_bootstrap_interval_covers_true_delta():
-    rng = np.random.default_rng(7)
-    ref = rng.uniform(0, 1, 400)
-    cand = np.clip(ref + 0.05 + rng.normal(0, 0.1, 400), -1, 2)  # true mean shift ~0.05
-    cmp = paired_compare(ref.tolist(), cand.tolist(), binary=False)
-    true_delta = float(np.mean(cand - ref))
-    assert cmp.test == "permutation" and cmp.n == 400
-    assert cmp.low < true_delta < cmp.high and cmp.low > 0.03 and cmp.high < 0.07
-    assert cmp.p_value == pytest.approx(1 / 2001)  # no random sign flip beats a clear shift
-    # pairing matters: the unpaired spread of each side is far wider than the paired interval
-    assert cmp.high - cmp.low < (bootstrap_mean(ref).high - bootstrap_mean(ref).low) / 2
+def test_sample_size_is_the_smallest_with_the_power():
+    n = noninferiority_sample_size(0.05, 0.15, level=0.95, power=0.8)
+    assert noninferiority_pass_rate(n, 0.05, 0.15) >= 0.8 > noninferiority_pass_rate(n - 1, 0.05, 0.15)
+    m = smallest_clearable_margin(114, 0.15)
+    assert noninferiority_pass_rate(114, m, 0.15) >= 0.8 > noninferiority_pass_rate(114, m * 0.98, 0.15)
 
 
-def test_permutation_test_exact_for_small_n_and_null_for_no_change():
-    # 5 pairs all +1: only the all-plus and all-minus of 32 sign vectors are as extreme
-    assert paired_compare([0.0] * 5, [1.0] * 5, binary=False).p_value == 2 / 32
-    same = paired_compare([0.3, 0.6, 0.9] * 10, [0.3, 0.6, 0.9] * 10, binary=False)
-    assert (same.delta, same.low, same.high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+# --------------------------------------------------------------------------- paired compare
 
-
-def test_paired_compare_edges():
-    empty = paired_compare([None, 1], [0, None], binary=True)
-    assert empty.n == 0 and math.isnan(empty.delta) and empty.p_value == 1.0
-    assert math.isnan(noninferiority_upper_drop(empty, one_sided_confidence=0.95))
-    with pytest.raises(ValueError, match="length"):
+def test_paired_binary_counts_and_invalid_candidates_are_losses():
+    ref = [1, 1, 1, 0, 0, 1, None, 1]
+    cand = [1, 0, None, 0, 1, float("nan"), 1, 1]
+    cmp = paired_compare(ref, cand, binary=True, invalid_as_loss=True)
+    # pair 7 dropped (reference invalid); pairs 3 and 6 (candidate invalid) are losses
+    assert (cmp.n, cmp.n_ref_only, cmp.n_cand_only, cmp.n_invalid, cmp.n_invalid_as_loss) == (7, 3, 1, 3, 2)
+    dropped = paired_compare(ref, cand, binary=True)
+    assert (dropped.n, dropped.n_ref_only, dropped.n_invalid, dropped.n_invalid_as_loss) == (5, 1, 3, 0)
+    with pytest.raises(ValueError):
         paired_compare([1, 0], [1], binary=True)
 
 
-def test_noninferiority_upper_drop():
-    ref = [1] * 50 + [0] * 50
-    cand = [1] * 42 + [0] * 8 + [1] * 6 + [0] * 44  # candidate 2 points worse
-    cmp = paired_compare(ref, cand, binary=True, confidence=0.90)
-    # one-sided 95% is the matching tail of the two-sided 90% interval
-    assert noninferiority_upper_drop(cmp, one_sided_confidence=0.95) == pytest.approx(-cmp.low)
-    at_90 = noninferiority_upper_drop(cmp, one_sided_confidence=0.90)
-    at_99 = noninferiority_upper_drop(cmp, one_sided_confidence=0.99)
-    assert -cmp.delta < at_90 < at_99  # the bound sits above the observed drop and grows with confidence
-    # a comparison without bootstrap deltas supports only its own interval's level
-    bare = dataclasses.replace(cmp)
-    assert noninferiority_upper_drop(bare, one_sided_confidence=0.95) == -cmp.low
-    with pytest.raises(ValueError, match="no bootstrap sample"):
-        noninferiority_upper_drop(bare, one_sided_confidence=0.99)
-    hand = PairedComparison(-0.02, -0.05, 0.01, 0.3, "mcnemar", 100, 8, 6, 0.95)
-    assert noninferiority_upper_drop(hand, one_sided_confidence=0.975) == 0.05
+def test_graded_is_deterministic_and_independent_of_case_order():
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(size=80)
+    cand = np.clip(ref + rng.normal(-0.05, 0.1, size=80), 0, 1)
+    a = paired_compare(ref.tolist(), cand.tolist(), binary=False)
+    order = rng.permutation(80)
+    b = paired_compare(ref[order].tolist(), cand[order].tolist(), binary=False)
+    assert (a.low, a.high, a.p_value, a.upper_drop(0.9)) == (b.low, b.high, b.p_value, b.upper_drop(0.9))
+    assert a.low < a.delta < a.high and a.method == "bootstrap-t"
 
 
-def test_paired_sample_size_connor():
-    # Connor (1987): z_.95 = 1.644854, z_.80 = 0.841621, psi = 0.15, delta = 0.02
-    # (1.644854 * sqrt(0.15) + 0.841621 * sqrt(0.15 - 0.0004))^2 / 0.0004 = 2316.37 -> 2317
-    assert paired_sample_size(0.02, 0.15) == 2317
-    assert paired_sample_size(0.05, 0.15) < paired_sample_size(0.02, 0.15)
-    assert paired_sample_size(0.02, 0.15, power=0.9) > 2317
-    for bad in [dict(drop=0.15, discordance=0.15), dict(drop=0.0, discordance=0.1),
-                dict(drop=0.02, discordance=1.5), dict(drop=0.02, discordance=0.15, power=1.0)]:
-        with pytest.raises(ValueError):
-            paired_sample_size(**bad)
+def test_graded_with_few_nonzero_differences_is_floored_by_the_score_bound():
+    same = paired_compare([0.5] * 50, [0.5] * 50, binary=False)
+    assert same.upper_drop(0.95) == tango_upper_drop(0, 0, 50, 0.95) > 0.02
+    few = paired_compare([0.5] * 50, [0.5] * 47 + [0.2, 0.4, 0.6], binary=False)
+    assert few.method == "bootstrap-t + score floor"
+    assert few.upper_drop(0.95) >= tango_upper_drop(0.4, 0.1, 50, 0.95)
+
+
+def test_graded_interval_covers_the_true_delta():
+    rng = np.random.default_rng(0)
+    covered = 0
+    for _ in range(40):
+        ref = rng.uniform(size=60)
+        cand = np.clip(ref + rng.normal(0.1, 0.2, size=60), 0, 1)
+        true = float(np.mean(np.clip(ref + rng.normal(0.1, 0.2, size=(2000, 60)), 0, 1) - ref))
+        cmp = paired_compare(ref.tolist(), cand.tolist(), binary=False)
+        covered += cmp.low <= true <= cmp.high
+    assert covered >= 34  # 95% nominal; ~38 expected
+
+
+def test_metric_interval_methods():
+    assert metric_interval([1, 0, 1, 1, 1, 1, 1, 1, None, 1, 0], binary=True) == wilson(8, 10)
+    assert metric_interval([0.1, 0.5, 0.9], binary=False).method == "bootstrap-t"
+    assert math.isnan(metric_interval([], binary=True).value)
+    with pytest.raises(ValueError):
+        metric_interval([0.5, 1.0], binary=True)
+
+
+def test_holm_hand_computed():
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([]) == []

@@ -118,7 +118,7 @@ def _schema_error(ctx: _Ctx, data: Any) -> ConfigError | None:
     if err.validator == "required":
         return ctx.error(path, err.message.replace("is a required property", "is required"))
     if err.validator in ("oneOf", "anyOf") and path and path[0] == "gates":
-        return ctx.error(path, "a gate needs `metric:` with `min:`, `max:` or `max_drop:`, or a `check:`")
+        return ctx.error(path, "a gate needs `metric:` with `min:`, `max:`, `max_drop:` or `max_invalid:`, or a `check:`")
     if err.validator == "oneOf" and path == ("base",):
         return ctx.error(path, "base needs exactly one of `gguf:`, `path:` or `id:`")
     if err.validator == "not" and path and path[0] == "variants":
@@ -243,10 +243,11 @@ def _task(ctx: _Ctx, i: int, d: dict[str, Any], base_dir: Path) -> Task:
             raise ctx.error(where + ("scorers", j), f"scorer '{n}' listed twice")
     gen = GenerationConfig(max_new_tokens=d.get("max_new_tokens", 64), stop=tuple(d.get("stop", ())),
                            batch_size=d.get("batch_size", 8))
-    common = {"name", "kind", "data", "scorers", "limit", "max_new_tokens", "stop", "batch_size", "description"}
+    common = {"name", "kind", "data", "scorers", "limit", "max_new_tokens", "stop", "batch_size", "description",
+              "invalid"}
     params = {k: v for k, v in d.items() if k not in common}
     return Task(name=d["name"], kind=kind, data=data, scorers=specs, limit=d.get("limit"), generation=gen,
-                params=params, line=ctx.line(where), index=i)
+                params=params, invalid=d.get("invalid", "loss"), line=ctx.line(where), index=i)
 
 
 def task_metrics(task: Task) -> tuple[str, ...]:
@@ -266,12 +267,16 @@ def _gate(ctx: _Ctx, i: int, d: dict[str, Any], tasks: tuple[Task, ...], variant
         known = task_metrics(by_name[tname])
         if metric not in known:
             raise ctx.error(where + ("metric",), f"task '{tname}' has no metric '{metric}'{did_you_mean(metric, known)}")
+        alone = [k for k in ("max_drop", "max_invalid") if k in d]
+        if alone and len([k for k in ("min", "max", "max_drop", "max_invalid") if k in d]) > 1:
+            raise ctx.error(where + (alone[0],), f"`{alone[0]}` is a gate of its own: give it without other thresholds")
         if "max_drop" in d and d.get("vs", reference) == d.get("variant"):
             raise ctx.error(where, "a max_drop gate compares a variant with another one (`vs:`)")
     vs = d.get("vs", reference if "max_drop" in d else None)
     # a relative gate on a metric is another test than an absolute one: keep their ids apart
-    label = d.get("name") or d.get("check") or (f"{d['metric']}-vs-{vs}" if "max_drop" in d else d["metric"])
+    label = d.get("name") or d.get("check") or (f"{d['metric']}-vs-{vs}" if "max_drop" in d else
+                                                f"{d['metric']}-invalid" if "max_invalid" in d else d["metric"])
     params = {k: d[k] for k in ("max_abs_logit_diff", "min_top1_agreement") if k in d}
     return Gate(id=label, metric=d.get("metric"), variant=d.get("variant"), min=d.get("min"), max=d.get("max"),
-                max_drop=d.get("max_drop"), vs=vs,
+                max_drop=d.get("max_drop"), max_invalid=d.get("max_invalid"), vs=vs,
                 confidence=d.get("confidence"), check=d.get("check"), params=params, line=ctx.line(where))

@@ -64,6 +64,10 @@ class Task:
     limit: int | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     params: Mapping[str, Any] = field(default_factory=dict)  # kind-specific keys, schema-validated
+    # "loss": a candidate's invalid score (unparseable verdict, NaN) counts as the worst score in
+    # paired comparisons, and a metric with no valid score fails the run; "drop": such pairs are
+    # left out (still counted) and an all-invalid metric is only reported
+    invalid: str = "loss"
     line: int | None = None
     index: int = 0  # position in the suite's `tasks:` list, for error paths
 
@@ -82,8 +86,9 @@ class Gate:
     min: float | None = None
     max: float | None = None
     max_drop: float | None = None  # in points (percentage points for proportions)
+    max_invalid: float | None = None  # the share of cases whose score is invalid
     vs: str | None = None
-    confidence: float | None = None  # None: compare point estimates; else non-inferiority on the bound
+    confidence: float | None = None  # None: compare point estimates; else a one-sided bound at this level
     check: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     line: int | None = None

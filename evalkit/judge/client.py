@@ -4,9 +4,13 @@ The judge is treated as the noisy, failing, costly part it is:
 - retries with exponential backoff (and Retry-After) on 429, 5xx, timeouts and connection errors,
   our own loop (the client's max_retries is 0) so every attempt is counted;
 - bounded concurrency (a thread pool of `concurrency` workers);
-- every finished completion is cached at once (keyed by model, full messages and parameters,
-  never the key or the URL), so a rerun costs no calls and an interrupted run resumes;
-- an unparseable verdict is re-asked, then recorded as invalid.
+- a verdict's completions are cached as soon as it is valid, keyed on the endpoint's identity
+  (base URL plus what GET /models says it serves: id, root, parent, content fingerprint), the full
+  messages and parameters, never the key: a rerun costs no calls, an interrupted run resumes, and
+  other weights behind the same URL and name are asked afresh;
+- an unparseable verdict is re-asked, then recorded as invalid and not cached: a rerun asks again;
+- every request carries a seed derived from the request itself, so a seed-honouring endpoint gives
+  the same verdicts on any machine at temperature > 0 (a three-call probe says whether it does).
 The API key is read from the environment when the client is built, kept only inside the openai
 client (never serialized), and redacted from any error text we surface.
 """
@@ -25,8 +29,15 @@ from typing import Any
 from evalkit.cache import Cache
 from evalkit.errors import ConfigError, missing_extra
 from evalkit.judge.verdicts import Verdict, VerdictError, parse_verdict, reask_messages
+from evalkit.types import stable_hash
 
 RESPONSE_FORMATS = ("none", "json_object", "json_schema")
+# what a GET /models entry says about the model it serves; `created` and vLLM's `permission`
+# (a fresh random id per call) vary between calls, so they are not part of the identity
+IDENTITY_FIELDS = ("id", "owned_by", "root", "parent", "fingerprint", "meta")
+SEED_POLICY = ("per request: sha256(messages, sample, attempt, model, temperature, "
+               "max_tokens, response_format), first 8 hex digits masked to 31 bits")
+PROBE = ({"role": "user", "content": "Write ten random words."},)
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,13 @@ class JudgeAuthError(ConfigError):
     """The endpoint refused the key: fatal, every further call would fail the same way."""
 
 
+def endpoint_identity(base_url: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Who answers: the URL and the identifying fields of the model's GET /models entry. Without a
+    `fingerprint` (a content hash, as `evalkit serve` lists) only URL and name are known."""
+    return {"base_url": base_url.rstrip("/"),
+            **{k: entry[k] for k in IDENTITY_FIELDS if entry.get(k) not in (None, "", [], {})}}
+
+
 def _read_key(cfg: JudgeConfig) -> str | None:
     if not cfg.api_key_env:
         return None
@@ -92,7 +110,8 @@ def _openai_module():
 
 class JudgeClient:
     def __init__(self, cfg: JudgeConfig, cache: Cache | None = None, *,
-                 log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep):
+                 log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
+                 identity: Mapping[str, Any] | None = None):
         self.cfg, self.cache, self.log, self._sleep = cfg, cache, log, sleep
         self._key = _read_key(cfg)
         openai = _openai_module()
@@ -100,8 +119,9 @@ class JudgeClient:
         # local servers (vLLM, llama.cpp, evalkit serve) often need no key, but the client wants one
         self._client = openai.OpenAI(base_url=cfg.base_url, api_key=self._key or "none",
                                      timeout=cfg.timeout, max_retries=0)
-        self._lock = threading.Lock()
-        self.stats = {"calls": 0, "cached": 0, "requests": 0, "retries": 0, "errors": 0}
+        self._lock, self._identity_lock = threading.Lock(), threading.Lock()
+        self._identity = dict(identity) if identity is not None else None
+        self.stats = {"calls": 0, "cached": 0, "requests": 0, "retries": 0, "errors": 0, "probe_calls": 0}
 
     def __getstate__(self):  # never pickled along with the key inside the openai client
         raise TypeError("JudgeClient holds a secret and cannot be serialized")
@@ -158,49 +178,63 @@ class JudgeClient:
 
     # ---------------------------------------------------------- completions and verdicts
 
+    def _create(self, messages: Sequence[Mapping[str, str]], seed: int, **extra: Any) -> str:
+        kwargs: dict[str, Any] = {"model": self.cfg.model, "messages": [dict(m) for m in messages],
+                                  "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens,
+                                  "seed": seed, **extra}
+        response = self.with_retries(lambda: self._client.chat.completions.create(**kwargs))
+        return (response.choices[0].message.content or "") if response.choices else ""
+
     def complete(self, messages: Sequence[Mapping[str, str]], *, sample: int = 0, attempt: int = 0,
-                 schema: Mapping[str, Any] | None = None) -> tuple[str, bool]:
-        """One completion's text, from the cache when this exact request was answered before.
-        `sample` (the k-th judge sample) and `attempt` (the n-th re-ask) are in the key so that
-        repeated identical requests are real new calls, each cached on its own."""
-        key = Cache.key("judge", **self.cfg.request_params(), messages=[dict(m) for m in messages],
-                        sample=sample, attempt=attempt)
+                 schema: Mapping[str, Any] | None = None) -> tuple[str, bool, str]:
+        """One completion's text, whether it came from the cache, and its cache key (the caller
+        stores it: `judge` keeps only valid verdicts). `sample` (the k-th judge sample) and
+        `attempt` (the n-th re-ask) are in the key and the seed, so repeated identical requests
+        are real new calls, each with its own seed."""
+        request = {**self.cfg.request_params(), "messages": [dict(m) for m in messages],
+                   "sample": sample, "attempt": attempt}
+        key = Cache.key("judge", **request, endpoint=self.identity)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self._count(cached=1)
-            return hit["text"], True
-        kwargs: dict[str, Any] = {"model": self.cfg.model, "messages": [dict(m) for m in messages],
-                                  "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
+            return hit["text"], True, key
+        extra: dict[str, Any] = {}
         if self.cfg.response_format == "json_object":
-            kwargs["response_format"] = {"type": "json_object"}
+            extra["response_format"] = {"type": "json_object"}
         elif self.cfg.response_format == "json_schema" and schema is not None:
-            kwargs["response_format"] = {"type": "json_schema",
-                                         "json_schema": {"name": "verdict", "schema": dict(schema)}}
-        response = self.with_retries(lambda: self._client.chat.completions.create(**kwargs))
-        text = (response.choices[0].message.content or "") if response.choices else ""
+            extra["response_format"] = {"type": "json_schema",
+                                        "json_schema": {"name": "verdict", "schema": dict(schema)}}
+        # the seed leaves out the URL and evalkit's version: the same on every machine
+        text = self._create(messages, int(stable_hash(request)[:8], 16) & 0x7FFFFFFF, **extra)
         self._count(calls=1)
-        if self.cache is not None:
-            self.cache.put(key, {"text": text})  # committed now: an interrupted run keeps it
-        return text, False
+        return text, False, key
 
     def judge(self, messages: Sequence[Mapping[str, str]], schema: Mapping[str, Any], *, sample: int = 0) -> Verdict:
         """A validated verdict, re-asking after unparseable replies; invalid after the last try.
-        Endpoint failures that outlast the retries give an invalid verdict that is not cached."""
+        Its completions (re-asks included) are cached once it is valid, and never when it stays
+        invalid or the endpoint fails: a rerun asks exactly the invalid items again."""
         calls = cached = 0
         asked, raw, error = list(messages), "", ""
+        fresh: dict[str, Any] = {}
         for attempt in range(self.cfg.invalid_retries + 1):
             try:
-                raw, hit = self.complete(asked, sample=sample, attempt=attempt, schema=schema)
+                raw, hit, key = self.complete(asked, sample=sample, attempt=attempt, schema=schema)
             except JudgeAuthError:
                 raise
             except self._openai.OpenAIError as e:
                 self._count(errors=1)
                 return Verdict(None, raw, f"endpoint error: {self._describe_error(e)}", calls, cached)
             calls, cached = calls + (not hit), cached + hit
+            if not hit:
+                fresh[key] = {"text": raw}
             try:
-                return Verdict(parse_verdict(raw, schema), raw, "", calls, cached)
+                data = parse_verdict(raw, schema)
             except VerdictError as e:
                 error = str(e)
                 asked = reask_messages(messages, raw, error)
+                continue
+            if self.cache is not None:
+                self.cache.put_many(fresh)  # committed now: an interrupted run keeps it
+            return Verdict(data, raw, "", calls, cached)
         return Verdict(None, raw, f"unparseable verdict after {self.cfg.invalid_retries + 1} tries: {error}",
                        calls, cached)
 
@@ -220,19 +254,57 @@ class JudgeClient:
             pool.shutdown(wait=True, cancel_futures=True)
         return results  # type: ignore[return-value]
 
-    # ---------------------------------------------------------- preflight
+    # ---------------------------------------------------------- endpoint identity and seeds
 
-    def list_models(self) -> list[str]:
-        return [m.id for m in self.with_retries(lambda: self._client.models.list(), retries=min(self.cfg.retries, 2))]
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The endpoint's identity (given, else one GET /models on first use): in every cache key.
+        Raises ConfigError when the endpoint does not list the model."""
+        with self._identity_lock:
+            if self._identity is None:
+                entries = self.with_retries(lambda: self._client.models.list(), retries=min(self.cfg.retries, 2))
+                listed = {m.id: m.model_dump() for m in entries}
+                if self.cfg.model not in listed:
+                    close = difflib.get_close_matches(self.cfg.model, listed, n=1)
+                    raise ConfigError(f"model '{self.cfg.model}' is not listed by the judge endpoint "
+                                      f"{self.cfg.base_url} (available: {', '.join(listed) or 'none'})",
+                                      hint=f"did you mean '{close[0]}'?" if close else None)
+                self._identity = endpoint_identity(self.cfg.base_url, listed[self.cfg.model])
+            return self._identity
+
+    def probe_seeds(self) -> str:
+        """Does the endpoint honour `seed` at this temperature? A short request with one seed twice,
+        then with another: "honoured" (same, then different), "ignored" (the same seed differed),
+        or "inconclusive" (nothing varied). Three calls, outside the verdict cache; the answer is
+        cached per endpoint identity and temperature, so a rerun makes no call."""
+        if self.cfg.temperature == 0:
+            return "not needed at temperature 0"
+        key = Cache.key("judge-seed-probe", endpoint=self.identity, temperature=self.cfg.temperature)
+        if self.cache is not None and (hit := self.cache.get(key, count=False)) is not None:
+            return hit["probe"]
+        replies: list[str] = []
+        try:
+            for seed in (1, 1, 2):
+                replies.append(self._create(PROBE, seed, max_tokens=16))
+                self._count(probe_calls=1)
+        except JudgeAuthError:
+            raise
+        except self._openai.OpenAIError as e:
+            return f"failed: {self._describe_error(e)}"
+        a, b, c = replies
+        probe = "ignored" if a != b else "honoured" if a != c else "inconclusive"
+        if self.cache is not None:
+            self.cache.put(key, {"probe": probe})
+        return probe
 
 
-def preflight(cfg: JudgeConfig) -> list[str]:
+def preflight(cfg: JudgeConfig) -> dict[str, Any]:
     """Endpoint reachable, key present and accepted, model listed: else ConfigError (exit 4).
-    Costs one GET /models, no completion. Returns the models the endpoint lists."""
+    Costs one GET /models, no completion. Returns the endpoint's identity (see `endpoint_identity`)."""
     client = JudgeClient(cfg, None, log=lambda _: None)  # raises if the key's variable is unset
     o = client._openai
     try:
-        models = client.list_models()
+        return client.identity
     except JudgeAuthError:
         raise
     except (o.APIConnectionError, o.APITimeoutError) as e:
@@ -244,12 +316,7 @@ def preflight(cfg: JudgeConfig) -> list[str]:
     except o.OpenAIError as e:
         raise ConfigError(f"judge endpoint {cfg.base_url} failed the preflight check "
                           f"({client._describe_error(e)})") from None
-    if cfg.model not in models:
-        close = difflib.get_close_matches(cfg.model, models, n=1)
-        raise ConfigError(f"model '{cfg.model}' is not listed by the judge endpoint {cfg.base_url} "
-                          f"(available: {', '.join(models) or 'none'})",
-                          hint=f"did you mean '{close[0]}'?" if close else None)
-    return models
 
 
-__all__ = ["JudgeConfig", "JudgeClient", "JudgeAuthError", "preflight", "RESPONSE_FORMATS"]
+__all__ = ["JudgeConfig", "JudgeClient", "JudgeAuthError", "endpoint_identity", "preflight",
+           "RESPONSE_FORMATS", "SEED_POLICY"]

@@ -101,16 +101,50 @@ def gate_threshold(g: dict[str, Any]) -> str:
     return f"{kind} {th}" if is_num(g.get("threshold")) else kind
 
 
+def gate_bound(g: dict[str, Any]) -> str:
+    """`upper 95% one-sided bound 4.31 (Tango score)`, or how a gate without `confidence:` decides."""
+    if not is_num(g.get("bound")):
+        return "point estimate" if g.get("kind") in ("min", "max", "max_drop", "max_invalid") else ""
+    level = g.get("confidence")
+    return (f"{g.get('side', '')} {level:.0%} one-sided bound {fmt(g['bound'])}"
+            + (f" ({g['method']})" if g.get("method") else "")) if is_num(level) else f"bound {fmt(g['bound'])}"
+
+
 def gate_numbers(g: dict[str, Any]) -> str:
     """The gate's numbers on one line: what a CI failure message or a pytest failure shows."""
     parts = [f"value {fmt(g.get('value'))}"]
     if is_num(g.get("low")) and is_num(g.get("high")):
-        conf = g.get("confidence")
-        parts.append(f"{fmt_interval(g['low'], g['high'])}" + (f" ({conf:.0%})" if is_num(conf) else ""))
+        conf = g.get("interval_confidence")
+        parts.append(f"{fmt_interval(g['low'], g['high'])}" + (f" ({conf:.0%} two-sided)" if is_num(conf) else ""))
+    if bound := gate_bound(g):
+        parts.append(bound)
+    if g.get("n_invalid"):
+        parts.append(f"{g['n_invalid']} invalid")
     parts.append(f"threshold {gate_threshold(g)}")
     if is_num(g.get("p_value")):
         parts.append(fmt_p_eq(g["p_value"]))
     return ", ".join(parts)
+
+
+def excludes_line(c: dict[str, Any]) -> str:
+    """What a paired comparison rules out: the smallest drop its one-sided bound excludes."""
+    if c.get("excludes_drop") is None:
+        return f"{c['task']}.{c['metric']} {c['variant']} vs {c['vs']}: no valid pairs, nothing ruled out"
+    differ = (f"{c['n_nonzero']} discordant pair{'s' * (c['n_nonzero'] != 1)}" if c["test"] == "tango"
+              else f"{c['n_nonzero']} differing")
+    invalid = f", {c['n_invalid']} invalid" if c.get("n_invalid") else ""
+    return (f"{c['task']}.{c['metric']} {c['variant']} vs {c['vs']}: with {c['n']} cases and {differ}{invalid}, "
+            f"this run excludes a drop of {c['excludes_drop'] * 100:.2f} pts or more at {c['excludes_level']:.0%} "
+            f"({c['method']}, one-sided)")
+
+
+def ruled_out(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The comparisons whose excluded drop is worth a line: those a `max_drop` gate tests, and the canary's."""
+    gated = {(g.get("metric"), g.get("variant"), g.get("vs")) for g in results.get("gates") or []
+             if g.get("kind") == "max_drop"}
+    canary = {t.get("name") for t in results.get("tasks") or [] if t.get("kind") == "mmlu"}
+    return [c for c in results.get("comparisons") or []
+            if (f"{c.get('task')}.{c.get('metric')}", c.get("variant"), c.get("vs")) in gated or c.get("task") in canary]
 
 
 def gate_text(g: dict[str, Any]) -> str:
@@ -145,7 +179,10 @@ class Cell:
     dlow: Any = None
     dhigh: Any = None
     p_value: Any = None
+    p_holm: Any = None
     test: str = ""
+    method: str = ""
+    n_invalid_as_loss: int = 0
     significant: bool = False
 
     @property
@@ -184,6 +221,8 @@ def metric_matrix(results: dict[str, Any]) -> Matrix:
         cell = cells.setdefault((c.get("variant", ""), c.get("task", ""), c.get("metric", "")), Cell())
         cell.delta, cell.dlow, cell.dhigh = c.get("delta"), c.get("low"), c.get("high")
         cell.p_value, cell.test, cell.significant = c.get("p_value"), c.get("test", ""), bool(c.get("significant"))
+        cell.p_holm, cell.method = c.get("p_holm"), c.get("method") or c.get("test", "")
+        cell.n_invalid_as_loss = c.get("n_invalid_as_loss") or 0
     return Matrix(reference_variant(results), columns, variants, cells)
 
 

@@ -64,7 +64,9 @@ def render_html(results: dict[str, Any], samples: Iterable[dict[str, Any]],
         verdict_line=data.verdict_line(results),
         gates=sorted(gates, key=lambda g: bool(g.get("passed"))),  # failures first, order kept otherwise
         failed=[g for g in gates if not g.get("passed")],
-        threshold=data.gate_threshold,
+        threshold=data.gate_threshold, bound=data.gate_bound,
+        n_comparisons=len(results.get("comparisons") or []),
+        ruled_out=[data.excludes_line(c) for c in data.ruled_out(results)],
         baseline=_baseline(results, baseline),
         canaries=[(t.get("name", ""), _subject_chart(t["extras"]["per_subject"], matrix.reference, colors))
                   for t in results.get("tasks") or [] if (t.get("extras") or {}).get("per_subject")],
@@ -260,13 +262,24 @@ def _training(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _task_details(task: dict[str, Any]) -> list[tuple[str, str]]:
     """What a reviewer needs from a task's kind-specific extras; large lists become counts."""
     extras = task.get("extras") or {}
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, str]] = [("invalid scores", "counted as losses" if task.get("invalid", "loss") == "loss"
+                                    else "dropped from comparisons")]
     judge = extras.get("judge")
     if isinstance(judge, dict):
         rows += [(f"judge {k}", str(judge[k])) for k in ("model", "base_url", "calls", "cached", "invalid") if k in judge]
         for key in ("flip_rate", "position_bias_rate"):
             if isinstance(judge.get(key), dict):
                 rows.append((key.replace("_", " "), ", ".join(f"{v}: {fmt(r)}" for v, r in judge[key].items())))
+        endpoint = judge.get("endpoint") if isinstance(judge.get("endpoint"), dict) else {}
+        if endpoint:
+            rows.append(("judge weights", f"fingerprint {str(endpoint.get('fingerprint'))[:12]}"
+                         if judge.get("endpoint_verified") else
+                         "unverified: the endpoint lists no content fingerprint (verdicts cached on URL + name)"))
+        seeds = judge.get("seeds") if isinstance(judge.get("seeds"), dict) else {}
+        if seeds:
+            rows.append(("judge seeds", {True: "honoured: verdicts reproducible",
+                                         False: "IGNORED by the endpoint: sampled verdicts are not reproducible"}
+                         .get(seeds.get("honoured"), str(seeds.get("probe", "")))))
     if isinstance(extras.get("question_ids"), list):
         rows.append(("questions", str(len(extras["question_ids"]))))
     if isinstance(extras.get("seconds_per_question"), dict):

@@ -19,7 +19,7 @@ from evalkit.config.suite import Suite, Task
 from evalkit.context import RunContext, _progress
 from evalkit.errors import ConfigError, NothingToEvaluate, did_you_mean
 from evalkit.judge import verdicts as V
-from evalkit.judge.client import RESPONSE_FORMATS, JudgeClient, JudgeConfig
+from evalkit.judge.client import RESPONSE_FORMATS, SEED_POLICY, JudgeClient, JudgeConfig
 from evalkit.judge.client import preflight as _endpoint_preflight
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.tasks.generation import load_cases
@@ -237,13 +237,14 @@ def run(ctx: RunContext, task: Task) -> TaskResult:
                     a["output_a"] if jt.mode == "pairwise" else a["output"], a.get("output_b"), a.get("target"))
               for a in jt.anchors]
 
-    client = JudgeClient(jt.judge, ctx.cache, log=ctx.log)
+    client = JudgeClient(jt.judge, ctx.cache, log=ctx.log)  # its identity: one GET /models
     flat = [r for it in items for r in it.requests]
     bar = _progress(len(flat), f"judge {task.name}", ctx.progress)
     try:
         found = client.judge_many(flat, on_done=lambda: bar.update(1))
     finally:
         bar.close()
+    probe = client.probe_seeds()
 
     human = {a["id"]: a["human"] for a in jt.anchors}
     index = {c.id: i for i, c in enumerate(cases)}
@@ -269,7 +270,8 @@ def run(ctx: RunContext, task: Task) -> TaskResult:
                                     output=out.text, target=cases[i].target, scores={jt.metric: score},
                                     cached=gen_cached and judge_calls == 0, meta=meta))
 
-    extras = {"judge": _extras(jt, ref if jt.mode == "pairwise" else None, client, found, per_variant, anchor_pairs)}
+    extras = {"judge": {**_extras(jt, ref if jt.mode == "pairwise" else None, client, found, per_variant, anchor_pairs),
+                        **_provenance(client, probe)}}
     j = extras["judge"]
     ctx.log(f"judge {task.name}: {j['calls']} calls, {j['cached']} cached, {j['invalid']} invalid items, "
             f"{j['retries']} retries")
@@ -293,7 +295,7 @@ def _extras(jt: JudgeTask, ref: str | None, client: JudgeClient, found: Sequence
         "mode": jt.mode, "scale": None if jt.mode == "pairwise" else jt.scale if jt.scale == V.PASS_FAIL
         else list(jt.scale), "samples": jt.samples, "aggregate": jt.aggregate, "vs": ref,
         "temperature": jt.judge.temperature, "max_tokens": jt.judge.max_tokens,
-        **client.stats,  # calls (completions made), cached, requests (HTTP attempts), retries, errors
+        **client.stats,  # calls (completions made), cached, requests (HTTP attempts), retries, errors, probe_calls
         "invalid": sum(not s.valid for scores in per_variant.values() for s in scores),
         "invalid_verdicts": sum(not v.valid for v in found),
         "flip_rate": {n: V.rate([s.meta["flip"] for s in valid(n)]) if jt.samples > 1 else None
@@ -302,3 +304,10 @@ def _extras(jt: JudgeTask, ref: str | None, client: JudgeClient, found: Sequence
                                if jt.mode == "pairwise" else {}),
         "anchors": anchors,
     }
+
+
+def _provenance(client: JudgeClient, probe: str) -> dict[str, Any]:
+    """Which endpoint answered (and whether its weights can be told apart), and how it was seeded."""
+    return {"endpoint": client.identity, "endpoint_verified": "fingerprint" in client.identity,
+            "seeds": {"policy": SEED_POLICY, "probe": probe,
+                      "honoured": {"honoured": True, "ignored": False}.get(probe)}}

@@ -35,8 +35,9 @@ PARAMS_SCHEMA: dict[str, Any] = {
         "per_subject": {"type": "integer", "minimum": 1,
                         "description": "questions per subject (default 5 when detect_drop is not given)"},
         "detect_drop": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100,
-                        "description": "size the slice to detect an accuracy drop of this many points "
-                                       "(power calculation for a paired McNemar test)"},
+                        "description": "size the slice for the gate `max_drop: D` (points) at `confidence`: the "
+                                       "fewest questions at which an adapter with no true drop passes it with "
+                                       "`power` (exact power of the paired score test)"},
         "subjects": {"type": ["array", "null"], "items": {"type": "string"}, "uniqueItems": True,
                      "description": "MMLU subjects (e.g. college_biology); default: all 57"},
         "n_shot": {"type": "integer", "minimum": 0, "maximum": 10,
@@ -49,12 +50,13 @@ PARAMS_SCHEMA: dict[str, Any] = {
                            "network), or local hendrycks CSVs / cais-style jsonl or parquet"},
         "seed": {"type": "integer", "description": "slice seed (default: the suite's seed)"},
         "confidence": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
-                       "description": "one-sided confidence for detect_drop sizing (default 0.95)"},
+                       "description": "level of the max_drop gate the slice is sized (or its power note "
+                                      "written) for (default 0.95)"},
         "power": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
-                  "description": "power for detect_drop sizing (default 0.8)"},
+                  "description": "power for the sizing and the power note (default 0.8)"},
         "discordance": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
                         "description": "assumed share of questions whose correctness a fine-tune flips, either "
-                                       "way (default 0.15); only used to size the slice"},
+                                       "way (default 0.15); only used for the sizing and the power note"},
         "batch_size": {"type": "integer", "minimum": 1},
     },
     "not": {"required": ["per_subject", "detect_drop"]},
@@ -396,37 +398,72 @@ def run(ctx, task: Task) -> TaskResult:
         per_subject[lv.name] = per_subject_accuracy({q.id: records[q.id]["correct"] for q in sl.questions},
                                                     sl.questions)
     slice_info = {k: v for k, v in sl.info.items() if k in ("per_subject", "detect_drop", "seed", "power_note",
-                                                             "n", "needed", "confidence", "power", "discordance")}
+                                                             "n", "needed", "confidence", "power", "discordance",
+                                                             "clears_max_drop")}
     result = TaskResult(samples=samples, binary={"accuracy": True}, extras={
         "question_ids": sl.ids, "per_subject": per_subject, "seconds_per_question": seconds_per_question,
         "computed": computed, "source": source, "n_shot": n_shot, "slice": slice_info})
     reference = getattr(ctx.suite, "reference", "base")
-    for line in summary_lines(result, reference=reference if reference in per_subject else None):
+    for line in summary_lines(result, reference=reference if reference in per_subject else None,
+                              levels=gate_levels(ctx.suite, task, reference),
+                              invalid_as_loss=getattr(task, "invalid", "loss") == "loss"):
         ctx.log(line)
     return result
 
 
-def summary_lines(result: TaskResult, *, reference: str | None = "base", confidence: float = 0.95) -> list[str]:
-    """Log view of a canary: accuracy per variant with its interval, the paired delta vs the
-    reference (interval, McNemar p, questions lost and gained). The CLI's summary adds the
-    per-subject table."""
-    from evalkit.stats import paired_compare, wilson
+def gate_levels(suite: Suite, task: Task, reference: str) -> dict[str, float]:
+    """variant -> the level of a `max_drop` gate (with `confidence:`) on this canary's accuracy vs the
+    reference: the level at which the console states the drop a run excludes (else 95%)."""
+    levels: dict[str, float] = {}
+    for g in suite.gates:
+        if (g.metric != f"{task.name}.accuracy" or g.max_drop is None or not g.confidence
+                or (g.vs or reference) != reference):
+            continue
+        for v in [g.variant] if g.variant else [v.name for v in suite.variants if v.name != reference]:
+            levels[v] = max(levels.get(v, 0.0), g.confidence)
+    return levels
 
-    correct: dict[str, dict[str, float]] = {}
+
+def summary_lines(result: TaskResult, *, reference: str | None = "base", confidence: float = 0.95,
+                  levels: Mapping[str, float] | None = None, invalid_as_loss: bool = True) -> list[str]:
+    """Log view of a canary: accuracy per variant with its Wilson interval and, for each variant but
+    the reference, the paired comparison (Tango score interval and p, questions lost, gained and
+    invalid) and the largest drop the run rules out: the one-sided upper bound of the drop at the
+    level of the variant's `max_drop` gate (`levels`, else 95%). The CLI's summary adds the
+    per-subject table."""
+    from evalkit.stats import wilson
+
+    scores: dict[str, dict[str, float | None]] = {}
     for s in result.samples:
-        correct.setdefault(s.variant, {})[s.case_id] = s.scores["accuracy"].value
+        scores.setdefault(s.variant, {})[s.case_id] = s.scores["accuracy"].value
     lines = []
-    for variant, per_case in correct.items():
-        k, n = int(sum(per_case.values())), len(per_case)
+    for variant, per_case in scores.items():
+        valid = [v for v in per_case.values() if v is not None and v == v]
+        k, n = int(sum(valid)), len(valid)
         iv = wilson(k, n, confidence)
         line = (f"canary {variant}: accuracy {100 * iv.value:.1f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}] "
-                f"({k}/{n})")
+                f"({k}/{n}" + (f", {len(per_case) - n} invalid)" if len(per_case) > n else ")"))
         if reference is not None and variant != reference:
-            ref = correct[reference]
-            ids = [i for i in per_case if i in ref]
-            cmp = paired_compare([ref[i] for i in ids], [per_case[i] for i in ids], binary=True,
-                                 confidence=confidence)
-            line += (f"; vs {reference}: {100 * cmp.delta:+.1f} pts [{100 * cmp.low:+.1f}, {100 * cmp.high:+.1f}], "
-                     f"McNemar p={cmp.p_value:.3g} ({cmp.n_ref_only} lost, {cmp.n_cand_only} gained)")
+            line += "; " + _versus(scores[reference], per_case, reference, confidence,
+                                   (levels or {}).get(variant, 0.95), invalid_as_loss)
         lines.append(line)
     return lines
+
+
+def _versus(ref: Mapping[str, float | None], cand: Mapping[str, float | None], reference: str, confidence: float,
+            level: float, invalid_as_loss: bool) -> str:
+    from evalkit.stats import paired_compare
+
+    ids = [i for i in cand if i in ref]
+    cmp = paired_compare([ref[i] for i in ids], [cand[i] for i in ids], binary=True, confidence=confidence,
+                         invalid_as_loss=invalid_as_loss)
+    if cmp.n == 0:
+        return f"vs {reference}: no question answered validly by both ({cmp.n_invalid} invalid)"
+    discordant = int(cmp.n_ref_only + cmp.n_cand_only)
+    # the same number, to the same 0.01 pts, as the run's "excludes" line (report.data.excludes_line)
+    excludes = f"{100 * cmp.upper_drop(level):.2f}"
+    ruled_out = f"excludes a drop of {excludes} pts or more" if float(excludes) < 100 else "excludes no drop"
+    return (f"vs {reference}: {100 * cmp.delta:+.1f} pts [{100 * cmp.low:+.1f}, {100 * cmp.high:+.1f}] "
+            f"({cmp.method}, {confidence:.0%}), p={cmp.p_value:.2g} ({cmp.n_ref_only} lost, {cmp.n_cand_only} "
+            f"gained, {cmp.n_invalid} invalid); with {cmp.n} questions and {discordant} discordant "
+            f"pair{'s' if discordant != 1 else ''} this run {ruled_out} at {level:.0%}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ from evalkit.errors import ConfigError, EvalkitError, did_you_mean
 from evalkit.types import stable_hash
 
 LETTERS = ("A", "B", "C", "D")
-
 
 
 @dataclass(frozen=True)
@@ -245,29 +245,93 @@ def allocate(total: int, capacity: Mapping[str, int]) -> dict[str, int]:
     return counts
 
 
-def detectable_drop(n: int, discordance: float, confidence: float, power: float) -> float:
-    """Smallest accuracy drop (as a proportion) that n paired questions detect: paired_sample_size
-    inverted by bisection, since that function is monotone in the drop."""
-    from evalkit.stats import paired_sample_size
+# Exact power enumerates every (lost, gained) count: its cost grows with the square of the expected
+# number of discordant pairs (n * discordance). Up to this many, sizing a slice takes about a second
+# at most; above it (thousands of questions), a normal approximation of the same score test is used
+# (within about one point of power of the exact value there), and the note says so.
+EXACT_DISCORDANT = 600
+MAX_QUESTIONS = 200_000  # sizing gives up beyond this (MMLU has 14,042 test questions)
 
-    lo, hi = 1e-6, discordance * (1 - 1e-9)
-    if paired_sample_size(hi, discordance, confidence=confidence, power=power) > n:
-        return float("nan")
-    for _ in range(60):
+
+def _exact(n: int, discordance: float) -> bool:
+    return n * discordance <= EXACT_DISCORDANT
+
+
+def _approx_pass_rate(n: int, margin: float, discordance: float, level: float) -> float:
+    """Normal approximation of stats.noninferiority_pass_rate at no true drop (for large n): lost -
+    gained has mean 0 and variance n * discordance, and the score test passes when it falls below
+    n * margin - CONTINUITY - z * sd0, sd0 being the score statistic's null sd at the expected counts."""
+    from statistics import NormalDist
+
+    from evalkit.stats import CONTINUITY, tango_z, z_of
+
+    half = n * discordance / 2
+    z0 = float(tango_z(half, half, n, margin))
+    if n * margin <= CONTINUITY or not z0 < 0:
+        return 0.0
+    sd0 = (CONTINUITY - n * margin) / z0
+    return NormalDist().cdf((n * margin - CONTINUITY - z_of(level) * sd0) / math.sqrt(n * discordance))
+
+
+def clearable_margin(n: int, discordance: float, confidence: float, power: float) -> tuple[float, bool]:
+    """(the smallest `max_drop` margin, as a proportion, that an adapter with no true drop clears at
+    `confidence` with `power` on n questions, exact?)."""
+    from evalkit.stats import smallest_clearable_margin
+
+    if _exact(n, discordance):
+        return smallest_clearable_margin(n, discordance, level=confidence, power=power), True
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
         mid = (lo + hi) / 2
-        if paired_sample_size(mid, discordance, confidence=confidence, power=power) <= n:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+        lo, hi = (mid, hi) if _approx_pass_rate(n, mid, discordance, confidence) < power else (lo, mid)
+    return hi, False
+
+
+def sample_size(margin: float, discordance: float, confidence: float, power: float) -> tuple[int | None, bool]:
+    """(the fewest questions at which an adapter with no true drop clears `max_drop: margin` at
+    `confidence` with `power`, exact?); None when more than MAX_QUESTIONS would be needed."""
+    from evalkit.stats import noninferiority_sample_size
+
+    n_exact = max(8, int(EXACT_DISCORDANT / discordance))
+    try:
+        return noninferiority_sample_size(margin, discordance, level=confidence, power=power, n_max=n_exact), True
+    except ValueError as e:
+        if "would be needed" not in str(e):
+            raise
+    lo, hi = n_exact, MAX_QUESTIONS
+    if _approx_pass_rate(hi, margin, discordance, confidence) < power:
+        return None, False
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _approx_pass_rate(mid, margin, discordance, confidence) >= power else (mid, hi)
+    return hi, False
+
+
+def _points_up(margin: float) -> str:
+    """A margin in points, rounded UP to 0.1 (rounding down would claim a margin it cannot clear)."""
+    return f"{math.ceil(round(1000 * margin, 6)) / 10:.1f}"
+
+
+def _can_clear(n: int, discordance: float, confidence: float, power: float) -> tuple[str, float | None]:
+    """What n questions can do, in words, and the margin in points (None: no margin below 100)."""
+    margin, exact = clearable_margin(n, discordance, confidence, power)
+    if margin > 0.999:
+        return (f"too few for an adapter with no true drop to clear any `max_drop` at {confidence:.0%} with "
+                f"{power:.0%} power"), None
+    return (f"an adapter with no true drop clears `max_drop: {_points_up(margin)}` at {confidence:.0%} with "
+            f"{power:.0%} power ({'exact' if exact else 'normal approximation'}, assuming {discordance:.0%} "
+            "of answers change)"), float(_points_up(margin))
 
 
 def plan_slice(loaded: Loaded, *, subjects: Sequence[str] | None = None, per_subject: int | None = None,
                detect_drop: float | None = None, n_shot: int = 0, seed: int = 0, confidence: float = 0.95,
                power: float = 0.8, discordance: float = 0.15,
                log: Callable[[str], None] | None = None) -> CanarySlice:
-    """Choose the slice (stratified, seeded) and the k-shot examples; size it from `per_subject` or
-    from a power calculation for `detect_drop` points. Every sizing caveat goes to info['power_note']."""
+    """Choose the slice (stratified, seeded) and the k-shot examples; size it from `per_subject`, or
+    for `detect_drop: D`: the fewest questions at which an adapter with no true drop clears the
+    non-inferiority gate `max_drop: D` at `confidence` with `power`, assuming a share `discordance`
+    of answers change (exact power over every (lost, gained) count). Every sizing caveat goes to
+    info['power_note']."""
     pools: dict[str, list[Question]] = {}
     for q in loaded.questions:
         pools.setdefault(q.subject, []).append(q)
@@ -281,29 +345,27 @@ def plan_slice(loaded: Loaded, *, subjects: Sequence[str] | None = None, per_sub
     info: dict[str, Any] = {"seed": seed, "subjects": len(chosen)}
     notes: list[str] = []
     if detect_drop is not None:
-        from evalkit.stats import paired_sample_size
-
-        drop = detect_drop / 100
-        if not drop < discordance:
-            raise ConfigError(
-                f"detect_drop {detect_drop:g} points cannot be sized with discordance {discordance:g}: a drop "
-                f"of {detect_drop:g} points needs at least {detect_drop:g}% of questions to change answer, more "
-                "than the assumed share of discordant pairs", path="detect_drop",
-                hint="raise `discordance` (the share of questions a fine-tune flips, default 0.15) "
-                     "or lower `detect_drop`, or give `per_subject` instead")
-        needed = paired_sample_size(drop, discordance, confidence=confidence, power=power)
-        counts = allocate(needed, capacity)
+        if not 0 < detect_drop < 100:
+            raise ConfigError(f"detect_drop must be between 0 and 100 points, got {detect_drop:g}",
+                              path="detect_drop")
+        needed, exact = sample_size(detect_drop / 100, discordance, confidence, power)
+        available = sum(capacity.values())
+        counts = allocate(available if needed is None else needed, capacity)
         total = sum(counts.values())
-        notes.append(f"detect_drop {detect_drop:g} pts at {confidence:.0%} one-sided confidence and {power:.0%} "
-                     f"power, assuming {discordance:.0%} discordant questions (paired McNemar, Connor 1987): "
-                     f"{needed} questions needed")
-        if total < needed:
-            best = detectable_drop(total, discordance, confidence, power)
-            notes.append(f"only {total} questions available in the chosen subjects; at that size the smallest "
-                         f"detectable drop is about {100 * best:.1f} pts" if best == best else
-                         f"only {total} questions available: too few to detect any drop at this power")
+        how = f"{'exact' if exact else 'normal approximation'}, assuming {discordance:.0%} of answers change"
+        gate = f"`max_drop: {detect_drop:g}` at {confidence:.0%} with {power:.0%} power"
+        if needed is not None and total == needed:
+            notes.append(f"detect_drop {detect_drop:g}: {needed} questions, the fewest at which an adapter with no "
+                         f"true drop clears {gate} ({how})")
+            clears = detect_drop
+        else:
+            wanted = f"{needed} questions" if needed is not None else f"more than {MAX_QUESTIONS} questions"
+            words, margin = _can_clear(total, discordance, confidence, power)
+            notes.append(f"detect_drop {detect_drop:g}: {wanted} needed for an adapter with no true drop to clear "
+                         f"{gate} ({how}); the chosen subjects have {total}, all taken: with them " + words)
+            clears = margin
         info.update(detect_drop=detect_drop, confidence=confidence, power=power, discordance=discordance,
-                    needed=needed)
+                    needed=needed, clears_max_drop=clears)
     else:
         per_subject = 5 if per_subject is None else per_subject
         counts = {s: min(per_subject, capacity[s]) for s in chosen}
@@ -312,13 +374,10 @@ def plan_slice(loaded: Loaded, *, subjects: Sequence[str] | None = None, per_sub
         if capped:
             notes.append(f"{len(capped)} subject(s) have fewer than {per_subject} questions to spare and give "
                          f"all they have ({', '.join(capped[:3])}{', ...' if len(capped) > 3 else ''})")
-        best = detectable_drop(total, discordance, confidence, power)
-        notes.append(f"{total} questions detect a drop of about {100 * best:.1f} pts at {confidence:.0%} "
-                     f"one-sided confidence and {power:.0%} power, assuming {discordance:.0%} discordant "
-                     "questions" if best == best else
-                     f"{total} questions are too few to detect a drop at {power:.0%} power, assuming "
-                     f"{discordance:.0%} discordant questions")
-        info["per_subject"] = per_subject
+        words, margin = _can_clear(total, discordance, confidence, power)
+        notes.append(f"{total} question{'s' if total != 1 else ''}: {words}")
+        info.update(per_subject=per_subject, confidence=confidence, power=power, discordance=discordance,
+                    clears_max_drop=margin)
     info["n"] = total
     info["power_note"] = "; ".join(notes)
     if log is not None:

@@ -1,0 +1,150 @@
+"""Calibration of evalkit's gates: how often each gate kind passes when the true effect sits exactly
+on its threshold (a gate "at 95%" must pass at most ~5% of the time there), beside the method it
+replaced, and what that costs in power.
+
+- binary `max_drop: D, confidence: c`: exact, by enumeration over every (lost, gained) count of n
+  paired 0/1 outcomes (the gate as gates.py runs it: stats.noninferiority_pass_rate). The old
+  percentile bootstrap is enumerated over the same outcomes, its resampling simulated (seeded).
+- binary `min: p0, confidence: c` (and by symmetry `max:`): exact, over every success count.
+- graded `max_drop`: seeded simulation through stats.paired_compare (bounded: --reps per cell).
+
+    python bench/bench_verdicts.py [--reps 400]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+
+import numpy as np
+
+from evalkit import stats
+from evalkit.stats import _pair_pmf, noninferiority_pass_rate, paired_compare, wilson
+
+NS = (50, 114, 300)
+DISCORDANCE = (0.02, 0.05, 0.15, 0.30)
+DROPS = (0.02, 0.05, 0.10)
+THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98)
+
+
+def old_bootstrap_pass_rate(n: int, margin: float, psi: float, true_drop: float, level: float = 0.95,
+                            n_boot: int = 2000) -> float:
+    """The replaced gate: percentile bootstrap of the paired mean difference. Resampling n pairs
+    of a binary table is a multinomial draw of (lost, gained), so each outcome costs one vector."""
+    b, c, p = _pair_pmf(n, (psi + true_drop) / 2, (psi - true_drop) / 2)
+    keep = p > 1e-9
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for bi, ci, pi in zip(b[keep], c[keep], p[keep]):
+        draws = rng.multinomial(n, [bi / n, ci / n, 1 - (bi + ci) / n], size=n_boot)
+        bound = np.quantile((draws[:, 0] - draws[:, 1]) / n, level)
+        total += pi * (bound < margin)
+    return total
+
+
+def binary_max_drop(level: float) -> tuple[list[str], tuple]:
+    rows, worst = [], (0.0,)
+    for n, psi in itertools.product(NS, DISCORDANCE):
+        cells = []
+        for d in DROPS:
+            if d > psi:
+                cells.append(f"{'-':>22}")
+                continue
+            new = noninferiority_pass_rate(n, d, psi, level=level, true_drop=d)
+            old = old_bootstrap_pass_rate(n, d, psi, d, level)
+            power = noninferiority_pass_rate(n, d, psi, level=level)
+            worst = max(worst, (new, n, psi, d))
+            cells.append(f"{100 * new:5.2f} ({100 * old:5.1f}) {100 * power:5.1f}")
+        rows.append(f"  n={n:<4} {100 * psi:4.0f}%  " + " ".join(cells))
+    return rows, worst
+
+
+def binary_min(level: float) -> tuple[list[str], tuple]:
+    from scipy.stats import binom  # bench only
+
+    rows, worst = [], (0.0,)
+    for n in NS:
+        ks = np.arange(n + 1)
+        new_low = np.array([wilson(int(k), n, 2 * level - 1).low for k in ks])
+        old_low = np.array([wilson(int(k), n, 0.95).low for k in ks])  # replaced: always two-sided 95%
+        cells = []
+        for p0 in THRESHOLDS:
+            pmf = binom.pmf(ks, n, p0)
+            new, old = pmf[new_low >= p0].sum(), pmf[old_low >= p0].sum()
+            worst = max(worst, (new, n, p0))
+            cells.append(f"{100 * new:5.2f} ({100 * old:5.2f})")
+        rows.append(f"  n={n:<4} " + " ".join(cells))
+    return rows, worst
+
+
+def graded_max_drop(reps: int, level: float = 0.95) -> tuple[list[str], tuple]:
+    """Differences are 0 for a share 1 - psi of cases, else +-U(0.5, 1) with the signs' balance
+    set so that the true mean drop is exactly D (cells with D > 0.75 psi are impossible)."""
+    rows, worst = [], (0.0,)
+    z = stats.z_of(level)
+    for n, psi in itertools.product(NS, DISCORDANCE):
+        cells = []
+        for d in DROPS:
+            if d > 0.75 * psi:
+                cells.append(f"{'-':>14}")
+                continue
+            p_neg = (1 + d / (0.75 * psi)) / 2  # E[d | nonzero] = -0.75 (2 p_neg - 1) = -d / psi
+            rng = np.random.default_rng(hash((n, psi, d)) % 2**32)
+            new = old = 0
+            for _ in range(reps):
+                nz = rng.random(n) < psi
+                mag = rng.uniform(0.5, 1.0, n)
+                diff = np.where(nz, np.where(rng.random(n) < p_neg, -mag, mag), 0.0)
+                ref = np.full(n, 1.0)
+                cmp = paired_compare(ref.tolist(), (ref + diff).tolist(), binary=False)
+                new += cmp.upper_drop(level) < d
+                boot = diff[rng.integers(0, n, size=(2000, n))].mean(axis=1)
+                old += -np.quantile(boot, 1 - level) < d
+            rate = new / reps
+            worst = max(worst, (rate, n, psi, d))
+            cells.append(f"{100 * rate:5.1f} ({100 * old / reps:5.1f})")
+        rows.append(f"  n={n:<4} {100 * psi:4.0f}%  " + " ".join(cells))
+    se = math.sqrt(0.05 * 0.95 / reps) * 100
+    rows.append(f"  (simulation: {reps} runs per cell; a true 5% reads 5 +- {2 * se:.1f} in 95% of benches; z={z:.3f})")
+    return rows, worst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=400, help="simulated runs per graded cell")
+    args = ap.parse_args()
+    t0 = time.time()
+    print(f"evalkit gate calibration (continuity correction {stats.CONTINUITY}); pass rate % when the truth "
+          "sits exactly on the threshold: at most 100 - level is the promise\n")
+
+    print("binary max_drop, confidence 0.95 (exact): pass % at true drop = D  (replaced percentile bootstrap)  "
+          "power % at true drop 0")
+    print("  n    discord  " + " ".join(f"{f'D={100 * d:g} pts':>22}" for d in DROPS))
+    rows, w_drop = binary_max_drop(0.95)
+    print("\n".join(rows))
+
+    for level in (0.8, 0.95, 0.99):
+        print(f"\nbinary min, confidence {level} (exact): pass % at true rate = threshold  "
+              f"(replaced: two-sided 95% Wilson whatever the level)")
+        print("  n        " + " ".join(f"{f'min {p0:g}':>15}" for p0 in THRESHOLDS))
+        rows, w = binary_min(level)
+        print("\n".join(rows))
+        if level == 0.95:
+            w_min = w
+
+    print(f"\ngraded max_drop, confidence 0.95 (simulated): pass % at true drop = D  (replaced percentile bootstrap)")
+    print("  n    nonzero  " + " ".join(f"{f'D={100 * d:g} pts':>14}" for d in DROPS))
+    rows, w_graded = graded_max_drop(args.reps)
+    print("\n".join(rows))
+
+    print(f"\nworst cell, binary max_drop at 95%: {100 * w_drop[0]:.2f}% (n={w_drop[1]}, discordance "
+          f"{100 * w_drop[2]:g}%, D={100 * w_drop[3]:g})")
+    print(f"worst cell, binary min at 95%:      {100 * w_min[0]:.2f}% (n={w_min[1]}, threshold {w_min[2]:g})")
+    print(f"worst cell, graded max_drop at 95%: {100 * w_graded[0]:.1f}% (n={w_graded[1]}, nonzero "
+          f"{100 * w_graded[2]:g}%, D={100 * w_graded[3]:g}; simulated)")
+    print(f"({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
