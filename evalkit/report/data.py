@@ -127,15 +127,22 @@ def gate_numbers(g: dict[str, Any]) -> str:
 
 
 def excludes_line(c: dict[str, Any]) -> str:
-    """What a paired comparison rules out: the smallest drop its one-sided bound excludes."""
-    if c.get("excludes_drop") is None:
-        return f"{c['task']}.{c['metric']} {c['variant']} vs {c['vs']}: no valid pairs, nothing ruled out"
+    """What a paired comparison rules out: the smallest drop its one-sided upper bound excludes
+    (rounded up to 0.01 pts, so the line never claims more than the bound)."""
+    head = f"{c['task']}.{c['metric']} {c['variant']} vs {c['vs']}"
+    if not is_num(c.get("excludes_drop")):
+        return f"{head}: no valid pairs, nothing ruled out"
     differ = (f"{c['n_nonzero']} discordant pair{'s' * (c['n_nonzero'] != 1)}" if c["test"] == "tango"
               else f"{c['n_nonzero']} differing")
     invalid = f", {c['n_invalid']} invalid" if c.get("n_invalid") else ""
-    return (f"{c['task']}.{c['metric']} {c['variant']} vs {c['vs']}: with {c['n']} cases and {differ}{invalid}, "
-            f"this run excludes a drop of {c['excludes_drop'] * 100:.2f} pts or more at {c['excludes_level']:.0%} "
-            f"({c['method']}, one-sided)")
+    bound, level = math.ceil(round(c["excludes_drop"] * 1e4, 6)) / 100, f"{c['excludes_level']:.0%}"
+    if bound >= 100:
+        what = f"rules out no drop at {level}"
+    elif bound <= 0:
+        what = f"rules out any drop at {level}: {c['variant']} is at least {-bound:.2f} pts better"
+    else:
+        what = f"excludes a drop of {bound:.2f} pts or more at {level}"
+    return f"{head}: with {c['n']} cases and {differ}{invalid}, this run {what} ({c['method']}, one-sided)"
 
 
 def ruled_out(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -403,67 +403,24 @@ def run(ctx, task: Task) -> TaskResult:
     result = TaskResult(samples=samples, binary={"accuracy": True}, extras={
         "question_ids": sl.ids, "per_subject": per_subject, "seconds_per_question": seconds_per_question,
         "computed": computed, "source": source, "n_shot": n_shot, "slice": slice_info})
-    reference = getattr(ctx.suite, "reference", "base")
-    for line in summary_lines(result, reference=reference if reference in per_subject else None,
-                              levels=gate_levels(ctx.suite, task, reference),
-                              invalid_as_loss=getattr(task, "invalid", "loss") == "loss"):
+    for line in summary_lines(result):
         ctx.log(line)
     return result
 
 
-def gate_levels(suite: Suite, task: Task, reference: str) -> dict[str, float]:
-    """variant -> the level of a `max_drop` gate (with `confidence:`) on this canary's accuracy vs the
-    reference: the level at which the console states the drop a run excludes (else 95%)."""
-    levels: dict[str, float] = {}
-    for g in suite.gates:
-        if (g.metric != f"{task.name}.accuracy" or g.max_drop is None or not g.confidence
-                or (g.vs or reference) != reference):
-            continue
-        for v in [g.variant] if g.variant else [v.name for v in suite.variants if v.name != reference]:
-            levels[v] = max(levels.get(v, 0.0), g.confidence)
-    return levels
-
-
-def summary_lines(result: TaskResult, *, reference: str | None = "base", confidence: float = 0.95,
-                  levels: Mapping[str, float] | None = None, invalid_as_loss: bool = True) -> list[str]:
-    """Log view of a canary: accuracy per variant with its Wilson interval and, for each variant but
-    the reference, the paired comparison (Tango score interval and p, questions lost, gained and
-    invalid) and the largest drop the run rules out: the one-sided upper bound of the drop at the
-    level of the variant's `max_drop` gate (`levels`, else 95%). The CLI's summary adds the
-    per-subject table."""
+def summary_lines(result: TaskResult, *, confidence: float = 0.95) -> list[str]:
+    """Log view of a canary: accuracy per variant with its Wilson interval. The comparisons with the
+    reference, and the drop each rules out, follow the run (from the record: cli.print_summary)."""
     from evalkit.stats import wilson
 
-    scores: dict[str, dict[str, float | None]] = {}
+    scores: dict[str, list[float | None]] = {}
     for s in result.samples:
-        scores.setdefault(s.variant, {})[s.case_id] = s.scores["accuracy"].value
+        scores.setdefault(s.variant, []).append(s.scores["accuracy"].value)
     lines = []
-    for variant, per_case in scores.items():
-        valid = [v for v in per_case.values() if v is not None and v == v]
+    for variant, values in scores.items():
+        valid = [v for v in values if v is not None and v == v]
         k, n = int(sum(valid)), len(valid)
         iv = wilson(k, n, confidence)
-        line = (f"canary {variant}: accuracy {100 * iv.value:.1f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}] "
-                f"({k}/{n}" + (f", {len(per_case) - n} invalid)" if len(per_case) > n else ")"))
-        if reference is not None and variant != reference:
-            line += "; " + _versus(scores[reference], per_case, reference, confidence,
-                                   (levels or {}).get(variant, 0.95), invalid_as_loss)
-        lines.append(line)
+        lines.append(f"canary {variant}: accuracy {100 * iv.value:.1f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}] "
+                     f"({k}/{n}" + (f", {len(values) - n} invalid)" if len(values) > n else ")"))
     return lines
-
-
-def _versus(ref: Mapping[str, float | None], cand: Mapping[str, float | None], reference: str, confidence: float,
-            level: float, invalid_as_loss: bool) -> str:
-    from evalkit.stats import paired_compare
-
-    ids = [i for i in cand if i in ref]
-    cmp = paired_compare([ref[i] for i in ids], [cand[i] for i in ids], binary=True, confidence=confidence,
-                         invalid_as_loss=invalid_as_loss)
-    if cmp.n == 0:
-        return f"vs {reference}: no question answered validly by both ({cmp.n_invalid} invalid)"
-    discordant = int(cmp.n_ref_only + cmp.n_cand_only)
-    # the same number, to the same 0.01 pts, as the run's "excludes" line (report.data.excludes_line)
-    excludes = f"{100 * cmp.upper_drop(level):.2f}"
-    ruled_out = f"excludes a drop of {excludes} pts or more" if float(excludes) < 100 else "excludes no drop"
-    return (f"vs {reference}: {100 * cmp.delta:+.1f} pts [{100 * cmp.low:+.1f}, {100 * cmp.high:+.1f}] "
-            f"({cmp.method}, {confidence:.0%}), p={cmp.p_value:.2g} ({cmp.n_ref_only} lost, {cmp.n_cand_only} "
-            f"gained, {cmp.n_invalid} invalid); with {cmp.n} questions and {discordant} discordant "
-            f"pair{'s' if discordant != 1 else ''} this run {ruled_out} at {level:.0%}")
