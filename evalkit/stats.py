@@ -18,6 +18,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
@@ -160,10 +161,21 @@ def mean_bound(values: Sequence[float | None], level: float, *, side: str, binar
             raise ValueError(f"a one-sided bound needs a level above 0.5, got {level}")
         iv = wilson(int(x.sum()), len(x), 2 * level - 1)
         return iv.low if side == "lower" else iv.high
-    mean, se, t = _bootstrap_t(x)
-    if side == "lower":
-        return mean - _quantile(t, level, upper=True) * se
-    return mean - _quantile(t, 1 - level, upper=False) * se
+    return _t_bound(*_bootstrap_t(x), level, side, *_score_range(x))
+
+
+def _t_bound(mean: float, se: float, t: np.ndarray, level: float, side: str, lo: float, hi: float) -> float:
+    """The studentized bootstrap's one-sided bound on a mean, mean - t*_q * se, kept within the range
+    the mean can take [lo, hi] (a small sample's t* can be infinite: a resample with no spread)."""
+    q = _quantile(t, level, upper=True) if side == "lower" else _quantile(t, 1 - level, upper=False)
+    return float(min(hi, max(lo, mean - q * se)))
+
+
+def _score_range(x: np.ndarray, *, difference: bool = False) -> tuple[float, float]:
+    """Where a mean of scores can lie: [0, 1] (a Score's range), or [-1, 1] for paired differences,
+    widened to the data when a scorer says otherwise."""
+    lo, hi = (-1.0 if difference else 0.0), 1.0
+    return min(lo, float(x.min())), max(hi, float(x.max()))
 
 
 def metric_interval(values: Sequence[float | None], *, binary: bool, confidence: float = 0.95) -> Interval:
@@ -175,9 +187,10 @@ def metric_interval(values: Sequence[float | None], *, binary: bool, confidence:
         return wilson(int(x.sum()), len(x), confidence)
     if len(x) == 0:
         return Interval(_NAN, _NAN, _NAN, 0, "bootstrap-t", confidence)
-    level = _one_sided(confidence)
-    return Interval(float(x.mean()), mean_bound(x, level, side="lower", binary=False),
-                    mean_bound(x, level, side="upper", binary=False), len(x), "bootstrap-t", confidence)
+    level, boot = _one_sided(confidence), _bootstrap_t(x)
+    span = _score_range(x)
+    return Interval(boot[0], _t_bound(*boot, level, "lower", *span), _t_bound(*boot, level, "upper", *span), len(x),
+                    "bootstrap-t", confidence)
 
 
 # ------------------------------------------------------------ paired proportions (Tango 1998)
@@ -285,7 +298,7 @@ class PairedComparison:
     n_invalid_as_loss: int = 0  # of those, candidate-invalid pairs scored as the worst value
     p_exact: float | None = None  # binary: exact McNemar, the classic "any change" p
     n_nonzero: int = 0  # pairs whose scores differ
-    # graded: (mean of d, its se, sorted t*, summed losses, summed gains) for bounds at any level
+    # graded: (mean of d, its se, sorted t*, summed losses, summed gains, range of d) for bounds at any level
     _graded: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -296,27 +309,23 @@ class PairedComparison:
 
     def upper_drop(self, level: float) -> float:
         """Upper one-sided bound on the drop (reference - candidate) at `level`; NaN without pairs."""
-        check_level(level)
-        if self.n == 0:
-            return _NAN
-        if self._graded is None:
-            return tango_upper_drop(self.n_ref_only, self.n_cand_only, self.n, level)
-        mean, se, t, losses, gains = self._graded
-        bound = _quantile(t, level, upper=True) * se - mean
-        if self.n_nonzero < FEW_NONZERO:
-            bound = max(bound, tango_upper_drop(losses, gains, self.n, level))
-        return bound
+        return self._drop_bound(level, upper=True)
 
     def lower_drop(self, level: float) -> float:
+        return self._drop_bound(level, upper=False)
+
+    def _drop_bound(self, level: float, *, upper: bool) -> float:
         check_level(level)
         if self.n == 0:
             return _NAN
+        score_bound = tango_upper_drop if upper else tango_lower_drop
         if self._graded is None:
-            return tango_lower_drop(self.n_ref_only, self.n_cand_only, self.n, level)
-        mean, se, t, losses, gains = self._graded
-        bound = _quantile(t, 1 - level, upper=False) * se - mean
-        if self.n_nonzero < FEW_NONZERO:
-            bound = min(bound, tango_lower_drop(losses, gains, self.n, level))
+            return score_bound(self.n_ref_only, self.n_cand_only, self.n, level)
+        mean, se, t, losses, gains, span = self._graded
+        bound = -_t_bound(mean, se, t, level, "lower" if upper else "upper", *span)  # drop = -mean difference
+        if self.n_nonzero < FEW_NONZERO:  # the floor: never tighter than the score bound
+            floor = score_bound(losses, gains, self.n, level)
+            bound = max(bound, floor) if upper else min(bound, floor)
         return bound
 
 
@@ -355,24 +364,23 @@ def paired_compare(reference: Sequence[float | None], candidate: Sequence[float 
         return PairedComparison(_NAN, _NAN, _NAN, 1.0, "bootstrap-t", 0, **common)
     mean, se, t = _bootstrap_t(d)
     losses, gains = float(-d[d < 0].sum()), float(d[d > 0].sum())
-    probe = PairedComparison(mean, _NAN, _NAN, 1.0, "bootstrap-t", n, **common,
-                             _graded=(mean, se, t, losses, gains))
-    low, high = -probe.upper_drop(level), -probe.lower_drop(level)
-    return PairedComparison(mean, low, high, _bootstrap_p(mean, se, t, probe, losses, gains), "bootstrap-t", n,
-                            **common, _graded=(mean, se, t, losses, gains))
+    cmp = PairedComparison(mean, _NAN, _NAN, 1.0, "bootstrap-t", n, **common,
+                           _graded=(mean, se, t, losses, gains, _score_range(d, difference=True)))
+    return dataclasses.replace(cmp, low=-cmp.upper_drop(level), high=-cmp.lower_drop(level),
+                               p_value=_bootstrap_p(cmp))
 
 
-def _bootstrap_p(mean: float, se: float, t: np.ndarray, probe: PairedComparison, losses: float,
-                 gains: float) -> float:
+def _bootstrap_p(cmp: PairedComparison) -> float:
     """Two-sided bootstrap-t p of "no change" (inverts the same t* as the interval); with few
     nonzero differences, at least the score p of the summed losses and gains (as the floor)."""
+    mean, se, t, losses, gains, _ = cmp._graded
     if mean == 0:
         return 1.0
     t_obs = mean / se if se > 0 else math.copysign(math.inf, mean)
     tail = min(np.count_nonzero(t >= t_obs), np.count_nonzero(t <= t_obs))
     p = min(1.0, 2 * (1 + tail) / (1 + len(t)))
-    if probe.n_nonzero < FEW_NONZERO:
-        p = max(p, tango_p(losses, gains, probe.n))
+    if cmp.n_nonzero < FEW_NONZERO:
+        p = max(p, tango_p(losses, gains, cmp.n))
     return p
 
 

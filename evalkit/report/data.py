@@ -106,7 +106,8 @@ def gate_bound(g: dict[str, Any]) -> str:
     if not is_num(g.get("bound")):
         return "point estimate" if g.get("kind") in ("min", "max", "max_drop", "max_invalid") else ""
     level = g.get("confidence")
-    return (f"{g.get('side', '')} {level:.0%} one-sided bound {fmt(g['bound'])}"
+    unit = " pts of drop" if g.get("kind") == "max_drop" else ""
+    return (f"{g.get('side', '')} {level:.0%} one-sided bound {fmt(g['bound'])}{unit}"
             + (f" ({g['method']})" if g.get("method") else "")) if is_num(level) else f"bound {fmt(g['bound'])}"
 
 
