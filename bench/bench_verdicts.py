@@ -8,7 +8,7 @@ replaced, and what that costs in power.
 - binary `min: p0, confidence: c` (and by symmetry `max:`): exact, over every success count.
 - graded `max_drop`: seeded simulation through stats.paired_compare (bounded: --reps per cell).
 
-    python bench/bench_verdicts.py [--reps 400]
+    python bench/bench_verdicts.py [--reps 1000]
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def graded_max_drop(reps: int, level: float = 0.95) -> tuple[list[str], tuple]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=400, help="simulated runs per graded cell")
+    ap.add_argument("--reps", type=int, default=1000, help="simulated runs per graded cell")
     args = ap.parse_args()
     t0 = time.time()
     print(f"evalkit gate calibration (continuity correction {stats.CONTINUITY}); pass rate % when the truth "
