@@ -5,7 +5,8 @@ replaced, and what that costs in power.
 - binary `max_drop: D, confidence: c`: exact, by enumeration over every (lost, gained) count of n
   paired 0/1 outcomes (the gate as gates.py runs it: stats.noninferiority_pass_rate). The old
   percentile bootstrap is enumerated over the same outcomes, its resampling simulated (seeded).
-- binary `min: p0, confidence: c` (and by symmetry `max:`): exact, over every success count.
+- binary `min: p0, confidence: c` (and by symmetry `max:`): exact, over every success count; the
+  Clopper-Pearson bound cannot exceed its level, and the table shows by how much it stays under.
 - graded `max_drop`: seeded simulation through stats.paired_compare (bounded: --reps per cell).
 
     python bench/bench_verdicts.py [--reps 1000]
@@ -20,7 +21,7 @@ import time
 import numpy as np
 
 from evalkit import stats
-from evalkit.stats import _pair_pmf, noninferiority_pass_rate, paired_compare, wilson
+from evalkit.stats import _pair_pmf, clopper_pearson, noninferiority_pass_rate, paired_compare
 
 NS = (50, 114, 300)
 DISCORDANCE = (0.02, 0.05, 0.15, 0.30)
@@ -41,6 +42,13 @@ def old_bootstrap_pass_rate(n: int, margin: float, psi: float, true_drop: float,
         bound = np.quantile((draws[:, 0] - draws[:, 1]) / n, level)
         total += pi * (bound < margin)
     return total
+
+
+def old_wilson_low(k: int, n: int, z: float = 1.959964) -> float:
+    """The replaced `min:` bound: the uncorrected two-sided 95% Wilson interval, whatever the level."""
+    p = k / n
+    center, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (center - half) / (1 + z * z / n))
 
 
 def binary_max_drop(level: float) -> tuple[list[str], tuple]:
@@ -66,8 +74,8 @@ def binary_min(level: float) -> tuple[list[str], tuple]:
     rows, worst = [], (0.0,)
     for n in NS:
         ks = np.arange(n + 1)
-        new_low = np.array([wilson(int(k), n, 2 * level - 1).low for k in ks])
-        old_low = np.array([wilson(int(k), n, 0.95).low for k in ks])  # replaced: always two-sided 95%
+        new_low = np.array([clopper_pearson(int(k), n, 2 * level - 1).low for k in ks])
+        old_low = np.array([old_wilson_low(int(k), n) for k in ks])
         cells = []
         for p0 in THRESHOLDS:
             pmf = binom.pmf(ks, n, p0)
@@ -115,7 +123,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1000, help="simulated runs per graded cell")
     args = ap.parse_args()
     t0 = time.time()
-    print(f"evalkit gate calibration (continuity correction {stats.CONTINUITY}); pass rate % when the truth "
+    print(f"evalkit gate calibration (Tango continuity correction {stats.CONTINUITY}); pass rate % when the truth "
           "sits exactly on the threshold: at most 100 - level is the promise\n")
 
     print("binary max_drop, confidence 0.95 (exact): pass % at true drop = D  (replaced percentile bootstrap)  "

@@ -75,7 +75,8 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
         for g in gates:
             print(f"    {'PASS' if g['passed'] else 'FAIL'}  {g['id']:<40} {g['message']}")
     if any(c["significant"] for c in results["comparisons"]):
-        print(f"\n  * significant at 5% after Holm's adjustment over the run's {len(results['comparisons'])} comparisons")
+        print(f"\n  * significant at 5% after Holm's adjustment over the run's "
+              f"{len(results['comparisons'])} comparisons")
     n_fail = sum(not g["passed"] for g in gates)
     verdict = "PASS" if results["verdict"] == "pass" else "FAIL"
     print(f"\n{verdict}: {len(gates) - n_fail} passed, {n_fail} failed   (run folder: {run_dir})")

@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Any, Callable, Mapping
 
 from evalkit.config.suite import Gate, Suite, Task, Variant
-from evalkit.stats import PairedComparison, mean_bound, metric_interval, wilson
+from evalkit.stats import PairedComparison, clopper_pearson, mean_bound, metric_interval
 
 # Graded point estimates are means of floats: equal to a threshold up to summation rounding.
 GRADED_TOLERANCE = 1e-9
@@ -143,7 +143,7 @@ def _min_max(gate: Gate, variant: str, s: Scores | None) -> dict[str, Any]:
                 "message": f"no valid results for {gate.metric} on variant '{variant}'{n_inv}"}
     valid = s.valid
     iv = metric_interval(valid, binary=s.binary)
-    method = "Wilson" if s.binary else "bootstrap-t"
+    method = "Clopper-Pearson" if s.binary else "bootstrap-t"
     parts, verdicts, bound = [], [], None
     for side, limit in (("lower", gate.min), ("upper", gate.max)):
         if limit is None:
@@ -180,10 +180,10 @@ def _max_invalid(gate: Gate, variant: str, s: Scores | None) -> dict[str, Any]:
     k, n = s.n_invalid, len(s.values)
     out |= {"value": k / n, "n": n, "n_invalid": k}
     if gate.confidence is not None:
-        bound = wilson(k, n, 2 * gate.confidence - 1).high
+        bound = clopper_pearson(k, n, 2 * gate.confidence - 1).high
         passed = bound <= gate.max_invalid
-        how = f"upper {gate.confidence:.0%} one-sided bound (Wilson) {_fmt(bound)}"
-        out |= {"bound": bound, "side": "upper", "method": "Wilson"}
+        how = f"upper {gate.confidence:.0%} one-sided bound (Clopper-Pearson) {_fmt(bound)}"
+        out |= {"bound": bound, "side": "upper", "method": "Clopper-Pearson"}
     else:
         passed, how = Fraction(k, n) <= exact(gate.max_invalid), f"{_fmt(k / n)}"
     msg = (f"{gate.metric} {variant}: {k} of {n} scores invalid; invalid rate {how} "

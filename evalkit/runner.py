@@ -246,7 +246,8 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
                 v = score.value
                 values[(tname, metric, s.variant)][s.case_id] = None if v is None or v != v else v  # NaN is invalid
             samples.append(_sample_record(s))
-    scores = {k: Scores(tuple(per_case.values()), results[k[0]].binary.get(k[1], False)) for k, per_case in values.items()}
+    scores = {k: Scores(tuple(per_case.values()), results[k[0]].binary.get(k[1], False))
+              for k, per_case in values.items()}
     metrics: dict[tuple[str, str, str], dict[str, Any]] = {}
     for (tname, metric, variant), sc in scores.items():
         iv = metric_interval(sc.valid, binary=sc.binary)

@@ -2,7 +2,7 @@
 
 Conventions:
 - A score of None or NaN is invalid. Intervals use the valid values; `n` counts them.
-- Binary (0/1) metrics: Wilson score bounds for a proportion; Tango's score test and interval for
+- Binary (0/1) metrics: exact (Clopper-Pearson) bounds for a proportion; Tango's score test and interval for
   the difference of paired proportions (closed form in n, lost, gained: no resampling). The
   interval, the p-value and every non-inferiority bound come from the same score statistic, so
   they never contradict one another. Exact McNemar is kept beside it as the classic "any change" p.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
@@ -32,11 +32,11 @@ _NAN = float("nan")
 # memory stays bounded for large suites while each block is still one vectorized numpy call.
 _BLOCK = 1 << 22
 N_BOOT = 4000
-# A continuity correction (in units of one case) on every score statistic. Without one, the
-# Wilson and Tango bounds err up to 1.7x and 1.4x their nominal rate at some (n, p); Yates' 0.5
-# is conservative (the 1-lost-of-114 bound rises from 3.84 to 4.51 pts); 0.35 keeps the
-# Tango gate within its level across n = 20..1000 and the Wilson bound within 1.23x at n = 20,
-# 1.0x from n = 50 (bench/bench_verdicts.py enumerates both).
+# A continuity correction (in units of one case) on Tango's score statistic. Without one, the
+# max_drop gate errs up to 1.4x its nominal rate at some (n, discordance, margin); Yates' 0.5 is
+# conservative (the 1-lost-of-114 bound rises from 3.84 to 4.51 pts); 0.35 keeps it within its
+# level over n = 20..1000, discordance 1-50%, margins 1-20 pts, levels 0.9-0.99, enumerated exactly
+# (bench/bench_verdicts.py prints the issue's grid).
 CONTINUITY = 0.35
 # Below this many nonzero paired differences a graded bound is floored by the score bound.
 FEW_NONZERO = 10
@@ -82,32 +82,47 @@ def content_seed(x: np.ndarray) -> int:
 
 @dataclass(frozen=True)
 class Interval:
-    value: float  # the mean (for Wilson: the observed proportion)
+    value: float  # the mean (the observed proportion for 0/1 values)
     low: float
     high: float
     n: int
-    method: str  # "wilson" | "bootstrap-t"
+    method: str  # "clopper-pearson" | "bootstrap-t"
     confidence: float = 0.95  # two-sided
 
 
-def wilson(successes: int, n: int, confidence: float = 0.95) -> Interval:
-    """Two-sided Wilson score interval with a continuity correction (Newcombe 1998, method 4, with
-    CONTINUITY in place of Yates' 1/2): sane at 0/n and n/n, and each end holds its one-sided level."""
+def clopper_pearson(successes: int, n: int, confidence: float = 0.95) -> Interval:
+    """Two-sided exact (Clopper-Pearson) interval for a binomial proportion: each end is the
+    one-sided bound at (1 + confidence) / 2 and errs at most at that level for every n and p (a
+    score bound errs up to 1.8x its level near p = 0 or 1 on small n)."""
     check_level(confidence)
     if not 0 <= successes <= n:
         raise ValueError(f"need 0 <= successes <= n, got {successes}/{n}")
     if n == 0:
-        return Interval(_NAN, _NAN, _NAN, 0, "wilson", confidence)
-    # each end solves |k -+ c - n p0| = z sqrt(n p0 (1 - p0)) for p0, with k = successes, c = CONTINUITY
-    z, c = z_of(_one_sided(confidence)), CONTINUITY
+        return Interval(_NAN, _NAN, _NAN, 0, "clopper-pearson", confidence)
+    alpha = 1 - _one_sided(confidence)
+    # P(X >= k | p) rises with p: the lower end is where it reaches alpha, the upper where P(X <= k) falls to it
+    low = 0.0 if successes == 0 else _solve_p(lambda p: _binom_tail(successes, n, p) - alpha)
+    high = 1.0 if successes == n else _solve_p(lambda p: alpha - (1 - _binom_tail(successes + 1, n, p)))
+    return Interval(successes / n, low, high, n, "clopper-pearson", confidence)
 
-    def root(k: float, sign: int) -> float:
-        disc = z * z + 4 * k * (1 - k / n)
-        return (2 * k + z * z + sign * z * math.sqrt(max(disc, 0.0))) / (2 * (n + z * z))
-    low = 0.0 if successes == 0 else root(successes - c, -1)
-    high = 1.0 if successes == n else root(successes + c, +1)
-    p = successes / n
-    return Interval(p, max(0.0, low), min(1.0, high), n, "wilson", confidence)
+
+def _log_factorials(n: int) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+
+
+def _binom_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (no scipy; no underflow)."""
+    j, lf = np.arange(k, n + 1), _log_factorials(n)
+    return float(np.exp(lf[n] - lf[j] - lf[n - j] + j * math.log(p) + (n - j) * math.log1p(-p)).sum())
+
+
+def _solve_p(f: Callable[[float], float]) -> float:
+    """The root in (0, 1) of an increasing f, by bisection to float precision."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return (lo + hi) / 2
 
 
 def _bootstrap_t(x: np.ndarray, n_boot: int = N_BOOT) -> tuple[float, float, np.ndarray]:
@@ -147,7 +162,7 @@ def _quantile(sorted_t: np.ndarray, q: float, *, upper: bool) -> float:
 def mean_bound(values: Sequence[float | None], level: float, *, side: str, binary: bool) -> float:
     """One-sided bound on the mean at `level`: "lower" (the mean is at least this) or "upper".
 
-    Binary: the Wilson bound (the end of the two-sided Wilson interval at 2 * level - 1).
+    Binary: the exact (Clopper-Pearson) bound, the end of the two-sided interval at 2 * level - 1.
     Graded: the studentized bootstrap bound. NaN when there is no valid value."""
     check_level(level)
     if side not in ("lower", "upper"):
@@ -159,7 +174,7 @@ def mean_bound(values: Sequence[float | None], level: float, *, side: str, binar
         _check_binary(x)
         if level <= 0.5:
             raise ValueError(f"a one-sided bound needs a level above 0.5, got {level}")
-        iv = wilson(int(x.sum()), len(x), 2 * level - 1)
+        iv = clopper_pearson(int(x.sum()), len(x), 2 * level - 1)
         return iv.low if side == "lower" else iv.high
     return _t_bound(*_bootstrap_t(x), level, side, *_score_range(x))
 
@@ -179,12 +194,12 @@ def _score_range(x: np.ndarray, *, difference: bool = False) -> tuple[float, flo
 
 
 def metric_interval(values: Sequence[float | None], *, binary: bool, confidence: float = 0.95) -> Interval:
-    """Two-sided interval on the mean of the valid values: Wilson (binary) or bootstrap-t."""
+    """Two-sided interval on the mean of the valid values: Clopper-Pearson (binary) or bootstrap-t."""
     check_level(confidence)
     x = valid_values(values)
     if binary:
         _check_binary(x)
-        return wilson(int(x.sum()), len(x), confidence)
+        return clopper_pearson(int(x.sum()), len(x), confidence)
     if len(x) == 0:
         return Interval(_NAN, _NAN, _NAN, 0, "bootstrap-t", confidence)
     level, boot = _one_sided(confidence), _bootstrap_t(x)
@@ -405,7 +420,7 @@ def _pair_pmf(n: int, lost_p: float, gained_p: float) -> tuple[np.ndarray, np.nd
     b, c = b.ravel(), c.ravel()
     keep = b + c <= n
     b, c = b[keep], c[keep]
-    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    log_fact = _log_factorials(n)
 
     def xlogp(k: np.ndarray, p: float) -> np.ndarray:
         return np.where(k == 0, 0.0, k * math.log(p)) if p > 0 else np.where(k == 0, 0.0, -np.inf)

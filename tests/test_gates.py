@@ -10,7 +10,7 @@ import pytest
 from evalkit.config.suite import Gate, Suite, Task, Variant
 from evalkit.gates import Scores, evaluate_gate, evaluate_gates
 from evalkit.models.base import BaseSpec
-from evalkit.stats import holm, paired_compare, tango_upper_drop, wilson
+from evalkit.stats import clopper_pearson, holm, paired_compare, tango_upper_drop
 
 
 def scores(values, binary=True, key=("t", "m", "lora")):
@@ -56,10 +56,10 @@ def test_confidence_sets_the_level_of_the_one_sided_bound(side):
     results = {c: evaluate_gate(gate(**{side: 0.5}, confidence=c), "lora", scores(values), {}, [])
                for c in (0.8, 0.95, 0.99)}
     for c, r in results.items():
-        two_sided = wilson(40, 50, 2 * c - 1)
+        two_sided = clopper_pearson(40, 50, 2 * c - 1)
         assert r["bound"] == (two_sided.low if side == "min" else two_sided.high)
-        assert r["side"] == ("lower" if side == "min" else "upper") and r["method"] == "Wilson"
-        assert f"{c:.0%} one-sided bound (Wilson)" in r["message"]
+        assert r["side"] == ("lower" if side == "min" else "upper") and r["method"] == "Clopper-Pearson"
+        assert f"{c:.0%} one-sided bound (Clopper-Pearson)" in r["message"]
     assert len({r["bound"] for r in results.values()}) == 3
 
 
@@ -151,7 +151,7 @@ def test_max_invalid_point_and_bound():
     assert evaluate_gate(gate(max_invalid=0.1), "lora", s, {}, [])["passed"]  # 5/50 == 0.1
     assert not evaluate_gate(gate(max_invalid=0.09), "lora", s, {}, [])["passed"]
     r = evaluate_gate(gate(max_invalid=0.15, confidence=0.95), "lora", s, {}, [])
-    assert not r["passed"] and r["bound"] == wilson(5, 50, 0.9).high and r["n_invalid"] == 5
+    assert not r["passed"] and r["bound"] == clopper_pearson(5, 50, 0.9).high and r["n_invalid"] == 5
 
 
 def _suite(invalid: str, gates=()) -> Suite:

@@ -12,7 +12,7 @@ from evalkit.config.suite import Suite, Task, Variant
 from evalkit.errors import ConfigError
 from evalkit.models.base import BaseSpec, ResolvedBase
 from evalkit.stats import (noninferiority_pass_rate, noninferiority_sample_size, smallest_clearable_margin,
-                           tango_lower_drop, tango_upper_drop, wilson)
+                           tango_lower_drop, tango_upper_drop, clopper_pearson)
 from evalkit.tasks import mmlu, mmlu_data
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.tasks.mmlu_data import LETTERS, Question, allocate, load_questions, plan_slice
@@ -295,7 +295,7 @@ def test_summary_lines_give_accuracy_with_invalid_counted():
     base = [1.0] * 23 + [0.0] * 91
     lora = [1.0] * 22 + [0.0] * 92
     assert mmlu.summary_lines(_canary_result(base, lora)) == [
-        "canary base: accuracy 20.2% [13.6, 28.8] (23/114)", "canary lora: accuracy 19.3% [12.8, 27.8] (22/114)"]
+        "canary base: accuracy 20.2% [13.2, 28.7] (23/114)", "canary lora: accuracy 19.3% [12.5, 27.7] (22/114)"]
     lines = mmlu.summary_lines(_canary_result([1.0, 1.0, 0.0, 1.0], [1.0, None, 0.0, 1.0]))
     assert lines[1].endswith("(2/3, 1 invalid)")
 
@@ -361,7 +361,7 @@ def test_noninferiority_gate_negligible_passes_damaging_fails(tmp_path, embedded
     logs: list[str] = []
     run = evaluate(suite, out=tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False, log=logs.append)
     n = len(questions)
-    assert n == 40 and f"canary base: accuracy 100.0% [{100 * wilson(n, n).low:.1f}, 100.0] ({n}/{n})" in logs
+    assert n == 40 and f"canary base: accuracy 100.0% [{100 * clopper_pearson(n, n).low:.1f}, 100.0] ({n}/{n})" in logs
     gates = {g["variant"]: g for g in run.results["gates"]}
     assert gates["tiny"]["passed"], gates["tiny"]["message"]
     assert not gates["wreck"]["passed"], gates["wreck"]["message"]

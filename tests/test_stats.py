@@ -11,42 +11,46 @@ import pytest
 from scipy.stats import binomtest, multinomial
 
 import evalkit.stats as S
-from evalkit.stats import (holm, mcnemar_exact, mean_bound, metric_interval, noninferiority_pass_rate,
-                           noninferiority_sample_size, paired_compare, smallest_clearable_margin, tango_p,
-                           tango_upper_drop, tango_z, wilson)
+from evalkit.stats import (clopper_pearson, holm, mcnemar_exact, mean_bound, metric_interval,
+                           noninferiority_pass_rate, noninferiority_sample_size, paired_compare,
+                           smallest_clearable_margin, tango_p, tango_upper_drop, tango_z)
 
 
 def z(level):
     return NormalDist().inv_cdf(level)
 
 
-# ------------------------------------------------------------------------------------ Wilson
+# --------------------------------------------------------------------------- one proportion
 
-def test_wilson_with_yates_correction_is_newcombes_method_4(monkeypatch):
-    # Newcombe (1998), Stat Med 17:857, table I: method 4 (Yates' 1/2) and method 3 (no correction)
-    for cc, expected in ((0.5, (0.2535, 0.3682)), (0.0, (0.2553, 0.3662))):
-        monkeypatch.setattr(S, "CONTINUITY", cc)
-        iv = wilson(81, 263)
-        assert (round(iv.low, 4), round(iv.high, 4)) == expected
-
-
-@pytest.mark.parametrize("k, n, conf", [(8, 10, 0.95), (1, 114, 0.9), (49, 50, 0.99), (30, 300, 0.6)])
-def test_wilson_ends_solve_the_corrected_score_equation(k, n, conf):
-    iv, c, zz = wilson(k, n, conf), S.CONTINUITY, z((1 + conf) / 2)
-    for p0, shifted in ((iv.low, k - c), (iv.high, k + c)):
-        assert abs(shifted - n * p0) == pytest.approx(zz * math.sqrt(n * p0 * (1 - p0)), rel=1e-9)
+@pytest.mark.parametrize("k, n, conf", [(81, 263, 0.95), (0, 20, 0.95), (20, 20, 0.9), (1, 114, 0.9), (5, 50, 0.99)])
+def test_clopper_pearson_matches_scipy(k, n, conf):
+    iv = clopper_pearson(k, n, conf)
+    ref = binomtest(k, n).proportion_ci(confidence_level=conf, method="exact")
+    assert (iv.low, iv.high) == (pytest.approx(ref.low, abs=1e-10), pytest.approx(ref.high, abs=1e-10))
 
 
-def test_wilson_edges():
-    assert wilson(0, 20).low == 0.0 and wilson(20, 20).high == 1.0
-    assert math.isnan(wilson(0, 0).value) and wilson(0, 0).n == 0
+@pytest.mark.parametrize("n", [20, 50, 114])
+def test_exact_lower_bound_never_errs_above_its_level(n):
+    """Where score bounds fail (thresholds near 0 or 1 on few cases): a `min:` gate at 95% passes at
+    most 5% of the time when the true rate sits on its threshold, whatever the threshold."""
+    from scipy.stats import binom
+
+    ks = np.arange(n + 1)
+    lows = np.array([mean_bound([1] * k + [0] * (n - k), 0.95, side="lower", binary=True) for k in ks])
+    for p0 in np.linspace(0.01, 0.99, 99):
+        assert binom.pmf(ks, n, p0)[lows >= p0].sum() <= 0.05 + 1e-12
+
+
+def test_clopper_pearson_edges():
+    assert clopper_pearson(0, 20).low == 0.0 and clopper_pearson(20, 20).high == 1.0
+    assert math.isnan(clopper_pearson(0, 0).value) and clopper_pearson(0, 0).n == 0
     with pytest.raises(ValueError):
-        wilson(11, 10)
+        clopper_pearson(11, 10)
 
 
 def test_one_sided_bound_is_the_two_sided_end_at_2c_minus_1_and_moves_with_the_level():
     values = [1] * 40 + [0] * 10
-    assert mean_bound(values, 0.95, side="lower", binary=True) == wilson(40, 50, 0.90).low
+    assert mean_bound(values, 0.95, side="lower", binary=True) == clopper_pearson(40, 50, 0.90).low
     bounds = [mean_bound(values, c, side="lower", binary=True) for c in (0.6, 0.8, 0.95, 0.99)]
     assert bounds == sorted(bounds, reverse=True) and len(set(bounds)) == 4
     with pytest.raises(ValueError, match="above 0.5"):
@@ -161,7 +165,7 @@ def test_graded_interval_covers_the_true_delta():
 
 
 def test_metric_interval_methods():
-    assert metric_interval([1, 0, 1, 1, 1, 1, 1, 1, None, 1, 0], binary=True) == wilson(8, 10)
+    assert metric_interval([1, 0, 1, 1, 1, 1, 1, 1, None, 1, 0], binary=True) == clopper_pearson(8, 10)
     assert metric_interval([0.1, 0.5, 0.9], binary=False).method == "bootstrap-t"
     assert math.isnan(metric_interval([], binary=True).value)
     with pytest.raises(ValueError):

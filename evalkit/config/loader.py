@@ -118,7 +118,8 @@ def _schema_error(ctx: _Ctx, data: Any) -> ConfigError | None:
     if err.validator == "required":
         return ctx.error(path, err.message.replace("is a required property", "is required"))
     if err.validator in ("oneOf", "anyOf") and path and path[0] == "gates":
-        return ctx.error(path, "a gate needs `metric:` with `min:`, `max:`, `max_drop:` or `max_invalid:`, or a `check:`")
+        return ctx.error(path, "a gate needs `metric:` with `min:`, `max:`, `max_drop:` or `max_invalid:`, "
+                               "or a `check:`")
     if err.validator == "oneOf" and path == ("base",):
         return ctx.error(path, "base needs exactly one of `gguf:`, `path:` or `id:`")
     if err.validator == "not" and path and path[0] == "variants":

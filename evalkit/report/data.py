@@ -152,7 +152,8 @@ def ruled_out(results: dict[str, Any]) -> list[dict[str, Any]]:
              if g.get("kind") == "max_drop"}
     canary = {t.get("name") for t in results.get("tasks") or [] if t.get("kind") == "mmlu"}
     return [c for c in results.get("comparisons") or []
-            if (f"{c.get('task')}.{c.get('metric')}", c.get("variant"), c.get("vs")) in gated or c.get("task") in canary]
+            if (f"{c.get('task')}.{c.get('metric')}", c.get("variant"), c.get("vs")) in gated
+            or c.get("task") in canary]
 
 
 def gate_text(g: dict[str, Any]) -> str:

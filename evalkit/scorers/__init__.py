@@ -21,7 +21,7 @@ class ScorerDef:
     name: str
     fn: Callable[..., Any]
     primary: str | None = None  # param filled by the shorthand `{name: value}`
-    binary: bool = True  # values are 0/1: Wilson intervals and Tango paired tests apply
+    binary: bool = True  # values are 0/1: exact intervals and Tango paired tests apply
     path_params: frozenset[str] = field(default_factory=frozenset)  # YAML value is a JSON file path
 
     def params(self) -> dict[str, inspect.Parameter]:

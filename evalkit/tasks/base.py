@@ -27,5 +27,5 @@ class SampleResult:
 @dataclass
 class TaskResult:
     samples: list[SampleResult]
-    binary: dict[str, bool]  # metric name -> True when values are 0/1 (Wilson, Tango)
+    binary: dict[str, bool]  # metric name -> True when values are 0/1 (Clopper-Pearson, Tango)
     extras: dict[str, Any] = field(default_factory=dict)  # kind-specific, into results.json tasks[].extras

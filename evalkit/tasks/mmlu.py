@@ -409,9 +409,9 @@ def run(ctx, task: Task) -> TaskResult:
 
 
 def summary_lines(result: TaskResult, *, confidence: float = 0.95) -> list[str]:
-    """Log view of a canary: accuracy per variant with its Wilson interval. The comparisons with the
+    """Log view of a canary: accuracy per variant with its exact interval. The comparisons with the
     reference, and the drop each rules out, follow the run (from the record: cli.print_summary)."""
-    from evalkit.stats import wilson
+    from evalkit.stats import clopper_pearson
 
     scores: dict[str, list[float | None]] = {}
     for s in result.samples:
@@ -420,7 +420,7 @@ def summary_lines(result: TaskResult, *, confidence: float = 0.95) -> list[str]:
     for variant, values in scores.items():
         valid = [v for v in values if v is not None and v == v]
         k, n = int(sum(valid)), len(valid)
-        iv = wilson(k, n, confidence)
+        iv = clopper_pearson(k, n, confidence)
         lines.append(f"canary {variant}: accuracy {100 * iv.value:.1f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}] "
                      f"({k}/{n}" + (f", {len(values) - n} invalid)" if len(values) > n else ")"))
     return lines
