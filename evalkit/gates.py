@@ -144,7 +144,7 @@ def _min_max(gate: Gate, variant: str, s: Scores | None) -> dict[str, Any]:
     valid = s.valid
     iv = metric_interval(valid, binary=s.binary)
     method = "Clopper-Pearson" if s.binary else "bootstrap-t"
-    parts, verdicts, bound = [], [], None
+    parts, verdicts = [], []  # verdicts: (kind, threshold, passed, bound or None)
     for side, limit in (("lower", gate.min), ("upper", gate.max)):
         if limit is None:
             continue
@@ -154,17 +154,19 @@ def _min_max(gate: Gate, variant: str, s: Scores | None) -> dict[str, Any]:
             ok = v >= limit if at_least else v <= limit
             what = f"{side} {gate.confidence:.0%} one-sided bound ({method}) {_fmt(v)}"
         elif s.binary:  # k / n against the threshold as written, in exact fractions
+            bound = None
             ok = (Fraction(int(sum(valid)), len(valid)) >= exact(limit) if at_least
                   else Fraction(int(sum(valid)), len(valid)) <= exact(limit))
             what = f"{_fmt(iv.value)}"
         else:
+            bound = None
             ok = iv.value >= limit - GRADED_TOLERANCE if at_least else iv.value <= limit + GRADED_TOLERANCE
             what = f"{_fmt(iv.value)}"
         op = (">=" if ok else "<") if at_least else ("<=" if ok else ">")
         parts.append(f"{what} {op} {'min' if at_least else 'max'} {limit:g}")
-        verdicts.append(("min" if at_least else "max", limit, ok))
+        verdicts.append(("min" if at_least else "max", limit, ok, bound))
     failed = [v for v in verdicts if not v[2]]
-    kind, threshold, _ = (failed or verdicts)[0]
+    kind, threshold, _, bound = (failed or verdicts)[0]  # the record shows the failing side, if any
     msg = (f"{gate.metric} {variant} = {_fmt(iv.value)} [{_fmt(iv.low)}, {_fmt(iv.high)}] "
            f"(n={iv.n}, {s.n_invalid} invalid); " + "; ".join(parts))
     return {"kind": kind, "threshold": threshold, "value": iv.value, "low": iv.low, "high": iv.high,

@@ -199,3 +199,9 @@ def test_the_record_states_the_drop_each_comparison_rules_out_at_its_gates_level
     assert "rules out no drop at 95%" in excludes_line(lost_all)
     # Holm: the markers account for every comparison of the run
     assert [r["p_holm"] for r in records] == pytest.approx(holm([r["p_value"] for r in records]))
+
+
+def test_both_sides_with_confidence_record_the_failing_sides_bound():
+    r = evaluate_gate(gate(min=0.5, max=0.7, confidence=0.95), "lora", scores([1] * 40 + [0] * 10), {}, [])
+    assert not r["passed"] and r["kind"] == "max" and r["side"] == "upper"
+    assert r["bound"] == clopper_pearson(40, 50, 0.9).high
