@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from evalkit.runlog import RunLog
 
 _RUNS = pytest.StashKey["_Runs"]()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("evalkit", "evalkit gates as tests")
     group.addoption("--evalkit", action="append", default=[], metavar="SUITE",
@@ -168,8 +170,8 @@ class GateItem(pytest.Item):
         self._missing(run.results)
 
     def _missing(self, results: dict[str, Any]) -> None:
-        """A gate the run did not record: fine for a check that does not apply to this variant, else a
-        failure (a skip would pass CI for a gate nothing evaluated)."""
+        """A gate the run did not record fails (a skip would pass CI for a gate nothing evaluated);
+        items exist only for the variants a gate applies to (gates.gate_targets)."""
         from evalkit.report.data import gate_text
 
         orphans = [g for g in results.get("gates") or []

@@ -245,66 +245,30 @@ def allocate(total: int, capacity: Mapping[str, int]) -> dict[str, int]:
     return counts
 
 
-# Exact power enumerates every (lost, gained) count: its cost grows with the square of the expected
-# number of discordant pairs (n * discordance). Up to this many, sizing a slice takes about a second
-# at most; above it (thousands of questions), a normal approximation of the same score test is used
-# (within about one point of power of the exact value there), and the note says so.
-EXACT_DISCORDANT = 600
 MAX_QUESTIONS = 200_000  # sizing gives up beyond this (MMLU has 14,042 test questions)
-
-
-def _exact(n: int, discordance: float) -> bool:
-    return n * discordance <= EXACT_DISCORDANT
-
-
-def _approx_pass_rate(n: int, margin: float, discordance: float, level: float) -> float:
-    """Normal approximation of stats.noninferiority_pass_rate at no true drop (for large n): lost -
-    gained has mean 0 and variance n * discordance, and the score test passes when it falls below
-    n * margin - CONTINUITY - z * sd0, sd0 being the score statistic's null sd at the expected counts."""
-    from statistics import NormalDist
-
-    from evalkit.stats import CONTINUITY, tango_z, z_of
-
-    half = n * discordance / 2
-    z0 = float(tango_z(half, half, n, margin))
-    if n * margin <= CONTINUITY or not z0 < 0:
-        return 0.0
-    sd0 = (CONTINUITY - n * margin) / z0
-    return NormalDist().cdf((n * margin - CONTINUITY - z_of(level) * sd0) / math.sqrt(n * discordance))
 
 
 def clearable_margin(n: int, discordance: float, confidence: float, power: float) -> tuple[float, bool]:
     """(the smallest `max_drop` margin, as a proportion, that an adapter with no true drop clears at
     `confidence` with `power` on n questions, exact?)."""
-    from evalkit.stats import smallest_clearable_margin
+    from evalkit.stats import power_is_exact, smallest_clearable_margin
 
-    if _exact(n, discordance):
-        return smallest_clearable_margin(n, discordance, level=confidence, power=power), True
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _approx_pass_rate(n, mid, discordance, confidence) < power else (lo, mid)
-    return hi, False
+    return (smallest_clearable_margin(n, discordance, level=confidence, power=power),
+            power_is_exact(n, discordance))
 
 
 def sample_size(margin: float, discordance: float, confidence: float, power: float) -> tuple[int | None, bool]:
     """(the fewest questions at which an adapter with no true drop clears `max_drop: margin` at
     `confidence` with `power`, exact?); None when more than MAX_QUESTIONS would be needed."""
-    from evalkit.stats import noninferiority_sample_size
+    from evalkit.stats import noninferiority_sample_size, power_is_exact
 
-    n_exact = max(8, int(EXACT_DISCORDANT / discordance))
     try:
-        return noninferiority_sample_size(margin, discordance, level=confidence, power=power, n_max=n_exact), True
+        n = noninferiority_sample_size(margin, discordance, level=confidence, power=power, n_max=MAX_QUESTIONS)
     except ValueError as e:
         if "would be needed" not in str(e):
             raise
-    lo, hi = n_exact, MAX_QUESTIONS
-    if _approx_pass_rate(hi, margin, discordance, confidence) < power:
         return None, False
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if _approx_pass_rate(mid, margin, discordance, confidence) >= power else (mid, hi)
-    return hi, False
+    return n, power_is_exact(n, discordance)
 
 
 def _points_up(margin: float) -> str:
