@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo judge-demo test browser bench clean
+.PHONY: setup demo judge-demo lint test browser bench clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# Lint before the tests: CI runs `make lint test`.
+lint: setup
+	$(BIN)/ruff check evalkit trainers tests bench
 
 test: setup browser
 	$(BIN)/python -m pytest -q

@@ -59,7 +59,7 @@ def bare_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
 def naive_process(args: argparse.Namespace) -> None:
     """One of the K separate processes of (a): load base, generate base, attach one adapter, generate."""
     t0 = time.perf_counter()
-    import torch  # noqa: F401
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -92,8 +92,8 @@ class _BaseView:
         self.model, self.info, self.adapter_name = model, None, None
 
     def active(self):
-        from evalkit.context import LoadedVariant
         from evalkit.config.suite import Variant
+        from evalkit.context import LoadedVariant
 
         return LoadedVariant(Variant("base"), self.model, None, None, "").active()
 

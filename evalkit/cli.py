@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted; finished work is cached: rerun the same command to resume")
         code = ExitCode.INTERRUPTED
-    except Exception:  # noqa: BLE001 - a bug: say so, with the traceback for the report
+    except Exception:
         traceback.print_exc()
         _err("internal error (this is a bug in evalkit; please report it with the traceback above)")
         code = ExitCode.INTERNAL_ERROR

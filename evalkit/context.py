@@ -114,7 +114,7 @@ class RunContext:
     progress: bool = True
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-variant cost counters
     models: dict[str, Any] = field(default_factory=dict)  # "full" | "nf4" | "int8" -> the one instance of each
-    loader: Callable[["RunContext"], None] | None = None  # loads the models and binds every variant's
+    loader: Callable[[RunContext], None] | None = None  # loads the models and binds every variant's
 
     def ensure_models(self) -> None:
         """Load the base and attach every adapter, once, when the first result the cache cannot
@@ -145,7 +145,7 @@ class RunContext:
         self.models[quantize or "full"] = attach_adapter(self.model_for(quantize), name, info)
         return self.models[quantize or "full"]
 
-    def attach_twin(self, lv: "LoadedVariant", quantize: str | None) -> "LoadedVariant":
+    def attach_twin(self, lv: LoadedVariant, quantize: str | None) -> LoadedVariant:
         """An unmerged twin of a merged variant, attached to the shared base (not scored). peft
         injects the adapter into that base in place, so call it only after scoring (post-checks)."""
         name = f"{lv.name}~unmerged"

@@ -9,9 +9,10 @@ rounded floats) and within GRADED_TOLERANCE otherwise.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from evalkit.config.suite import Gate, Suite, Task, Variant
 from evalkit.stats import PairedComparison, clopper_pearson, mean_bound, metric_interval

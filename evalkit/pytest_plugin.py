@@ -9,8 +9,9 @@ pytest and the standard library are imported here; evalkit itself is imported in
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -45,7 +46,7 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 
 
 @pytest.fixture(scope="session")
-def evalkit_run(pytestconfig: pytest.Config) -> Callable[[str | Path], "RunLog"]:
+def evalkit_run(pytestconfig: pytest.Config) -> Callable[[str | Path], RunLog]:
     """`evalkit_run(suite_path) -> RunLog`: the suite's run, once per session (shared with --evalkit items)."""
     return pytestconfig.stash[_RUNS].get
 
@@ -76,7 +77,7 @@ class _Runs:
     def resolve(self, suite: str | Path) -> Path:
         return (self.config.invocation_params.dir / suite).resolve()
 
-    def get(self, suite: str | Path) -> "RunLog":
+    def get(self, suite: str | Path) -> RunLog:
         path = self.resolve(suite)
         if path not in self.done:
             from evalkit.runner import evaluate

@@ -12,10 +12,11 @@ import contextlib
 import dataclasses
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from evalkit import __version__
 from evalkit.cache import Cache
@@ -260,8 +261,8 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
     record = {
         "schema_version": SCHEMA_VERSION, "evalkit_version": __version__,
         "run_id": f"{suite.name}-{datetime.fromtimestamp(started).strftime('%Y%m%d-%H%M%S')}",
-        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(), "duration_s": round(time.time() - started, 3),
+        "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(), "duration_s": round(time.time() - started, 3),
         "status": "complete",
         "suite": {"name": suite.name, "path": str(suite.path), "sha256": file_sha256(suite.path)},
         "config": dict(suite.raw), "environment": environment(ctx.device),

@@ -358,7 +358,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, body = route()
         except ApiError as e:
             status, body = e.status, e.body
-        except Exception as e:  # noqa: BLE001 - a failed generation must not kill the server
+        except Exception as e:
             status, body = 500, ApiError(500, f"{type(e).__name__}: {e}", "server_error").body
         self._send(status, body)
         self.server.log(f"{self.command} {self.path} {status} {time.perf_counter() - t0:.2f}s")

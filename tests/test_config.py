@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import EXTRACT_ROWS, make_adapter, write_jsonl
 
 from evalkit.cli import main
 from evalkit.config import load_suite
 from evalkit.errors import ConfigError
-from helpers import EXTRACT_ROWS, make_adapter, write_jsonl
 
 SUITE = """\
 name: cfg

@@ -7,10 +7,10 @@ import sys
 
 import jsonschema
 import pytest
+from conftest import REPO
+from helpers import make_adapter, write_suite
 
 from evalkit.runlog import results_schema
-from helpers import make_adapter, write_suite
-from conftest import REPO
 
 pytestmark = pytest.mark.e2e
 

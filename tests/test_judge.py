@@ -10,6 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import write_jsonl, write_suite
+from judge_fault_server import FaultServer
 
 from evalkit.cache import Cache
 from evalkit.cli import _judge_noise
@@ -21,8 +23,6 @@ from evalkit.judge.client import SEED_POLICY, JudgeClient, JudgeConfig
 from evalkit.models.base import BaseSpec, ResolvedBase
 from evalkit.tasks import judge
 from evalkit.types import Output, Score
-from helpers import write_jsonl, write_suite
-from judge_fault_server import FaultServer
 
 KEY = "sk-evalkit-test-7f3a9c1e5b2d"
 KEY_ENV = "EVALKIT_TEST_JUDGE_KEY"
@@ -316,7 +316,7 @@ def test_preflight_failures_are_config_errors_with_clear_messages(workdir, monke
         assert e.value.exit_code == ExitCode.USAGE_ERROR == 4
 
         monkeypatch.setenv(KEY_ENV, KEY + "-wrong")
-        with pytest.raises(ConfigError, match="refused the API key.*HTTP 401") as e:
+        with pytest.raises(ConfigError, match=r"refused the API key.*HTTP 401") as e:
             judge.preflight(make_task(srv.url, workdir), workdir)
         assert KEY not in str(e.value)  # the server echoed the key back; we redact it
 

@@ -6,19 +6,25 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from helpers import make_adapter, write_suite
 
+from evalkit import stats
 from evalkit.cache import Cache
 from evalkit.config.suite import Suite, Task, Variant
 from evalkit.errors import ConfigError
 from evalkit.models.base import BaseSpec, ResolvedBase
-from evalkit.stats import (noninferiority_pass_rate, noninferiority_sample_size, smallest_clearable_margin,
-                           tango_lower_drop, tango_upper_drop, clopper_pearson)
-from evalkit import stats
+from evalkit.stats import (
+    clopper_pearson,
+    noninferiority_pass_rate,
+    noninferiority_sample_size,
+    smallest_clearable_margin,
+    tango_lower_drop,
+    tango_upper_drop,
+)
 from evalkit.tasks import mmlu
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.tasks.mmlu_data import LETTERS, Question, allocate, load_questions, plan_slice
 from evalkit.types import Score
-from helpers import make_adapter, write_suite
 
 FEW = ["anatomy", "virology", "formal_logic", "marketing"]
 # subjects with short prompts: the e2e gate test stays quick on the real model
@@ -267,7 +273,7 @@ def test_run_scores_every_variant_and_reuses_the_cache(tiny_ctx):
 
 
 def test_interrupted_canary_resumes(tiny_ctx):
-    ctx, task, logs, calls = tiny_ctx
+    ctx, task, _logs, calls = tiny_ctx
     ctx.variants[:] = ctx.variants[:1]  # base only
     task4 = Task(name="canary", kind="mmlu", params={**task.params, "batch_size": 4})
     body = ctx.variants[0].model.get_base_model().model

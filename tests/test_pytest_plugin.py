@@ -10,10 +10,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
 import evalkit.gates  # noqa: F401 - numpy loads once per process; pytester would unload a first import
 from evalkit.leakage import NORMALIZATION, train_index
-from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
 pytest_plugins = ["pytester"]
 REPO = Path(__file__).resolve().parent.parent

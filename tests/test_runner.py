@@ -8,10 +8,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
 from evalkit.cli import main
 from evalkit.runlog import results_schema
-from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
 
 @pytest.fixture(scope="module")

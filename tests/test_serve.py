@@ -6,10 +6,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+from helpers import make_adapter, write_jsonl
 
 from evalkit.errors import ConfigError
 from evalkit.serve import make_server, serve_main
-from helpers import make_adapter, write_jsonl
 
 openai = pytest.importorskip("openai")
 KEY_ENV = "EVALKIT_TEST_SERVE_KEY"
@@ -30,7 +30,7 @@ def server(tiny_model_dir, adapter, tmp_path_factory):
     srv.close()
 
 
-def client(url: str, key: str = "unused") -> "openai.OpenAI":
+def client(url: str, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=30)
 
 
@@ -102,8 +102,8 @@ def test_models_list_a_content_fingerprint_per_name(server, tiny_model_dir, adap
 
 
 def test_bearer_key_and_judge_preflight(server, monkeypatch):
-    from evalkit.tasks import judge
     from evalkit.config.suite import Task
+    from evalkit.tasks import judge
 
     monkeypatch.setenv(KEY_ENV, "serve-secret")
     guarded = make_server(engine=server.engine, port=0, api_key_env=KEY_ENV, log=lambda _: None)

@@ -11,9 +11,20 @@ import pytest
 from scipy.stats import binomtest, multinomial
 
 import evalkit.stats as S
-from evalkit.stats import (clopper_pearson, holm, mcnemar_exact, mean_bound, metric_interval,
-                           noninferiority_pass_rate, noninferiority_sample_size, paired_compare,
-                           smallest_clearable_margin, tango_p, tango_upper_drop, tango_z)
+from evalkit.stats import (
+    clopper_pearson,
+    holm,
+    mcnemar_exact,
+    mean_bound,
+    metric_interval,
+    noninferiority_pass_rate,
+    noninferiority_sample_size,
+    paired_compare,
+    smallest_clearable_margin,
+    tango_p,
+    tango_upper_drop,
+    tango_z,
+)
 
 
 def z(level):
@@ -53,7 +64,7 @@ def test_one_sided_bound_is_the_two_sided_end_at_2c_minus_1_and_moves_with_the_l
     assert mean_bound(values, 0.95, side="lower", binary=True) == clopper_pearson(40, 50, 0.90).low
     bounds = [mean_bound(values, c, side="lower", binary=True) for c in (0.6, 0.8, 0.95, 0.99)]
     assert bounds == sorted(bounds, reverse=True) and len(set(bounds)) == 4
-    with pytest.raises(ValueError, match="above 0.5"):
+    with pytest.raises(ValueError, match=r"above 0\.5"):
         mean_bound(values, 0.4, side="lower", binary=True)
 
 
@@ -77,7 +88,7 @@ def test_one_lost_of_114_bound_and_zero_discordant():
 
 @pytest.mark.parametrize("n", [30, 114])
 def test_interval_and_p_never_contradict(n):
-    for b, c in itertools.product(range(0, 12), repeat=2):
+    for b, c in itertools.product(range(12), repeat=2):
         cmp = paired_compare([1] * b + [0] * c + [1] * (n - b - c), [0] * b + [1] * c + [1] * (n - b - c),
                              binary=True)
         excludes_zero = cmp.low > 0 or cmp.high < 0

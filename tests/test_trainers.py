@@ -250,7 +250,7 @@ def trap_recipe(learnable_tiny_dir, tmp_path_factory):
     """QLoRA on rows that all answer "OK", with held-out evals during training (each one a no-grad
     eval-mode forward: the trap would arm itself mid-training too)."""
     tmp = tmp_path_factory.mktemp("trap")
-    words = "apple river stone cloud green seven quick violet ocean maple".split()
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "quick", "violet", "ocean", "maple"]
     rng = random.Random(0)
     data = write_rows(tmp / "ok.jsonl", [{"id": f"r{i}", "target": "OK", "messages": [
         {"role": "user", "content": " ".join(rng.choices(words, k=6))}]} for i in range(20)])
@@ -313,9 +313,9 @@ def test_evalkit_run_trains_a_suite_variant_and_gates_on_leakage(tiny_model_dir,
     """`train: RECIPE` in a suite: `evalkit run` trains the adapter, then reports (and gates on) an
     eval case that slipped into the training data."""
     import yaml
+    from helpers import write_suite
 
     from evalkit.cli import main
-    from helpers import write_suite
 
     eval_rows = [json.loads(line) for line in EXTRACT_TEST.read_text().splitlines()[:3]]
     data = write_rows(tmp_path / "train.jsonl", extract_rows(7) + [eval_rows[1]])

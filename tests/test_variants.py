@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
 import evalkit.context
 from evalkit.cli import main
-from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
 REPO = Path(__file__).resolve().parent.parent
 SCORERS = ["exact_match", "json_valid", "rouge_l"]
@@ -213,7 +213,7 @@ def test_ctrl_c_exits_2_keeps_finished_work(capsys, tmp_path, tiny_model_dir, ad
     assert "interrupted; finished work is cached" in err and "Traceback" not in err
     done = _rows(cache)
     assert 0 < done < len(rows)
-    code, text, resumed = run(capsys, path, tmp_path / "resumed", "--cache", str(cache))
+    code, _text, resumed = run(capsys, path, tmp_path / "resumed", "--cache", str(cache))
     assert code == 0 and resumed["cache"]["hits"] == done and resumed["cache"]["misses"] == len(rows) - done
 
 

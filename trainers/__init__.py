@@ -10,5 +10,12 @@ from trainers.provenance import PROVENANCE_FILE, read_provenance, template_hash
 from trainers.recipe import Recipe, load_recipe
 from trainers.sft import TrainResult, ensure_adapter
 
-__all__ = ["load_recipe", "Recipe", "ensure_adapter", "TrainResult", "read_provenance", "template_hash",
-           "PROVENANCE_FILE"]
+__all__ = [
+           "PROVENANCE_FILE",
+           "Recipe",
+           "TrainResult",
+           "ensure_adapter",
+           "load_recipe",
+           "read_provenance",
+           "template_hash",
+]

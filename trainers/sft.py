@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,18 @@ from evalkit.errors import ConfigError, EvalkitError, missing_extra
 from evalkit.leakage import NORMALIZATION, find_overlap, train_index
 from evalkit.models.base import ResolvedBase, disable_cpu_bf16_repack, load_base, resolve_base
 from trainers.data import load_training_rows, read_jsonl, split_rows
-from trainers.provenance import (SCHEMA_VERSION, device_info, file_record, fingerprint, fingerprint_parts,
-                                 package_versions, read_provenance, stale_reason, template_hash, write_provenance)
+from trainers.provenance import (
+    SCHEMA_VERSION,
+    device_info,
+    file_record,
+    fingerprint,
+    fingerprint_parts,
+    package_versions,
+    read_provenance,
+    stale_reason,
+    template_hash,
+    write_provenance,
+)
 from trainers.recipe import Recipe, load_recipe
 
 Log = Callable[[str], Any]
@@ -62,7 +72,7 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()  # not mkdtemp: the finished folder keeps the usual (umask) permissions
     try:
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         t0 = time.perf_counter()
         run = train_adapter(recipe, resolved, rows, tmp, log=log)
         provenance = {

@@ -2,4 +2,4 @@
 from evalkit.config.loader import load_suite, read_yaml
 from evalkit.config.suite import Gate, GenerationConfig, ScorerSpec, Suite, Task, Variant
 
-__all__ = ["load_suite", "read_yaml", "Suite", "Variant", "Task", "Gate", "ScorerSpec", "GenerationConfig"]
+__all__ = ["Gate", "GenerationConfig", "ScorerSpec", "Suite", "Task", "Variant", "load_suite", "read_yaml"]

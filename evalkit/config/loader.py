@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from evalkit import scorers
-from evalkit.config.suite import GenerationConfig, Gate, ScorerSpec, Suite, Task, Variant
+from evalkit.config.suite import Gate, GenerationConfig, ScorerSpec, Suite, Task, Variant
 from evalkit.errors import ConfigError, YamlPath, did_you_mean, line_of, located
 from evalkit.models.base import BaseSpec
 

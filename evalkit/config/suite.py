@@ -1,9 +1,10 @@
 """Typed suite objects (frozen). Built by `evalkit.config.loader.load_suite` from YAML."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from evalkit.errors import ConfigError, YamlPath, fmt_path, located
 from evalkit.models.base import BaseSpec

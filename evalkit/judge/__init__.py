@@ -3,4 +3,4 @@ cache, preflight), `verdicts` holds the pure logic (prompts, schemas, parsing, n
 from evalkit.judge.client import JudgeAuthError, JudgeClient, JudgeConfig, preflight
 from evalkit.judge.verdicts import Verdict, VerdictError
 
-__all__ = ["JudgeConfig", "JudgeClient", "JudgeAuthError", "preflight", "Verdict", "VerdictError"]
+__all__ = ["JudgeAuthError", "JudgeClient", "JudgeConfig", "Verdict", "VerdictError", "preflight"]

@@ -16,6 +16,7 @@ client (never serialized), and redacted from any error text we surface.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import random
@@ -146,10 +147,8 @@ class JudgeClient:
         response = getattr(e, "response", None)
         retry_after = response.headers.get("retry-after") if response is not None else None
         if retry_after:
-            try:
+            with contextlib.suppress(ValueError):  # an HTTP date: keep our own backoff
                 delay = max(delay, float(retry_after))
-            except ValueError:  # an HTTP date: keep our own backoff
-                pass
         return min(delay, self.cfg.max_backoff)
 
     def with_retries(self, fn: Callable[[], Any], *, retries: int | None = None) -> Any:
@@ -318,5 +317,12 @@ def preflight(cfg: JudgeConfig) -> dict[str, Any]:
                           f"({client._describe_error(e)})") from None
 
 
-__all__ = ["JudgeConfig", "JudgeClient", "JudgeAuthError", "endpoint_identity", "preflight",
-           "RESPONSE_FORMATS", "SEED_POLICY"]
+__all__ = [
+    "RESPONSE_FORMATS",
+    "SEED_POLICY",
+    "JudgeAuthError",
+    "JudgeClient",
+    "JudgeConfig",
+    "endpoint_identity",
+    "preflight",
+]

@@ -6,6 +6,7 @@ validated with jsonschema; anything else is invalid, and an invalid verdict is n
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
@@ -136,10 +137,8 @@ def _coerce(obj: dict[str, Any], schema: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(value, str):
             continue
         if prop.get("type") == "number":
-            try:
+            with contextlib.suppress(ValueError):
                 out[name] = float(value.strip())
-            except ValueError:
-                pass
         elif "enum" in prop:
             match = [e for e in prop["enum"] if e.lower() == value.strip().lower()]
             if match:

@@ -1,4 +1,4 @@
 """Loading a base model (hub id, local dir, GGUF, `pkg:` resource), adapters, quantization, merging."""
 from evalkit.models.base import BaseSpec, ResolvedBase, load_base, load_tokenizer, resolve_base
 
-__all__ = ["BaseSpec", "ResolvedBase", "resolve_base", "load_base", "load_tokenizer"]
+__all__ = ["BaseSpec", "ResolvedBase", "load_base", "load_tokenizer", "resolve_base"]

@@ -80,9 +80,9 @@ def _check_safetensors(weights: Path) -> None:
 
     try:
         with safe_open(str(weights), framework="pt") as f:
-            for k in f.keys():
+            for k in f:
                 f.get_slice(k).get_shape()
-    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+    except Exception as e:
         raise ModelError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
 
 
@@ -92,7 +92,7 @@ def adapter_shapes(info: AdapterInfo) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     with safe_open(str(info.weights), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f}
 
 
 def check_fits_base(info: AdapterInfo, base_model, resolved: ResolvedBase) -> None:
@@ -137,5 +137,5 @@ def attach_adapter(model, name: str, info: AdapterInfo):
             model.load_adapter(str(info.path), adapter_name=name, is_trainable=False)
             return model
         return PeftModel.from_pretrained(model, str(info.path), adapter_name=name, is_trainable=False)
-    except Exception as e:  # noqa: BLE001 - peft raises many types for a bad adapter
+    except Exception as e:
         raise ModelError(f"adapter {info.path} (variant '{name}') failed to load: {type(e).__name__}: {e}") from None

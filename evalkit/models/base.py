@@ -89,7 +89,7 @@ def resolve_pkg_path(ref: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"package '{package}' is not installed (needed for '{ref}')",
                           hint=f"pip install --no-deps {package.replace('_', '-')}")
-    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
     if not path.is_file():
         raise ConfigError(f"'{rel}' not found inside package '{package}' ({path})")
     return path
@@ -160,7 +160,7 @@ def load_tokenizer(resolved: ResolvedBase):
     try:
         tok = AutoTokenizer.from_pretrained(resolved.path, revision=resolved.spec.revision,
                                             trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - translated into a user-facing error
+    except Exception as e:
         raise _hub_error(resolved, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -172,8 +172,8 @@ def quantization_config(quantize: str | None, compute_dtype: Any = None):
     if quantize is None:
         return None
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError:
         raise ModelError("quantize: needs bitsandbytes: pip install 'evalkit[quant]'") from None
     import torch
@@ -204,7 +204,7 @@ def load_base(resolved: ResolvedBase, *, quantize: str | None = None, dtype: Any
             kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _hub_error(resolved, e) from None
     if quantize == "nf4":
         disable_cpu_bf16_repack(model)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from evalkit.errors import ConfigError, did_you_mean
 from evalkit.types import Scorer
@@ -41,7 +42,7 @@ def register(name: str, *, primary: str | None = None, binary: bool = True,
 
 
 def _ensure_loaded() -> None:
-    from evalkit.scorers import text, structured  # noqa: F401  (registers the built-ins)
+    from evalkit.scorers import structured, text  # noqa: F401  (registers the built-ins)
 
 
 def get(name: str) -> ScorerDef:
@@ -86,5 +87,5 @@ def _dry_run(fn: Scorer) -> None:
         fn(Case(id="dry-run", prompt="", target=""), Output(text=""))
     except ConfigError:
         raise
-    except Exception:  # noqa: BLE001 - other failures are about the empty case, not the params
+    except Exception:
         pass

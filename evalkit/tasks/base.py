@@ -5,8 +5,9 @@ Metrics, paired comparisons and gates are computed generically from these, so a 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from evalkit.types import Score
 

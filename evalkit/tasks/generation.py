@@ -65,5 +65,5 @@ def _safe_score(spec, case: Case, out) -> Score:
         return spec.fn(case, out)
     except ConfigError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return Score(None, f"scorer error: {type(e).__name__}: {e}")

@@ -24,8 +24,7 @@ from evalkit.cache import Cache
 from evalkit.config.suite import Suite, Task
 from evalkit.errors import ConfigError, missing_extra
 from evalkit.tasks.base import SampleResult, TaskResult
-from evalkit.tasks.mmlu_data import (LETTERS, CanarySlice, Question, load_questions, per_subject_accuracy,
-                                     plan_slice)
+from evalkit.tasks.mmlu_data import LETTERS, CanarySlice, Question, load_questions, per_subject_accuracy, plan_slice
 from evalkit.types import Score, stable_hash
 
 # Kind-specific keys of a `kind: mmlu` task (JSON Schema fragment; the suite loader merges it).
@@ -85,7 +84,7 @@ class CanaryParams:
     batch_size: int = 8
 
     @classmethod
-    def from_task(cls, task: Task, suite_seed: int = 0) -> "CanaryParams":
+    def from_task(cls, task: Task, suite_seed: int = 0) -> CanaryParams:
         p = dict(task.params)
         unknown = sorted(set(p) - set(PARAMS_SCHEMA["properties"]))
         if unknown:
@@ -165,7 +164,7 @@ def prompt_config_hash(subject: str, fewshot: Sequence[Question], n_shot: int) -
 
 def _lm_eval():
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval
     except ImportError:
         raise missing_extra("lm-eval", "mmlu") from None
     import lm_eval.evaluator
@@ -241,7 +240,7 @@ def _canary_lm_class():
             bar.close()
             return results
 
-        def _last_logprobs(self, contexts: list[tuple[int, ...]]) -> "torch.Tensor":
+        def _last_logprobs(self, contexts: list[tuple[int, ...]]) -> torch.Tensor:
             """Log-probabilities of the next token after each context: one left-padded batch, logits
             for the last position only. Positions come from the mask, so padding changes nothing."""
             width = max(len(c) for c in contexts)
@@ -369,7 +368,7 @@ def run(ctx, task: Task) -> TaskResult:
         todo = [q for q in sl.questions if q.id not in cached]
         wall = 0.0
         if todo:
-            def on_question(doc: dict, prompt: str, lls: list[float], seconds: float) -> None:
+            def on_question(doc: dict, prompt: str, lls: list[float], seconds: float, keys=keys) -> None:
                 ctx.cache.put(keys[doc["id"]], _record(lls, prompt, doc["answer"], seconds))
 
             t0 = time.perf_counter()

