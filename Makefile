@@ -42,8 +42,10 @@ browser:
 lint: setup
 	$(BIN)/ruff check evalkit trainers tests bench
 
+# Tests run in a random order (pytest-randomly); the seed is printed, and `SEED=N make test` replays it.
 test: setup browser
-	$(BIN)/python -m pytest -q
+	@seed=$${SEED:-$$RANDOM}; echo "test order: --randomly-seed=$$seed"; \
+	$(BIN)/python -m pytest -q -p randomly --randomly-seed=$$seed
 
 bench: setup
 	$(BIN)/python bench/bench_matrix.py

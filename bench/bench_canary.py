@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from evalkit.tasks import mmlu
     from evalkit.tasks.mmlu_data import load_questions, plan_slice
 
-    resolved = resolve_base(BaseSpec("gguf", EMBEDDED_GGUF))
+    resolved = resolve_base(BaseSpec.of("gguf", EMBEDDED_GGUF))
     model, tokenizer = load_base(resolved)
     sl = plan_slice(load_questions(), per_subject=args.per_subject, n_shot=args.n_shot, seed=args.seed)
     configs = mmlu.task_configs(sl.questions, sl.fewshot, args.n_shot)

@@ -167,7 +167,7 @@ def bench_b(args, tmp: Path, resolved, reps: int = 2) -> None:
     cases = load_cases(DATA, args.cases)
     prompts = chat_prompts(tokenizer, args.cases)
     gen = GenerationConfig(max_new_tokens=args.tokens, batch_size=args.batch_size)
-    lv = LoadedVariant(Variant("base"), model, None, None, "bench-b")
+    lv = LoadedVariant(Variant(name="base"), model, None, None, "bench-b")
     bare, ours = [], []
     for rep in range(reps):  # alternate, so load from other processes hits both alike
         t0 = time.perf_counter()
@@ -230,7 +230,7 @@ def main() -> None:
     from evalkit.models import BaseSpec, resolve_base
     from evalkit.models.base import dir_sha256
 
-    resolved = resolve_base(BaseSpec("gguf", EMBEDDED_GGUF))  # the user cache: converted once, reused
+    resolved = resolve_base(BaseSpec.of("gguf", EMBEDDED_GGUF))  # the user cache: converted once, reused
     with tempfile.TemporaryDirectory(prefix="evalkit-bench-") as td:
         tmp = Path(td)
         os.environ["EVALKIT_CACHE_DIR"] = str(tmp / "cache")  # results never touch the user cache

@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evalkit import __version__
 from evalkit.types import stable_hash
+
+if TYPE_CHECKING:
+    from evalkit.config.suite import GenerationConfig
 
 
 class Cache:
@@ -60,3 +64,25 @@ class Cache:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+# ---------------------------------------------------------------- the keys, one function each
+# (tests/test_cache_keys.py changes each component in turn and expects another key)
+
+def generation_key(model: str, gen: GenerationConfig, prompt: str) -> str:
+    """One greedy output: the variant's fingerprint, the generation config, the rendered prompt."""
+    return Cache.key("generate", model=model, gen=gen.key(), prompt=prompt)
+
+
+def canary_key(model: str, question: str, content: str, n_shot: int, prompt: str) -> str:
+    """One MMLU answer: the variant, the question (id and content), the shots and prompt config."""
+    return Cache.key("mmlu", model=model, question=question, content=content, n_shot=n_shot, prompt=prompt)
+
+
+def adapter_active_key(model: str, prompts: Sequence[str], tolerance: float) -> str:
+    return Cache.key("adapter_active", model=model, prompts=list(prompts), tolerance=tolerance)
+
+
+def judge_key(endpoint: Mapping[str, Any], request: Mapping[str, Any]) -> str:
+    """One judge completion: who answers (the endpoint's identity) and everything sent to it."""
+    return Cache.key("judge", **request, endpoint=dict(endpoint))

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from evalkit.backends.hf import render_prompt
-from evalkit.cache import Cache
+from evalkit.cache import adapter_active_key
+from evalkit.config.suite import CasesTask
 from evalkit.types import Case
 
 PROBES = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning",
@@ -20,7 +21,7 @@ ACTIVE_TOLERANCE = 1e-4
 def _case_prompts(ctx, limit: int) -> list[str]:
     """The first `limit` rendered cases of the first task with a dataset (what the run will score)."""
     for task in ctx.suite.tasks:
-        if task.data is not None and task.kind != "mmlu":
+        if isinstance(task, CasesTask):
             from evalkit.tasks.generation import load_cases
 
             return [render_prompt(ctx.tokenizer, c) for c in load_cases(task.data, limit)]
@@ -64,7 +65,7 @@ def adapter_active(ctx, log) -> list[dict[str, Any]]:
     records = []
     reference_cache: dict[int, list] = {}
     for lv in adapters:
-        key = Cache.key("adapter_active", model=lv.fingerprint, prompts=prompts, tolerance=ACTIVE_TOLERANCE)
+        key = adapter_active_key(lv.fingerprint, prompts, ACTIVE_TOLERANCE)
         found = ctx.cache.get(key, count=False)
         if found is None:
             ref_lv = _base_on(ctx, lv)
@@ -95,7 +96,7 @@ class _BaseView:
         from evalkit.config.suite import Variant
         from evalkit.context import LoadedVariant
 
-        return LoadedVariant(Variant("base"), self.model, None, None, "").active()
+        return LoadedVariant(Variant(name="base"), self.model, None, None, "").active()
 
 
 def _base_on(ctx, lv):
@@ -112,7 +113,7 @@ def leakage(ctx, log) -> list[dict[str, Any]]:
     from evalkit.tasks.generation import load_cases
 
     cases: dict[str, list[Case]] = {task.name: load_cases(task.data, task.limit) for task in ctx.suite.tasks
-                                    if task.data is not None and task.kind != "mmlu"}
+                                    if isinstance(task, CasesTask)}
     records = []
     for lv in ctx.variants:
         prov = lv.info.provenance if lv.info else None
@@ -132,11 +133,12 @@ def leakage(ctx, log) -> list[dict[str, Any]]:
     return records
 
 
-def _check_params(ctx, check: str, variant: str) -> dict[str, Any]:
-    """Tolerances from the `check:` gate for this variant (a gate naming it beats a catch-all one)."""
+def _tolerance(ctx, check: str, variant: str, key: str, default: float) -> float:
+    """A tolerance from the `check:` gate for this variant (a gate naming it beats a catch-all one)."""
     gates = [g for g in ctx.suite.gates if g.check == check and g.variant in (None, variant)]
     gates.sort(key=lambda g: g.variant is None)
-    return dict(gates[0].params) if gates else {}
+    value = getattr(gates[0], key) if gates else None
+    return default if value is None else value
 
 
 def merge_equivalence(ctx, results, log) -> list[dict[str, Any]]:
@@ -151,9 +153,8 @@ def merge_equivalence(ctx, results, log) -> list[dict[str, Any]]:
     twin_logits: dict[str, list] = {}  # qlora-merged and qlora-merged-4bit share one twin
     records = []
     for lv in merged:
-        params = _check_params(ctx, "merge_equivalence", lv.name)
-        tol = params.get("max_abs_logit_diff", 1e-3)
-        min_agree = params.get("min_top1_agreement", 0.99)
+        tol = _tolerance(ctx, "merge_equivalence", lv.name, "max_abs_logit_diff", 1e-3)
+        min_agree = _tolerance(ctx, "merge_equivalence", lv.name, "min_top1_agreement", 0.99)
         twin = _unmerged_twin(ctx, lv)
         if twin.name not in twin_logits:
             twin_logits[twin.name] = probe_logits(twin, ctx.tokenizer, probes + cases)

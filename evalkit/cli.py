@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit import __version__
-from evalkit.errors import EvalkitError, ExitCode
+from evalkit.errors import ConfigError, EvalkitError, ExitCode
 
 
 def _err(msg: str) -> None:
@@ -154,8 +154,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args) or 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error, which is "interrupted" in evalkit's contract: raise a
+    ConfigError (exit 4) instead, after the usage line argparse would print."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise ConfigError(message, hint=f"{self.prog} --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evalkit", description="Evaluate and gate fine-tuned LLM adapters.")
+    p = _Parser(prog="evalkit", description="Evaluate and gate fine-tuned LLM adapters.")
     p.add_argument("--version", action="version", version=f"evalkit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="score base and every variant of a suite, apply gates")
@@ -209,7 +218,13 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as e:
+        _err(str(e))
+        return int(e.exit_code)
+    except SystemExit as e:  # --help, --version
+        return int(e.code or 0)
     _quiet_libraries()
     try:
         code = args.fn(args)

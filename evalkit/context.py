@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evalkit.backends.hf import generate, render_prompt
-from evalkit.cache import Cache
+from evalkit.cache import Cache, generation_key
 from evalkit.config.suite import GenerationConfig, Suite, Variant
 from evalkit.memory import PeakMemory
 from evalkit.models.adapters import AdapterInfo
@@ -174,8 +174,7 @@ class RunContext:
         resumes where it stopped. Base and plain LoRA variants on one model pool their partial
         batches into mixed batches (`plan_runs`); DoRA and merged variants always run alone."""
         prompts = [render_prompt(self.tokenizer, c) for c in cases]
-        keys = {lv.name: [Cache.key("generate", model=lv.fingerprint, gen=gen.key(), prompt=p) for p in prompts]
-                for lv in lvs}
+        keys = {lv.name: [generation_key(lv.fingerprint, gen, p) for p in prompts] for lv in lvs}
         results: dict[str, list[tuple[Output, bool] | None]] = {}
         missing: dict[str, list[int]] = {}  # variant -> case indices still to generate
         for lv in lvs:

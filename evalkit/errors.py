@@ -59,7 +59,7 @@ def line_of(lines: Mapping[YamlPath, int], path: YamlPath) -> int | None:
     return lines.get(path)
 
 
-def located(message: str, file: str | Path, lines: Mapping[YamlPath, int], path: YamlPath,
+def located(message: str, file: str | Path | None, lines: Mapping[YamlPath, int], path: YamlPath,
             hint: str | None = None) -> ConfigError:
     return ConfigError(message, file=file, line=line_of(lines, path), path=fmt_path(path), hint=hint)
 

@@ -9,7 +9,6 @@ cannot answer (never, on a rerun).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -49,7 +48,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
         preflight = getattr(_task_kind(task), "preflight", None)
         if preflight is not None:
             with _about_task(suite, task):
-                preflight(task, suite)
+                preflight(task)
     suite = _train_adapters(suite, log)
     infos = {}
     for v in suite.variants:
@@ -123,9 +122,9 @@ def _train_adapters(suite: Suite, log: Log) -> Suite:
     for v in suite.variants:
         if v.train:
             result = trainers.ensure_adapter(v.train, log=log)
-            v = dataclasses.replace(v, adapter=Path(result.adapter_dir))
+            v = v.model_copy(update={"adapter": Path(result.adapter_dir)})
         variants.append(v)
-    return dataclasses.replace(suite, variants=tuple(variants))
+    return suite.model_copy(update={"variants": tuple(variants)})
 
 
 def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, AdapterInfo], cache: Cache,
@@ -226,8 +225,8 @@ def _post_checks(ctx: RunContext, results: dict[str, TaskResult], log: Log) -> l
 
 
 def _task_kind(task: Task) -> ModuleType:
-    """The module that runs this kind of task: `run(ctx, task)`, and `preflight(task, suite)` when
-    its parameters can be checked before any model loads. Imported on demand (lm-eval, openai)."""
+    """The module that runs this kind of task: `run(ctx, task)`, and `preflight(task)` when
+    it can check something before any model loads (a judge endpoint). Imported on demand."""
     if task.kind == "mmlu":
         from evalkit.tasks import mmlu as kind
     elif task.kind == "judge":

@@ -48,7 +48,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.fingerprints = dict(fingerprints or {})  # name -> content hash, listed in /v1/models
         self.lock = threading.Lock()
-        self._variants = {name: LoadedVariant(Variant(name), model, None if name == BASE else name, None, "")
+        self._variants = {name: LoadedVariant(Variant(name=name), model, None if name == BASE else name, None, "")
                           for name in (BASE, *adapters)}
         self.created = int(time.time())
 
@@ -168,10 +168,10 @@ def _resolve(base: BaseSpec | ResolvedBase | str) -> ResolvedBase:
 def parse_base(ref: str) -> BaseSpec:
     """A command-line base: a .gguf file or pkg: resource, a local model folder, else a hub id."""
     if ref.startswith("pkg:") or ref.lower().endswith(".gguf"):
-        return BaseSpec("gguf", ref)
+        return BaseSpec.of("gguf", ref)
     if Path(ref).expanduser().is_dir():
-        return BaseSpec("path", ref)
-    return BaseSpec("id", ref)
+        return BaseSpec.of("path", ref)
+    return BaseSpec.of("id", ref)
 
 
 def load_engine(base: BaseSpec | ResolvedBase | str, adapters: Mapping[str, str | Path], *,

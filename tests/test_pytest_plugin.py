@@ -97,7 +97,7 @@ def _calls(pytester: pytest.Pytester) -> list[str]:
 
 
 def test_collects_one_item_per_gate_without_running(suite_dir):
-    result = suite_dir.runpytest("--evalkit", "suite.yml", "--collect-only", "-q")
+    result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml", "--collect-only", "-q")
     assert result.ret == 0
     assert result.outlines[:5] == [f"suite.yml::demo::{gid}" for gid in IDS] + [""]
     assert _calls(suite_dir) == []  # collection never runs the model
@@ -105,7 +105,7 @@ def test_collects_one_item_per_gate_without_running(suite_dir):
 
 def test_runs_the_suite_once_and_reports_each_gate(suite_dir):
     _can(suite_dir, _results(failing=("extract.json_valid[lora-merged]",)))
-    result = suite_dir.runpytest("--evalkit", "suite.yml", "-v")
+    result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml", "-v")
     result.assert_outcomes(passed=3, failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
@@ -121,7 +121,7 @@ def test_runs_the_suite_once_and_reports_each_gate(suite_dir):
 
 def test_all_gates_pass_exits_zero(suite_dir):
     _can(suite_dir, _results())
-    result = suite_dir.runpytest("--evalkit", "suite.yml", "--evalkit-out", "runs")
+    result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml", "--evalkit-out", "runs")
     result.assert_outcomes(passed=4)
     assert result.ret == pytest.ExitCode.OK
     assert _calls(suite_dir)[0].endswith(f"out={suite_dir.path / 'runs' / 'suite'}")
@@ -132,14 +132,14 @@ def test_a_gate_missing_from_the_run_fails(suite_dir, missing):
     results = _results()
     results["gates"] = [g for g in results["gates"] if g["id"] != missing]
     _can(suite_dir, results)
-    result = suite_dir.runpytest("--evalkit", "suite.yml")
+    result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml")
     result.assert_outcomes(passed=3, failed=1)
     assert f"{missing}: the run recorded no such gate" in result.stdout.str()
 
 
 def test_config_error_at_collection_is_one_clean_failure(suite_dir):
     suite_dir.makefile(".yml", suite=SUITE.replace("exact_match, json_valid", "exact_mach, json_valid"))
-    result = suite_dir.runpytest("--evalkit", "suite.yml")
+    result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml")
     result.assert_outcomes(failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
@@ -150,7 +150,7 @@ def test_config_error_at_collection_is_one_clean_failure(suite_dir):
 
 def test_config_error_at_run_time_fails_every_item_cleanly(suite_dir):
     _can(suite_dir, {"raise": "data file not found: cases.jsonl"})
-    result = suite_dir.runpytest("--evalkit", "suite.yml")
+    result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml")
     result.assert_outcomes(failed=4)
     out = result.stdout.str()
     # Count in the failure sections only: the short summary repeats the message, untruncated when CI is set.
@@ -167,7 +167,7 @@ def test_fixture_shares_the_run_with_the_gate_items(suite_dir):
             assert run.results["verdict"] == "fail"
             assert run is evalkit_run("suite.yml")
     """))
-    result = suite_dir.runpytest("test_custom.py", "--evalkit", "suite.yml")
+    result = suite_dir.runpytest("-p", "no:randomly", "test_custom.py", "--evalkit", "suite.yml")
     result.assert_outcomes(passed=4, failed=1)
     assert len(_calls(suite_dir)) == 1
 
@@ -179,13 +179,13 @@ def test_plugin_is_inert_and_cheap_without_the_option(pytester):
             heavy = [m for m in ("evalkit.runner", "evalkit.config", "jinja2", "yaml", "torch") if m in sys.modules]
             assert heavy == []
     """))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
 
 
 def test_collects_the_demo_suite(pytester):
     demo = REPO / "suites" / "demo.yml"
-    result = pytester.runpytest("--evalkit", str(demo), "--collect-only", "-q", f"--rootdir={REPO}")
+    result = pytester.runpytest("-p", "no:randomly", "--evalkit", str(demo), "--collect-only", "-q", f"--rootdir={REPO}")
     assert result.ret == 0, result.stdout.str()
     ids = [line for line in result.outlines if line.startswith("suites/demo.yml::")]
     assert ids[:2] == ["suites/demo.yml::demo::extract.exact_match[lora]",
@@ -200,7 +200,7 @@ def test_a_check_that_ran_for_no_variant_fails_its_items(suite_dir):
     results["gates"].append(_gate("merge_equivalence[*]", False, kind="check",
                                   message="check 'merge_equivalence' did not run for variant '*'"))
     _can(suite_dir, results)
-    result = suite_dir.runpytest("--evalkit", "suite.yml")
+    result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml")
     result.assert_outcomes(passed=3, failed=1)
     assert "check 'merge_equivalence' did not run for variant '*'" in result.stdout.str()
 
@@ -230,7 +230,7 @@ def test_real_runner_on_a_tiny_suite(tiny_adapters, pytester, tiny_model_dir, mo
         "variants": [{"name": "base"}, *({"name": n, "adapter": str(p)} for n, p in tiny_adapters.items())],
         "tasks": [{"name": "extract", "data": "data.jsonl", "scorers": ["rouge_l"], "max_new_tokens": 4}],
         "gates": [{"metric": "extract.rouge_l", "min": 0.0}, {"check": "no_leakage"}]})
-    result = pytester.runpytest_subprocess("--evalkit", "suite.yml", "--evalkit-out", "runs", "-v",
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--evalkit", "suite.yml", "--evalkit-out", "runs", "-v",
                                            "-p", "no:cacheprovider")
     out = result.stdout.str()
     result.assert_outcomes(passed=2, failed=2)

@@ -93,7 +93,7 @@ def test_provenance_does_not_excuse_a_config_naming_another_base(capsys, tmp_pat
                                                                  tiny_model_dir):
     from evalkit.models import BaseSpec, resolve_base
 
-    resolved = resolve_base(BaseSpec("path", str(tiny_model_dir)))
+    resolved = resolve_base(BaseSpec.of("path", str(tiny_model_dir)))
     ours = tmp_path / "ours"
     shutil.copytree(adapters["lora"], ours)
     (ours / "evalkit_train.json").write_text(json.dumps({"base": {

@@ -6,7 +6,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import make_adapter, write_jsonl
+from helpers import make_adapter, suite_of, variant, write_jsonl
 
 from evalkit.errors import ConfigError
 from evalkit.serve import make_server, serve_main
@@ -45,6 +45,7 @@ def raw(url: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
 
 
 def test_models_and_chat_per_adapter(server, tiny_model_dir):
+    before = dict(server.counts)  # the server is the module's: other tests may have used it first
     c = client(server.url)
     assert [m.id for m in c.models.list()] == ["base", "lora", "other"]
     answers = {}
@@ -61,14 +62,14 @@ def test_models_and_chat_per_adapter(server, tiny_model_dir):
     from evalkit.models.base import BaseSpec, load_base, resolve_base
     from evalkit.types import Case
 
-    model, tok = load_base(resolve_base(BaseSpec("path", str(tiny_model_dir))))
+    model, tok = load_base(resolve_base(BaseSpec.of("path", str(tiny_model_dir))))
     direct = generate(model, tok, [render_prompt(tok, Case("x", messages=tuple(HI)))], GenerationConfig(8))[0]
     assert answers["base"] == direct.text
 
     sampled = [c.chat.completions.create(model="lora", messages=HI, max_tokens=8, temperature=1.0, seed=7)
                .choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed makes sampling reproducible
-    assert server.counts["chat"] == 5 and server.counts["models"] == 1
+    assert server.counts["chat"] - before["chat"] == 5 and server.counts["models"] - before["models"] == 1
 
 
 def test_errors_are_openai_shaped_json(server):
@@ -95,14 +96,15 @@ def test_models_list_a_content_fingerprint_per_name(server, tiny_model_dir, adap
     from evalkit.types import stable_hash
 
     listed = {m.id: m.model_dump() for m in client(server.url).models.list()}
-    base = resolve_base(BaseSpec("path", str(tiny_model_dir))).sha256
+    base = resolve_base(BaseSpec.of("path", str(tiny_model_dir))).sha256
     assert listed["base"]["fingerprint"] == base
     assert listed["lora"]["fingerprint"] == stable_hash([base, inspect_adapter(adapter).sha256])
     assert len({m["fingerprint"] for m in listed.values()}) == 3
 
 
 def test_bearer_key_and_judge_preflight(server, monkeypatch):
-    from evalkit.config.suite import Task
+    from evalkit.config.suite import JudgeTask
+    from evalkit.judge.client import JudgeConfig
     from evalkit.tasks import judge
 
     monkeypatch.setenv(KEY_ENV, "serve-secret")
@@ -112,8 +114,8 @@ def test_bearer_key_and_judge_preflight(server, monkeypatch):
         with pytest.raises(openai.AuthenticationError):
             client(guarded.url, "wrong").models.list()
         assert [m.id for m in client(guarded.url, "serve-secret").models.list()] == ["base", "lora", "other"]
-        task = Task("t", "judge", params={"judge": {"base_url": guarded.url, "model": "lora", "api_key_env": KEY_ENV},
-                                          "mode": "pairwise"})
+        task = JudgeTask.model_construct(name="t", kind="judge", mode="pairwise", judge=JudgeConfig(
+            base_url=guarded.url, model="lora", api_key_env=KEY_ENV))
         judge.preflight(task)
         monkeypatch.setenv(KEY_ENV, "wrong")
         with pytest.raises(ConfigError, match="refused the API key"):
@@ -128,22 +130,23 @@ def test_bearer_key_and_judge_preflight(server, monkeypatch):
 def test_judge_task_against_evalkit_serve(server, tmp_path):
     """The tiny random model is a hopeless judge: its verdicts are recorded invalid, never a pass."""
     from evalkit.cache import Cache
-    from evalkit.config.suite import Suite, Task, Variant
+    from evalkit.config.suite import JudgeTask
     from evalkit.context import LoadedVariant, RunContext
-    from evalkit.models.base import BaseSpec, ResolvedBase
+    from evalkit.models.base import ResolvedBase
+    from evalkit.shape import parse
     from evalkit.tasks import judge
 
     (tmp_path / "rubric.md").write_text("- Correct\n")
     write_jsonl(tmp_path / "data.jsonl", [{"id": "a", "prompt": "2+2?"}, {"id": "b", "prompt": "Capital of France?"}])
-    task = Task("helpful", "judge", data=tmp_path / "data.jsonl",
-                params={"judge": {"base_url": server.url, "model": "base", "max_tokens": 12, "invalid_retries": 0},
-                        "rubric": "rubric.md"})
-    suite = Suite("s", tmp_path / "s.yml", BaseSpec("path", "x"), (Variant("lora", adapter=tmp_path),), (task,), ())
+    task = parse(JudgeTask, {"name": "helpful", "kind": "judge", "data": "data.jsonl", "rubric": "rubric.md",
+                             "judge": {"base_url": server.url, "model": "base", "max_tokens": 12, "invalid_retries": 0}},
+                 base_dir=tmp_path)
+    suite = suite_of(tmp_path / "s.yml", tasks=(task,), variants=(variant("lora", tmp_path),))
     engine = server.engine
     lv = LoadedVariant(suite.variants[0], engine.model, "lora", None, "lora-fp")
     ctx = RunContext(suite, ResolvedBase(suite.base, "x", "0"), engine.tokenizer, [lv], Cache(tmp_path / "c.sqlite"),
                      log=lambda _: None, progress=False)
-    judge.preflight(task, suite)
+    judge.preflight(task)
     before = server.counts["chat"]
     result = judge.run(ctx, task)
     scores = [s.scores["rubric"] for s in result.samples]
@@ -156,8 +159,7 @@ def test_judge_task_against_evalkit_serve(server, tmp_path):
     assert server.counts["chat"] - before == 4  # rerun: invalid verdicts are never cached, so asked again
 
     # with response_format json_schema, evalkit serve guides the same hopeless model to valid verdicts
-    guided = Task("helpful", "judge", data=task.data, params={**task.params, "judge": {
-        **task.params["judge"], "response_format": "json_schema"}})
+    guided = task.model_copy(update={"judge": task.judge.model_copy(update={"response_format": "json_schema"})})
     scores = [s.scores["rubric"] for s in judge.run(ctx, guided).samples]
     assert all(s.valid and 0 <= s.value <= 1 and s.meta["raw"] in (1, 2, 3, 4, 5) for s in scores)
 

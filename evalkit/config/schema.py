@@ -1,0 +1,51 @@
+"""The JSON Schemas shipped for editors, generated from the typed shapes.
+
+    python -m evalkit.config.schema     # rewrite suite.schema.json and trainers/recipe.schema.json
+
+A test regenerates them and compares, so the shipped files cannot drift from the types.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from evalkit.config.suite import Suite
+
+HERE = Path(__file__).parent
+REPO_FILES = HERE.parents[1]
+
+
+def _recipe() -> type:
+    from trainers.recipe import Recipe  # the bundled runners' shape; trainers depends on evalkit, not back
+
+    return Recipe
+
+
+# file (relative to the package root) -> (shape, $id, title)
+SCHEMAS: dict[str, tuple[Any, str, str]] = {
+    "evalkit/config/suite.schema.json": (lambda: Suite, "https://evalkit.dev/schemas/suite-1.json", "evalkit suite"),
+    "trainers/recipe.schema.json": (_recipe, "https://evalkit.dev/schemas/recipe-1.json", "evalkit training recipe"),
+}
+
+
+def generate(shape: type, schema_id: str, title: str) -> dict[str, Any]:
+    schema = shape.model_json_schema(mode="validation")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": schema_id, **schema, "title": title}
+
+
+def render(name: str) -> str:
+    shape, schema_id, title = SCHEMAS[name]
+    return json.dumps(generate(shape(), schema_id, title), indent=2) + "\n"
+
+
+def main() -> int:
+    for name in SCHEMAS:
+        (REPO_FILES / name).write_text(render(name))
+        print(f"wrote {REPO_FILES / name}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
