@@ -22,17 +22,17 @@ from typing import Any
 from evalkit.errors import ConfigError, EvalkitError, missing_extra
 from evalkit.leakage import NORMALIZATION, find_overlap, train_index
 from evalkit.models.base import ResolvedBase, disable_cpu_bf16_repack, load_base, resolve_base
-from trainers.data import load_training_rows, read_jsonl, split_rows
+from evalkit.types import template_hash
+from trainers.data import load_training_rows, read_rows, split_rows
 from trainers.provenance import (
     SCHEMA_VERSION,
     device_info,
     file_record,
     fingerprint,
     fingerprint_parts,
-    package_versions,
     read_provenance,
+    recorded_versions,
     stale_reason,
-    template_hash,
     write_provenance,
 )
 from trainers.recipe import Recipe, load_recipe
@@ -90,7 +90,7 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
                      "train_index_normalization": NORMALIZATION},
             "leakage": leakage,
             "seed": recipe.seed,
-            "versions": package_versions(),
+            "versions": recorded_versions(),
             "started_at": started.isoformat(timespec="seconds"),
             **run,
             "wall_time_s": round(time.perf_counter() - t0, 2),
@@ -110,7 +110,7 @@ def check_leakage(recipe: Recipe, rows: list[dict[str, Any]], log: Log) -> list[
     index = train_index(rows)
     report = []
     for path in recipe.data.check_against:
-        pairs = find_overlap(read_jsonl(path), index)
+        pairs = find_overlap(read_rows(path), index)
         report.append({"file": str(path), "sha256": file_record(path)["sha256"], "overlap": len(pairs),
                        "pairs": [list(p) for p in pairs]})
         if pairs:

