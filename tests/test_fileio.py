@@ -1,10 +1,11 @@
 """The shared plumbing: one JSONL reader (located errors), atomic writes, package versions, the
-chat-template hash, as every caller sees them."""
+chat-template hash and peak memory, as every caller sees them."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -138,12 +139,53 @@ def test_template_hash_one_definition():
     assert trainers.template_hash is context.template_hash is template_hash
 
 
-def test_no_module_reads_jsonl_by_hand():
-    """The duplicate readers fileio replaced stay gone (report/data.py reads a run's own samples.jsonl
+def test_peak_memory_on_cpu_sees_a_short_allocation():
+    from evalkit.memory import PeakMemory, max_rss_bytes, rss_bytes
+
+    now = rss_bytes()
+    assert now is not None and now > 2**20
+    assert max_rss_bytes() > now / 2  # same unit (bytes): a KiB count would read 1024 times smaller
+    with PeakMemory("cpu", interval_s=0.001) as peak:
+        block = bytearray(64 * 2**20)
+        for i in range(0, len(block), 4096):  # touch every page so it is resident
+            block[i] = 1
+        import time
+
+        time.sleep(0.05)
+        del block
+    assert peak.source == "cpu_peak_rss" and peak.mb >= now / 2**20 + 48
+
+
+def test_peak_memory_falls_back_to_the_lifetime_peak(monkeypatch):
+    from evalkit import memory
+
+    monkeypatch.setattr(memory, "rss_bytes", lambda: None)
+    with memory.PeakMemory("cpu") as peak:
+        pass
+    assert peak.source == "cpu_maxrss" and 0 < peak.mb * 2**20 <= memory.max_rss_bytes()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no resource module")
+def test_max_rss_unit(monkeypatch):
+    """ru_maxrss is KiB on Linux and bytes on macOS: the lifetime peak comes back in bytes on both."""
+    import resource
+
+    from evalkit import memory
+
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=1000))
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    assert memory.max_rss_bytes() == 1024 * 1000
+    monkeypatch.setattr(memory.sys, "platform", "darwin")
+    assert memory.max_rss_bytes() == 1000
+
+
+def test_no_module_reads_jsonl_or_memory_by_hand():
+    """The duplicates this module replaced stay gone (report/data.py reads a run's own samples.jsonl
     tolerantly, a torn last line included: a different job)."""
     root = Path(__file__).resolve().parent.parent
     for path in [*root.glob("evalkit/**/*.py"), *root.glob("trainers/**/*.py")]:
-        if path.name == "fileio.py" or "report" in path.parts:
+        if path.name in ("fileio.py", "memory.py") or "report" in path.parts:
             continue
         text = path.read_text()
+        assert "ru_maxrss" not in text and "/proc/self/statm" not in text, path
         assert "def _read_jsonl" not in text and "def read_jsonl" not in text, path

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import resource
 import shutil
 import time
 import uuid
@@ -21,6 +20,7 @@ from typing import Any
 
 from evalkit.errors import ConfigError, EvalkitError, missing_extra
 from evalkit.leakage import NORMALIZATION, find_overlap, train_index
+from evalkit.memory import PeakMemory
 from evalkit.models.base import ResolvedBase, disable_cpu_bf16_repack, load_base, resolve_base
 from evalkit.types import template_hash
 from trainers.data import load_training_rows, read_rows, split_rows
@@ -289,14 +289,13 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; LogCallback says it shorter
     trainer.add_callback(LogCallback())
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    trainer.train()
-    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-    history = trainer.state.log_history
-    if eval_rows and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in history):
-        trainer.evaluate()  # the held-out loss of the final adapter
+    with PeakMemory(device) as peak:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        trainer.train()
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+        history = trainer.state.log_history
+        if eval_rows and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in history):
+            trainer.evaluate()  # the held-out loss of the final adapter
     tokens = getattr(trainer, "_total_train_tokens", None) or max(
         (h.get("num_tokens", 0) for h in history), default=0)
 
@@ -317,7 +316,8 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
         "train_cpu_time_s": round(train_cpu_s, 2),  # all threads; on a busy shared machine wall time says less
         "train_tokens": int(tokens),
         "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else 0.0,
-        **_peak_memory(device),
+        "peak_memory_mb": round(peak.mb, 1),
+        "peak_memory_kind": peak.source,  # see evalkit/memory.py
         "final_train_loss": next((c["loss"] for c in reversed(curve) if "loss" in c), None),
         "final_eval_loss": next((c["eval_loss"] for c in reversed(curve) if "eval_loss" in c), None),
         "log": curve,
@@ -335,12 +335,3 @@ def _loss_curve(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry.update(vals)
     return [by_step[s] for s in sorted(by_step)]
 
-
-def _peak_memory(device: str) -> dict[str, Any]:
-    if device == "cuda":
-        import torch
-
-        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-                "peak_memory_kind": "cuda_max_allocated"}
-    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_memory_kind": "process_max_rss"}
