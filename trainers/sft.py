@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.errors import ConfigError, EvalkitError, missing_extra
+from evalkit.formatting import fmt_number
 from evalkit.leakage import NORMALIZATION, find_overlap, train_index
 from evalkit.memory import PeakMemory
 from evalkit.models.base import ResolvedBase, disable_cpu_bf16_repack, load_base, resolve_base
@@ -101,7 +102,7 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"saved adapter to {out} in {provenance['wall_time_s']:.0f}s ({provenance['tokens_per_s']:.0f} tokens/s, "
-        f"train loss {_fmt(run['final_train_loss'])}, eval loss {_fmt(run['final_eval_loss'])})")
+        f"train loss {fmt_number(run['final_train_loss'], '.3f')}, eval loss {fmt_number(run['final_eval_loss'], '.3f')})")
     return TrainResult(out, False, provenance)
 
 
@@ -143,10 +144,6 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _import(module: str, extra: str):
