@@ -18,11 +18,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from evalkit.compat import checkpointing_arg, disable_cpu_bf16_repack, trained_tokens, undo_cpu_bf16_repack
 from evalkit.errors import ConfigError, EvalkitError, missing_extra
 from evalkit.formatting import fmt_number
 from evalkit.leakage import NORMALIZATION, find_overlap, train_index
 from evalkit.memory import PeakMemory
-from evalkit.models.base import ResolvedBase, disable_cpu_bf16_repack, load_base, resolve_base
+from evalkit.models.base import ResolvedBase, load_base, resolve_base
 from evalkit.types import template_hash
 from trainers.data import load_training_rows, read_rows, split_rows
 from trainers.provenance import (
@@ -182,18 +183,7 @@ def guard_4bit_for_training(model) -> int:
     (see `disable_cpu_bf16_repack`) and undo it on layers an earlier no-grad forward already
     repacked, whose gradients would otherwise be silently wrong. Returns how many were undone."""
     disable_cpu_bf16_repack(model)
-    import bitsandbytes as bnb
-
-    undone = 0
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state)
-            undone += 1
-    return undone
+    return sum(undo_cpu_bf16_repack(module) for module in model.modules())
 
 
 def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, Any]], out_dir: Path, *,
@@ -237,9 +227,6 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
         return datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rs])
 
     t, lora = recipe.training, recipe.lora
-    # transformers 5 renamed gradient_checkpointing (a deprecated alias that warns) to activation_checkpointing
-    checkpointing_arg = ("activation_checkpointing" if "activation_checkpointing" in trl.SFTConfig.__dataclass_fields__
-                         else "gradient_checkpointing")
     try:
         args = trl.SFTConfig(
             output_dir=str(out_dir / "_trainer"), report_to="none", save_strategy="no", disable_tqdm=True,
@@ -250,7 +237,7 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
             lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio
             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=settings["optim"],
             bf16=settings["precision"] == "bf16", fp16=settings["precision"] == "fp16",
-            **{checkpointing_arg: settings["gradient_checkpointing"]},
+            **{checkpointing_arg(trl.SFTConfig): settings["gradient_checkpointing"]},
             logging_steps=t.logging_steps, logging_first_step=True,
             eval_strategy="steps" if eval_rows else "no", eval_steps=t.eval_steps or t.logging_steps,
             max_length=t.max_length, completion_only_loss=t.completion_only_loss)
@@ -293,8 +280,7 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
         history = trainer.state.log_history
         if eval_rows and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in history):
             trainer.evaluate()  # the held-out loss of the final adapter
-    tokens = getattr(trainer, "_total_train_tokens", None) or max(
-        (h.get("num_tokens", 0) for h in history), default=0)
+    tokens = trained_tokens(trainer, history)
 
     trainer.model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)  # tokenizer + chat_template.jinja: the template evaluation must use

@@ -40,8 +40,8 @@ def _name_key(name: str) -> str:
 
 def base_aliases(resolved: ResolvedBase, model_config: Any = None) -> set[str]:
     names = {resolved.spec.ref, resolved.path, resolved.sha256[:32]}
-    if model_config is not None and getattr(model_config, "_name_or_path", None):
-        names.add(model_config._name_or_path)
+    if model_config is not None and getattr(model_config, "name_or_path", None):
+        names.add(model_config.name_or_path)
     return {_name_key(n) for n in names if n}
 
 
