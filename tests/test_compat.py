@@ -1,4 +1,4 @@
-"""Canaries for the third-party internals evalkit.compat relies on.
+"""Canaries for the third-party internals evalkit.compat relies on, and for the tested version pins.
 
 Each test fails with a message naming the evalkit.compat function whose assumption broke, so an
 upgrade (a CI that resolved newer versions) says what to re-check instead of misbehaving later.
@@ -6,8 +6,10 @@ Fast: no model is loaded (the bitsandbytes round trip uses one 64x64 layer).
 """
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import re
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +18,7 @@ import pytest
 from evalkit import compat
 
 REPO = Path(__file__).resolve().parent.parent
+PINNED = ("lm-eval", "transformers", "trl", "peft", "bitsandbytes")
 
 
 # ---------------------------------------------------------------- lm-eval
@@ -184,3 +187,57 @@ def test_no_private_third_party_api_outside_compat():
             assert not re.search(pattern, text), f"{path.relative_to(REPO)} matches {pattern}: move it into evalkit/compat.py"
         if path.name != "mmlu.py":
             assert "_loglikelihood_tokens" not in text, path
+
+
+# ---------------------------------------------------------------- version pins
+
+def declared_requirements() -> list[str]:
+    """What evalkit declares: the checkout's pyproject.toml when the tests run from a source tree
+    (an editable install's metadata can lag behind it), else the installed distribution's metadata."""
+    pyproject = REPO / "pyproject.toml"
+    if pyproject.is_file():
+        project = tomllib.loads(pyproject.read_text())["project"]
+        if project["name"] == "evalkit":
+            return [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    return importlib.metadata.requires("evalkit") or []
+
+
+def test_tested_libraries_are_pinned_from_above():
+    from packaging.requirements import Requirement
+
+    reqs = {Requirement(r).name: Requirement(r) for r in declared_requirements()}
+    for name in PINNED:
+        uppers = [s for s in reqs[name].specifier if s.operator in ("<", "<=", "==", "~=")]
+        assert uppers, f"{name} is not pinned from above in pyproject.toml ({reqs[name]})"
+
+
+def outside_declared_ranges(version_of=importlib.metadata.version) -> list[str]:
+    """One line per installed requirement whose version evalkit's declared range excludes."""
+    from packaging.requirements import Requirement
+
+    outside = []
+    for text in declared_requirements():
+        req = Requirement(text)
+        if req.name == "evalkit":
+            continue
+        try:
+            installed = version_of(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an extra this environment does not install
+        if not req.specifier.contains(installed, prereleases=True):
+            outside.append(f"{req.name} {installed} is outside evalkit's tested range '{req.specifier}'")
+    return outside
+
+
+def test_installed_versions_are_within_the_declared_ranges():
+    outside = outside_declared_ranges()
+    assert not outside, ("; ".join(outside) + ". Re-run the tests on the new version (tests/test_compat.py checks the "
+                         "private APIs evalkit.compat relies on), then move the bound in pyproject.toml.")
+
+
+def test_a_newer_release_is_named():
+    def newer_transformers(name: str) -> str:
+        return "5.25.0" if name == "transformers" else importlib.metadata.version(name)
+
+    assert outside_declared_ranges(newer_transformers) == [
+        "transformers 5.25.0 is outside evalkit's tested range '<5.25,>=5.0'"]
