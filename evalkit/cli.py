@@ -13,6 +13,7 @@ from typing import Any
 
 from evalkit import __version__
 from evalkit.errors import ConfigError, EvalkitError, ExitCode
+from evalkit.formatting import fmt_number
 
 
 def _err(msg: str) -> None:
@@ -24,9 +25,7 @@ def _log(msg: str) -> None:
 
 
 def _fmt(x: Any, pct: bool = True) -> str:
-    if x is None or x != x:  # None or NaN (a metric with no valid score)
-        return "n/a"
-    return f"{x * 100:5.1f}" if pct else f"{x:.3g}"
+    return fmt_number(x, "5.1f", scale=100) if pct else fmt_number(x, ".3g")
 
 
 def print_summary(results: dict[str, Any], run_dir: Path) -> None:

@@ -6,7 +6,6 @@ per run whatever the number of variants and tasks.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from evalkit.config.suite import GenerationConfig, Suite, Variant
 from evalkit.memory import PeakMemory
 from evalkit.models.adapters import AdapterInfo
 from evalkit.models.base import ResolvedBase
-from evalkit.types import Case, Output, stable_hash
+from evalkit.types import Case, Output, stable_hash, template_hash
 
 
 @dataclass
@@ -63,10 +62,6 @@ def variant_fingerprint(base: ResolvedBase, variant: Variant, info: AdapterInfo 
     return stable_hash({"base": base.sha256, "adapter": info.sha256 if info else None,
                         "quantize": variant.quantize, "merge": variant.merge,
                         "merge_into": variant.merge_target, "chat_template": template_hash})
-
-
-def template_hash(tokenizer) -> str:
-    return hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest()
 
 
 def _mixable(lv: LoadedVariant) -> bool:

@@ -9,12 +9,14 @@ rounded floats) and within GRADED_TOLERANCE otherwise.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 from evalkit.config.suite import Gate, Suite, Task, Variant
+from evalkit.formatting import fmt_number
 from evalkit.stats import PairedComparison, clopper_pearson, mean_bound, metric_interval
 
 # Graded point estimates are means of floats: equal to a threshold up to summation rounding.
@@ -56,12 +58,8 @@ def exact(x: float) -> Fraction:
     return Fraction(repr(float(x)))
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None or x != x else f"{x:.4g}"
-
-
-def _pct(x: float) -> str:
-    return "n/a" if x != x else f"{x * 100:.2f}"
+_fmt = functools.partial(fmt_number, spec=".4g")
+_pct = functools.partial(fmt_number, spec=".2f", scale=100)
 
 
 def evaluate_gates(suite: Suite, scores: Mapping[tuple[str, str, str], Scores],

@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from evalkit.environment import environment  # noqa: F401  (the record's block; imported from here by the runner)
+from evalkit.fileio import atomic_write  # the reports import it from here too
+
 SCHEMA_VERSION = "1.1"  # 1.1: gate bounds and levels, invalid counts, Holm p, excludes_drop
-PACKAGES = ("evalkit", "torch", "transformers", "peft", "trl", "bitsandbytes", "lm_eval", "datasets", "openai",
-            "jsonschema", "safetensors", "accelerate")
 
 
 @dataclass
@@ -28,41 +25,6 @@ class RunLog:
 @cache
 def results_schema() -> dict[str, Any]:
     return json.loads(resources.files("evalkit.schemas").joinpath("results.schema.json").read_text())
-
-
-def environment(device: str) -> dict[str, Any]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "device": device,
-            "packages": versions}
-
-
-def atomic_write(path: Path, data: str | bytes | Iterable[str]) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file, and a
-    killed run leaves the previous file whole. The file gets the usual permissions (umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in [data] if isinstance(data, (str, bytes)) else data:
-                f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: a run folder is shared (CI artifacts)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@cache
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_run(run_dir: Path, results: dict[str, Any], samples: Iterable[dict[str, Any]]) -> None:

@@ -17,6 +17,18 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def template_hash(tokenizer_or_template: Any) -> str:
+    """sha256 of a chat template (a tokenizer's `chat_template`, or the template itself); "" when
+    there is none. Several named templates (a dict) hash as canonical JSON. The one definition:
+    part of every variant fingerprint (cache keys) and recorded with each trained adapter."""
+    template = tokenizer_or_template
+    if template is not None and not isinstance(template, (str, dict)):
+        template = getattr(tokenizer_or_template, "chat_template", None)
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return hashlib.sha256(template.encode()).hexdigest() if template else ""
+
+
 @dataclass(frozen=True)
 class Case:
     """One item to evaluate: a chat (`messages`) or a raw `prompt`, and what a good answer is."""

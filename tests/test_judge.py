@@ -327,7 +327,7 @@ def test_preflight_failures_are_config_errors_with_clear_messages(workdir, monke
         monkeypatch.setenv(KEY_ENV, KEY)
         with pytest.raises(ConfigError, match=r"model 'judg' is not listed .*available: judge, judge-large"):
             judge.preflight(make_task(srv.url, workdir, judge={"model": "judg"}))
-        judge.preflight(make_task(srv.url, workdir), workdir)  # all good
+        judge.preflight(make_task(srv.url, workdir))  # all good
         assert srv.counts["chat"] == 0  # preflight never spends a completion
 
     url = f"http://127.0.0.1:{_free_port()}/v1"

@@ -158,6 +158,7 @@ def test_each_recipe_trains_records_provenance_and_reuses(method, tiny_model_dir
     assert p["settings"]["dtype"] == "float32"  # QLoRA's compute dtype on CPU
     assert {"torch", "transformers", "peft", "trl", "bitsandbytes"} <= p["versions"].keys()
     assert p["steps"] == 2 and p["wall_time_s"] > 0 and p["tokens_per_s"] > 0 and p["peak_memory_mb"] > 0
+    assert p["peak_memory_kind"] == "cpu_peak_rss"  # sampled over training, as a run samples generation
     assert [c["step"] for c in p["log"]] == [1, 2] and all("loss" in c and "eval_loss" in c for c in p["log"])
     assert p["leakage"][0]["overlap"] == 0
     # chat-template parity: the template saved with the adapter is the base's, and its hash is recorded

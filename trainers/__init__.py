@@ -6,7 +6,8 @@
 
 Importing this package is cheap: torch, trl, peft, datasets and bitsandbytes load when training.
 """
-from trainers.provenance import PROVENANCE_FILE, read_provenance, template_hash
+from evalkit.types import template_hash
+from trainers.provenance import PROVENANCE_FILE, read_provenance
 from trainers.recipe import Recipe, load_recipe
 from trainers.sft import TrainResult, ensure_adapter
 

@@ -16,21 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.errors import ConfigError
+from evalkit.fileio import read_jsonl
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"invalid JSON: {e.msg}", file=path, line=n) from None
-            if not isinstance(row, dict):
-                raise ConfigError("each line must be a JSON object", file=path, line=n)
-            rows.append(row)
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a jsonl file (located errors: `evalkit.fileio.read_jsonl`); none is an error."""
+    rows = [row for _, row in read_jsonl(path)]
     if not rows:
         raise ConfigError("no rows", file=path)
     return rows
@@ -60,7 +51,7 @@ def to_trl_row(row: dict[str, Any], where: str) -> dict[str, Any]:
 def load_training_rows(path: Path) -> list[dict[str, Any]]:
     """The raw rows (for leakage checks) converted to trl rows, with an `id` each; one format per file."""
     out = []
-    for i, row in enumerate(read_jsonl(path)):
+    for i, row in enumerate(read_rows(path)):
         trl_row = to_trl_row(row, f"{path.name} row {i + 1}")
         if out and isinstance(out[0]["prompt"], str) != isinstance(trl_row["prompt"], str):
             raise ConfigError(f"{path.name} row {i + 1}: mixes chat rows and raw prompt/completion rows")

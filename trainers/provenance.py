@@ -6,8 +6,6 @@ versions of the training libraries. Its parts are stored too, so a retrain can s
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -15,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from evalkit.environment import package_versions, python_version
+from evalkit.fileio import atomic_write
 from evalkit.models.base import ResolvedBase, file_sha256
-from evalkit.runlog import atomic_write
 from evalkit.types import stable_hash
 
 PROVENANCE_FILE = "evalkit_train.json"
@@ -26,14 +25,9 @@ TRAIN_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
 RECORDED_LIBRARIES = (*TRAIN_LIBRARIES, "accelerate", "datasets", "evalkit")
 
 
-def package_versions(names: tuple[str, ...] = RECORDED_LIBRARIES) -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+def recorded_versions() -> dict[str, str | None]:
+    """The `versions` of a provenance record: Python, then every RECORDED_LIBRARIES package."""
+    return {"python": python_version(), **package_versions(RECORDED_LIBRARIES)}
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -47,10 +41,8 @@ def fingerprint_parts(recipe_dict: dict[str, Any], data_sha256: str, base: Resol
     data.pop("check_against")  # leakage report only; does not change the adapter
     training_view["data"] = data
     training_view.pop("base")  # identified by content hash below
-    versions = package_versions(TRAIN_LIBRARIES)
-    versions.pop("python")
     return {"recipe": stable_hash(training_view), "data": data_sha256, "base": base.sha256,
-            "versions": stable_hash(versions), "runner": str(RUNNER_VERSION)}
+            "versions": stable_hash(package_versions(TRAIN_LIBRARIES)), "runner": str(RUNNER_VERSION)}
 
 
 def fingerprint(parts: dict[str, str]) -> str:
@@ -65,16 +57,6 @@ def stale_reason(old: dict[str, Any] | None, parts: dict[str, str]) -> str:
             "versions": "library versions changed", "runner": "runner version changed"}
     changed = [msg for key, msg in what.items() if before.get(key) != parts.get(key)]
     return ", ".join(changed) or "fingerprint changed"
-
-
-def template_hash(tokenizer_or_template: Any) -> str:
-    """sha256 of a chat template (a tokenizer's, or the string itself); "" when there is none."""
-    template = tokenizer_or_template
-    if not isinstance(template, str) and template is not None:
-        template = getattr(tokenizer_or_template, "chat_template", None)
-    if isinstance(template, dict):  # several named templates
-        template = json.dumps(template, sort_keys=True)
-    return hashlib.sha256(template.encode()).hexdigest() if template else ""
 
 
 def device_info(device: str) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import resource
 import shutil
 import time
 import uuid
@@ -19,20 +18,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from evalkit.compat import checkpointing_arg, disable_cpu_bf16_repack, trained_tokens, undo_cpu_bf16_repack
 from evalkit.errors import ConfigError, EvalkitError, missing_extra
+from evalkit.formatting import fmt_number
 from evalkit.leakage import NORMALIZATION, find_overlap, train_index
-from evalkit.models.base import ResolvedBase, disable_cpu_bf16_repack, load_base, resolve_base
-from trainers.data import load_training_rows, read_jsonl, split_rows
+from evalkit.memory import PeakMemory
+from evalkit.models.base import ResolvedBase, load_base, resolve_base
+from evalkit.types import template_hash
+from trainers.data import load_training_rows, read_rows, split_rows
 from trainers.provenance import (
     SCHEMA_VERSION,
     device_info,
     file_record,
     fingerprint,
     fingerprint_parts,
-    package_versions,
     read_provenance,
+    recorded_versions,
     stale_reason,
-    template_hash,
     write_provenance,
 )
 from trainers.recipe import Recipe, load_recipe
@@ -90,7 +92,7 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
                      "train_index_normalization": NORMALIZATION},
             "leakage": leakage,
             "seed": recipe.seed,
-            "versions": package_versions(),
+            "versions": recorded_versions(),
             "started_at": started.isoformat(timespec="seconds"),
             **run,
             "wall_time_s": round(time.perf_counter() - t0, 2),
@@ -101,7 +103,7 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"saved adapter to {out} in {provenance['wall_time_s']:.0f}s ({provenance['tokens_per_s']:.0f} tokens/s, "
-        f"train loss {_fmt(run['final_train_loss'])}, eval loss {_fmt(run['final_eval_loss'])})")
+        f"train loss {fmt_number(run['final_train_loss'], '.3f')}, eval loss {fmt_number(run['final_eval_loss'], '.3f')})")
     return TrainResult(out, False, provenance)
 
 
@@ -110,7 +112,7 @@ def check_leakage(recipe: Recipe, rows: list[dict[str, Any]], log: Log) -> list[
     index = train_index(rows)
     report = []
     for path in recipe.data.check_against:
-        pairs = find_overlap(read_jsonl(path), index)
+        pairs = find_overlap(read_rows(path), index)
         report.append({"file": str(path), "sha256": file_record(path)["sha256"], "overlap": len(pairs),
                        "pairs": [list(p) for p in pairs]})
         if pairs:
@@ -143,10 +145,6 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _import(module: str, extra: str):
@@ -185,18 +183,7 @@ def guard_4bit_for_training(model) -> int:
     (see `disable_cpu_bf16_repack`) and undo it on layers an earlier no-grad forward already
     repacked, whose gradients would otherwise be silently wrong. Returns how many were undone."""
     disable_cpu_bf16_repack(model)
-    import bitsandbytes as bnb
-
-    undone = 0
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state)
-            undone += 1
-    return undone
+    return sum(undo_cpu_bf16_repack(module) for module in model.modules())
 
 
 def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, Any]], out_dir: Path, *,
@@ -205,100 +192,21 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
     record for provenance. `model` may be a base already loaded in this process (for QLoRA: in 4 bits)."""
     import torch
 
-    trl = _import("trl", "train")
-    datasets = _import("datasets", "train")
-    peft = _import("peft", "train")
-    from transformers import PrinterCallback, TrainerCallback, set_seed
+    libs = _training_libraries()
+    from transformers import set_seed
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = resolve_settings(recipe, device)
-    quantized = recipe.quantization is not None
-    if quantized:
-        _import("bitsandbytes", "quant")
-        if recipe.quantization.quant_type != "nf4" or not recipe.quantization.double_quant:
-            raise ConfigError("this runner trains QLoRA on an NF4 base with double quantization",
-                              file=recipe.source, path="quantization")
+    _check_quantization(recipe)
     set_seed(recipe.seed)
-    if model is None:
-        model, tok = load_base(resolved, quantize="nf4" if quantized else None,
-                               dtype=getattr(torch, settings["dtype"]), device=device)
-    else:
-        from evalkit.models.base import load_tokenizer
-
-        tok = load_tokenizer(resolved)
-    if tok.chat_template is None and not isinstance(rows[0]["prompt"], str):
-        raise EvalkitError(f"base '{resolved.spec.ref}' has no chat template; chat rows need one")
-    if quantized:
-        if undone := guard_4bit_for_training(model):
-            log(f"undid the CPU bf16 repack on {undone} 4-bit layers (a no-grad forward ran before training)")
-        model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings["gradient_checkpointing"])
-
+    model, tok = _model_for_training(recipe, resolved, rows, settings, model, libs.peft, log)
     train_rows, eval_rows = split_rows(rows, recipe.data.eval_fraction, recipe.seed)
-
-    def as_dataset(rs: list[dict[str, Any]]):
-        return datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rs])
-
-    t, lora = recipe.training, recipe.lora
-    # transformers 5 renamed gradient_checkpointing (a deprecated alias that warns) to activation_checkpointing
-    checkpointing_arg = ("activation_checkpointing" if "activation_checkpointing" in trl.SFTConfig.__dataclass_fields__
-                         else "gradient_checkpointing")
-    try:
-        args = trl.SFTConfig(
-            output_dir=str(out_dir / "_trainer"), report_to="none", save_strategy="no", disable_tqdm=True,
-            seed=recipe.seed, data_seed=recipe.seed, use_cpu=device == "cpu",
-            num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
-            per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
-            lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio
-            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=settings["optim"],
-            bf16=settings["precision"] == "bf16", fp16=settings["precision"] == "fp16",
-            **{checkpointing_arg: settings["gradient_checkpointing"]},
-            logging_steps=t.logging_steps, logging_first_step=True,
-            eval_strategy="steps" if eval_rows else "no", eval_steps=t.eval_steps or t.logging_steps,
-            max_length=t.max_length, completion_only_loss=t.completion_only_loss)
-    except ValueError as e:  # e.g. an unknown optim or scheduler name
-        raise ConfigError(str(e).splitlines()[0], file=recipe.source, path="training") from None
-    peft_config = peft.LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora, bias="none",
-        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
-        task_type="CAUSAL_LM")
-
-    datasets_bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=as_dataset(train_rows),
-                                 eval_dataset=as_dataset(eval_rows) if eval_rows else None,
-                                 processing_class=tok, peft_config=peft_config)
-    finally:
-        if datasets_bars:
-            datasets.enable_progress_bars()
-    if quantized and settings["dtype"] == "float32":
-        # trl casts QLoRA adapter weights to bf16 (the paper's GPU recipe); with a float32 compute
-        # dtype (CPU) that only loses precision in the updates, so keep them in float32.
-        for p in trainer.model.parameters():
-            if p.requires_grad and p.dtype == torch.bfloat16:
-                p.data = p.data.float()
-
-    class LogCallback(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            shown = [f"{k} {logs[k]:.4f}" for k in ("loss", "eval_loss") if k in (logs or {})]
-            if shown:
-                log(f"  step {state.global_step}/{state.max_steps}: " + ", ".join(shown))
-
-    trainer.remove_callback(PrinterCallback)  # prints raw dicts; LogCallback says it shorter
-    trainer.add_callback(LogCallback())
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    trainer.train()
-    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-    history = trainer.state.log_history
-    if eval_rows and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in history):
-        trainer.evaluate()  # the held-out loss of the final adapter
-    tokens = getattr(trainer, "_total_train_tokens", None) or max(
-        (h.get("num_tokens", 0) for h in history), default=0)
+    trainer = _sft_trainer(libs, model, tok, _sft_config(libs.trl, recipe, settings, out_dir, bool(eval_rows)),
+                           _lora_config(libs.peft, recipe), train_rows, eval_rows)
+    if recipe.quantization is not None and settings["dtype"] == "float32":
+        _keep_adapter_float32(trainer)
+    _log_steps(trainer, log)
+    measured = _train(trainer, device, final_eval=bool(eval_rows))
 
     trainer.model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)  # tokenizer + chat_template.jinja: the template evaluation must use
@@ -313,14 +221,146 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
         "device": device_info(device),
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 3),
+        **measured,
+        "final_train_loss": next((c["loss"] for c in reversed(curve) if "loss" in c), None),
+        "final_eval_loss": next((c["eval_loss"] for c in reversed(curve) if "eval_loss" in c), None),
+        "log": curve,
+    }
+
+
+@dataclass(frozen=True)
+class _Libraries:
+    trl: Any
+    datasets: Any
+    peft: Any
+
+
+def _training_libraries() -> _Libraries:
+    """trl, datasets and peft, imported only when training (a missing one names the extra)."""
+    return _Libraries(_import("trl", "train"), _import("datasets", "train"), _import("peft", "train"))
+
+
+def _check_quantization(recipe: Recipe) -> None:
+    """QLoRA here means an NF4 base with double quantization, through bitsandbytes."""
+    if recipe.quantization is None:
+        return
+    _import("bitsandbytes", "quant")
+    if recipe.quantization.quant_type != "nf4" or not recipe.quantization.double_quant:
+        raise ConfigError("this runner trains QLoRA on an NF4 base with double quantization",
+                          file=recipe.source, path="quantization")
+
+
+def _model_for_training(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, Any]], settings: dict[str, Any],
+                        model, peft, log: Log):
+    """(model, tokenizer): the base loaded for training (or the one given), made safe to train in 4 bits."""
+    import torch
+
+    quantized = recipe.quantization is not None
+    if model is None:
+        model, tok = load_base(resolved, quantize="nf4" if quantized else None,
+                               dtype=getattr(torch, settings["dtype"]), device=settings["device"])
+    else:
+        from evalkit.models.base import load_tokenizer
+
+        tok = load_tokenizer(resolved)
+    if tok.chat_template is None and not isinstance(rows[0]["prompt"], str):
+        raise EvalkitError(f"base '{resolved.spec.ref}' has no chat template; chat rows need one")
+    if quantized:
+        if undone := guard_4bit_for_training(model):
+            log(f"undid the CPU bf16 repack on {undone} 4-bit layers (a no-grad forward ran before training)")
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings["gradient_checkpointing"])
+    return model, tok
+
+
+def _sft_config(trl, recipe: Recipe, settings: dict[str, Any], out_dir: Path, has_eval: bool):
+    """trl's SFTConfig from the recipe's `training` block; an option trl rejects is a ConfigError there."""
+    t = recipe.training
+    try:
+        return trl.SFTConfig(
+            output_dir=str(out_dir / "_trainer"), report_to="none", save_strategy="no", disable_tqdm=True,
+            seed=recipe.seed, data_seed=recipe.seed, use_cpu=settings["device"] == "cpu",
+            num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+            per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio
+            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=settings["optim"],
+            bf16=settings["precision"] == "bf16", fp16=settings["precision"] == "fp16",
+            **{checkpointing_arg(trl.SFTConfig): settings["gradient_checkpointing"]},
+            logging_steps=t.logging_steps, logging_first_step=True,
+            eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps or t.logging_steps,
+            max_length=t.max_length, completion_only_loss=t.completion_only_loss)
+    except ValueError as e:  # e.g. an unknown optim or scheduler name
+        raise ConfigError(str(e).splitlines()[0], file=recipe.source, path="training") from None
+
+
+def _lora_config(peft, recipe: Recipe):
+    lora = recipe.lora
+    return peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora, bias="none",
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+        task_type="CAUSAL_LM")
+
+
+def _sft_trainer(libs: _Libraries, model, tok, args, peft_config, train_rows: list[dict[str, Any]],
+                 eval_rows: list[dict[str, Any]]):
+    """trl's SFTTrainer on prompt/completion datasets, without datasets' progress bars while it maps them."""
+    def as_dataset(rs: list[dict[str, Any]]):
+        return libs.datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rs])
+
+    datasets_bars = libs.datasets.is_progress_bar_enabled()
+    libs.datasets.disable_progress_bars()
+    try:
+        return libs.trl.SFTTrainer(model=model, args=args, train_dataset=as_dataset(train_rows),
+                                   eval_dataset=as_dataset(eval_rows) if eval_rows else None,
+                                   processing_class=tok, peft_config=peft_config)
+    finally:
+        if datasets_bars:
+            libs.datasets.enable_progress_bars()
+
+
+def _keep_adapter_float32(trainer) -> None:
+    """trl casts QLoRA adapter weights to bf16 (the paper's GPU recipe); with a float32 compute
+    dtype (CPU) that only loses precision in the updates, so keep them in float32."""
+    import torch
+
+    for p in trainer.model.parameters():
+        if p.requires_grad and p.dtype == torch.bfloat16:
+            p.data = p.data.float()
+
+
+def _log_steps(trainer, log: Log) -> None:
+    """Log train / eval loss per logging step in one short line (instead of trl's raw dicts)."""
+    from transformers import PrinterCallback, TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            shown = [f"{k} {logs[k]:.4f}" for k in ("loss", "eval_loss") if k in (logs or {})]
+            if shown:
+                log(f"  step {state.global_step}/{state.max_steps}: " + ", ".join(shown))
+
+    trainer.remove_callback(PrinterCallback)  # prints raw dicts; LogCallback says it shorter
+    trainer.add_callback(LogCallback())
+
+
+def _train(trainer, device: str, *, final_eval: bool) -> dict[str, Any]:
+    """Run training (and the held-out loss of the final adapter, when the last step logged none);
+    returns its time, tokens and peak memory for the run record."""
+    with PeakMemory(device) as peak:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        trainer.train()
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+        history = trainer.state.log_history
+        if final_eval and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h for h in history):
+            trainer.evaluate()
+    tokens = trained_tokens(trainer, history)
+    return {
         "train_time_s": round(train_s, 2),
         "train_cpu_time_s": round(train_cpu_s, 2),  # all threads; on a busy shared machine wall time says less
         "train_tokens": int(tokens),
         "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else 0.0,
-        **_peak_memory(device),
-        "final_train_loss": next((c["loss"] for c in reversed(curve) if "loss" in c), None),
-        "final_eval_loss": next((c["eval_loss"] for c in reversed(curve) if "eval_loss" in c), None),
-        "log": curve,
+        "peak_memory_mb": round(peak.mb, 1),
+        "peak_memory_kind": peak.source,  # see evalkit/memory.py
     }
 
 
@@ -335,12 +375,3 @@ def _loss_curve(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry.update(vals)
     return [by_step[s] for s in sorted(by_step)]
 
-
-def _peak_memory(device: str) -> dict[str, Any]:
-    if device == "cuda":
-        import torch
-
-        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-                "peak_memory_kind": "cuda_max_allocated"}
-    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_memory_kind": "process_max_rss"}

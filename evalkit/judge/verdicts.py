@@ -15,6 +15,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from evalkit.formatting import plain_number
 from evalkit.scorers.structured import clip, parse_json_output
 from evalkit.types import Score
 
@@ -83,7 +84,7 @@ def rubric_messages(rubric: str, conversation: str, response: str, scale: Scale,
         ask = ('Does the response pass the rubric? Reply with JSON only, exactly in this form: '
                '{"verdict": "pass" or "fail", "reason": "<one short sentence>"}')
     else:
-        lo, hi = (_fmt(v) for v in scale)
+        lo, hi = (plain_number(v) for v in scale)
         ask = (f"Grade the response from {lo} (worst) to {hi} (best). Reply with JSON only, exactly in this form: "
                f'{{"score": <integer from {lo} to {hi}>, "reason": "<one short sentence>"}}')
     user = (f"# Rubric\n{rubric.strip()}\n\n# Conversation\n{conversation}\n\n{_reference_block(reference)}"
@@ -106,10 +107,6 @@ def reask_messages(messages: Sequence[Mapping[str, str]], bad_reply: str, error:
     return [*map(dict, messages), {"role": "assistant", "content": bad_reply},
             {"role": "user", "content": f"That reply is not a valid verdict ({error}). "
                                         "Reply again with only the JSON object, in the form asked."}]
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else str(v)
 
 
 # ---------------------------------------------------------------- parsing
@@ -313,5 +310,5 @@ def human_label(label: Any, mode: str, scale: Scale) -> Hashable:
             return int(label is True or str(label).lower() == "pass")
         raise ValueError(f"pass_fail label must be pass or fail, not {label!r}")
     if isinstance(label, bool) or not isinstance(label, (int, float)) or not scale[0] <= label <= scale[1]:
-        raise ValueError(f"label must be a number from {_fmt(scale[0])} to {_fmt(scale[1])}, not {label!r}")
+        raise ValueError(f"label must be a number from {plain_number(scale[0])} to {plain_number(scale[1])}, not {label!r}")
     return round(label)

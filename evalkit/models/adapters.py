@@ -40,8 +40,8 @@ def _name_key(name: str) -> str:
 
 def base_aliases(resolved: ResolvedBase, model_config: Any = None) -> set[str]:
     names = {resolved.spec.ref, resolved.path, resolved.sha256[:32]}
-    if model_config is not None and getattr(model_config, "_name_or_path", None):
-        names.add(model_config._name_or_path)
+    if model_config is not None and getattr(model_config, "name_or_path", None):
+        names.add(model_config.name_or_path)
     return {_name_key(n) for n in names if n}
 
 
@@ -80,7 +80,7 @@ def _check_safetensors(weights: Path) -> None:
 
     try:
         with safe_open(str(weights), framework="pt") as f:
-            for k in f.keys():  # noqa: SIM118  (safe_open is not iterable)
+            for k in f.keys():  # noqa: SIM118  (safe_open is not iterable since safetensors 0.8)
                 f.get_slice(k).get_shape()
     except Exception as e:
         raise ModelError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
@@ -92,7 +92,7 @@ def adapter_shapes(info: AdapterInfo) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     with safe_open(str(info.weights), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118  (not iterable since 0.8)
 
 
 def check_fits_base(info: AdapterInfo, base_model, resolved: ResolvedBase) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from evalkit.compat import disable_cpu_bf16_repack, unmark_gguf_quantized
 from evalkit.errors import ConfigError, ModelError
-from evalkit.runlog import atomic_write
+from evalkit.fileio import atomic_write
 from evalkit.shape import Shape, invalid
 
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -159,11 +160,7 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
     with contextlib.redirect_stderr(io.StringIO()):
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights
-    # are already plain float tensors, so drop the marker and save a normal folder.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    unmark_gguf_quantized(model)  # the weights are plain float tensors: save a normal folder
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
     try:
@@ -240,19 +237,3 @@ def load_base(resolved: ResolvedBase, *, quantize: str | None = None, dtype: Any
         model.to(device)
     model.eval()
     return model, load_tokenizer(resolved)
-
-
-def disable_cpu_bf16_repack(model) -> int:
-    """bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs at the first no-grad forward, after
-    which gradients through frozen layers are silently wrong (QLoRA learns nothing). Turn it off
-    on every Linear4bit before any forward. Returns how many layers were touched."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
-    n = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n

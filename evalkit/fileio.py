@@ -1,0 +1,97 @@
+"""Reading and writing evalkit's files: JSON Lines input with located errors, atomic output.
+
+Every jsonl file evalkit or its trainers read (suite data, judge anchors, training rows, MMLU
+rows) goes through `iter_jsonl`; each caller then checks its own row shape. Every record
+evalkit writes (results, samples, reports, provenance, hash memos) goes through `atomic_write`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from evalkit.errors import ConfigError
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSON Lines file, read lazily.
+
+    A missing file, a line that is not UTF-8 text and a line that is not valid JSON each raise a
+    ConfigError that names the file (and the line): the CLI prints it without a traceback. Lines
+    end at "\\n" only, as JSON Lines says (a U+2028 inside a string does not split a row), and a
+    UTF-8 byte order mark at the start of the file is ignored.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:  # bytes: a decoding error can then be pinned to its line
+            yield from _parse_lines(path, f)
+    except FileNotFoundError:
+        raise ConfigError(f"file not found: {path}") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _parse_lines(path: Path, f: Iterable[bytes]) -> Iterator[tuple[int, Any]]:
+    for lineno, raw in enumerate(f, 1):
+        try:
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line",
+                              file=path, line=lineno, hint="JSON Lines files must be UTF-8: re-save it as UTF-8"
+                              ) from None
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"invalid JSON: {e.msg} (column {e.colno})", file=path, line=lineno) from None
+        yield lineno, value
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """Every row of a JSON Lines file of objects, with its line number (see `iter_jsonl`); a row
+    that is not a JSON object is a ConfigError at its line."""
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise ConfigError(f"each line must be a JSON object, not {_json_kind(row)}", file=path, line=lineno)
+        rows.append((lineno, row))
+    return rows
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return "a number"
+
+
+def atomic_write(path: str | Path, data: str | bytes | Iterable[str | bytes]) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file, and a
+    killed run leaves the previous file whole. The file gets the usual permissions (umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in [data] if isinstance(data, (str, bytes)) else data:
+                f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: a run folder is shared (CI artifacts)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
