@@ -48,15 +48,15 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
     for task in suite.tasks:  # fail in seconds, before any training or model load
         preflight = getattr(_task_kind(task), "preflight", None)
         if preflight is not None:
-            with _about_task(suite, task):
+            with _locate_task_errors(suite, task):
                 preflight(task, suite)
     suite = _train_adapters(suite, log)
     infos = {}
     for v in suite.variants:
         if v.adapter:
-            with _about(suite, suite.variant_path(v.name)):
+            with _locate_errors(suite, suite.variant_path(v.name)):
                 infos[v.name] = inspect_adapter(v.adapter, allow_pickle=v.allow_pickle)
-    with _about(suite, ("base",)):
+    with _locate_errors(suite, ("base",)):
         resolved = resolve_base(suite.base, suite.dir)
     cache = Cache((cache_path or cache_root() / "results.sqlite") if use_cache else None)
     try:
@@ -65,7 +65,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
         results: dict[str, TaskResult] = {}
         for task in suite.tasks:
             log(f"task {task.name} ({task.kind})")
-            with _about_task(suite, task):
+            with _locate_task_errors(suite, task):
                 results[task.name] = _task_kind(task).run(ctx, task)
         checks += _post_checks(ctx, results, log)
         record, samples = _assemble(suite, ctx, infos, results, checks, started)
@@ -79,7 +79,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
 
 
 @contextlib.contextmanager
-def _about(suite: Suite, path: YamlPath) -> Iterator[None]:
+def _locate_errors(suite: Suite, path: YamlPath) -> Iterator[None]:
     """A user-facing error raised while acting on one part of the suite (its adapter, its base) is
     re-raised at that part's FILE:LINE PATH, unless it already names a file."""
     try:
@@ -93,7 +93,7 @@ def _about(suite: Suite, path: YamlPath) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _about_task(suite: Suite, task: Task) -> Iterator[None]:
+def _locate_task_errors(suite: Suite, task: Task) -> Iterator[None]:
     """A task's own error (bad parameters, an unreachable judge) names the suite file and the
     task's line; its YAML path is the task's, or the one the task gave."""
     try:
@@ -133,7 +133,7 @@ def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, Adapte
     """The run's variants with their fingerprints (content addresses). The models behind them load
     on first use (`RunContext.ensure_models`), so an unchanged rerun that the cache answers whole
     never loads one; the tokenizer is enough to render prompts and key the cache."""
-    with _about(suite, ("base",)):
+    with _locate_errors(suite, ("base",)):
         tokenizer = load_tokenizer(resolved)
     ctx = RunContext(suite=suite, base=resolved, tokenizer=tokenizer, variants=[], cache=cache, log=log,
                      progress=progress, loader=lambda ctx: _load_models(ctx, infos))
@@ -150,17 +150,17 @@ def _load_models(ctx: RunContext, infos: dict[str, AdapterInfo]) -> None:
     one per quantization; merged copies apart."""
     suite, resolved = ctx.suite, ctx.base
     ctx.log(f"loading base {resolved.spec.ref}")
-    with _about(suite, ("base",)):
+    with _locate_errors(suite, ("base",)):
         ctx.models["full"] = load_base(resolved)[0]
     for name, info in infos.items():
-        with _about(suite, suite.variant_path(name)):
+        with _locate_errors(suite, suite.variant_path(name)):
             check_fits_base(info, ctx.models["full"], resolved)
     merged = {}
     for lv in ctx.variants:
         v = lv.variant
         if lv.info is None:
             continue
-        with _about(suite, suite.variant_path(v.name)):
+        with _locate_errors(suite, suite.variant_path(v.name)):
             if v.merge:
                 merged[v.name] = _merged(ctx, v, lv.info)
             else:
