@@ -180,8 +180,9 @@ def _subject_chart(per_subject: dict[str, Any], reference: str, colors: dict[str
 
 
 def _loss_series(prov: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
-    """Train and eval loss by step from whichever history a trainer recorded (HF log_history or a list)."""
-    rows = next((prov[k] for k in ("log_history", "loss", "history", "losses") if isinstance(prov.get(k), list)), [])
+    """Train and eval loss by step from whichever history a trainer recorded (the bundled trainers' `log`,
+    HF log_history, or a list)."""
+    rows = next((prov[k] for k in ("log", "log_history", "loss", "history", "losses") if isinstance(prov.get(k), list)), [])
     train, train_alt, evals = [], [], []
     for i, row in enumerate(rows):
         if is_num(row):  # a bare list of losses
