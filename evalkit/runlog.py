@@ -1,4 +1,4 @@
-"""The on-disk run record: results.json (versioned schema) + samples.jsonl, written atomically."""
+"""The run folder on disk: results.json (the record, `evalkit.record`) + samples.jsonl, written atomically."""
 from __future__ import annotations
 
 import json
@@ -8,21 +8,29 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "1.1"  # 1.1: gate bounds and levels, invalid counts, Holm p, excludes_drop
+from evalkit.record import Environment, RunRecord
+
 PACKAGES = ("evalkit", "torch", "transformers", "peft", "trl", "bitsandbytes", "lm_eval", "datasets", "openai",
             "jsonschema", "safetensors", "accelerate")
 
 
-@dataclass
-class RunLog:
-    results: dict[str, Any]
+@dataclass(frozen=True)
+class RunResult:
+    """What `evaluate` returns: the run's record, the folder it was written to, the CLI's exit code."""
+
+    record: RunRecord
     run_dir: Path
     exit_code: int
+
+    @cached_property
+    def results(self) -> dict[str, Any]:
+        """The record as results.json holds it (plain JSON); `record` is the typed view."""
+        return self.record.to_json()
 
 
 @cache
@@ -30,15 +38,15 @@ def results_schema() -> dict[str, Any]:
     return json.loads(resources.files("evalkit.schemas").joinpath("results.schema.json").read_text())
 
 
-def environment(device: str) -> dict[str, Any]:
+def environment(device: str) -> Environment:
     versions = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name.replace("_", "-"))
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "device": device,
-            "packages": versions}
+    return Environment(python=sys.version.split()[0], platform=platform.platform(), device=device,
+                       packages=versions)
 
 
 def atomic_write(path: Path, data: str | bytes | Iterable[str]) -> None:
@@ -65,9 +73,9 @@ def _umask() -> int:
     return mask
 
 
-def write_run(run_dir: Path, results: dict[str, Any], samples: Iterable[dict[str, Any]]) -> None:
+def write_run(run_dir: Path, record: RunRecord, samples: Iterable[dict[str, Any]]) -> None:
     atomic_write(run_dir / "samples.jsonl", (json.dumps(clean(s), ensure_ascii=False) + "\n" for s in samples))
-    atomic_write(run_dir / "results.json", [json.dumps(clean(results), indent=2, ensure_ascii=False)])
+    atomic_write(run_dir / "results.json", [json.dumps(record.to_json(), indent=2, ensure_ascii=False)])
 
 
 def clean(o: Any) -> Any:
