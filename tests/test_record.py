@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 from fixtures.run_folder import HOSTILE, RECORDS, make_run, schema_1_1, write_run
 
+from evalkit.cli import print_summary
 from evalkit.errors import EvalkitError, ExitCode
 from evalkit.record import (
     SCHEMA_FILE,
@@ -51,7 +52,7 @@ def test_a_record_round_trips_through_json():
 
 
 @pytest.mark.parametrize("path", FROZEN, ids=lambda p: p.name)
-def test_frozen_old_records_load_and_render(tmp_path, path):
+def test_frozen_old_records_load_and_render(tmp_path, capsys, path):
     old = json.loads(path.read_text(encoding="utf-8"))
     jsonschema.Draft202012Validator(schema_1_1()).validate(old)  # valid in its day
     run_dir = tmp_path / "run"
@@ -80,6 +81,10 @@ def test_frozen_old_records_load_and_render(tmp_path, path):
         assert 'id="canary"' in html and "What this run rules out" in html
     if any(v.get("provenance") for v in old["variants"]):
         assert 'id="training"' in html and "<polyline" in html
+
+    print_summary(record, run_dir)  # the console reads the same record
+    console = capsys.readouterr().out
+    assert all(g["id"] in console for g in old["gates"]) and console.rstrip().endswith(f"(run folder: {run_dir})")
 
 
 def test_a_1_0_record_is_migrated(tmp_path):
