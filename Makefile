@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo judge-demo lint test browser bench clean
+.PHONY: setup demo judge-demo lint test browser bench schema clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,10 @@ bench: setup
 	$(BIN)/python bench/bench_matrix.py
 	$(BIN)/python bench/bench_canary.py
 	$(BIN)/python bench/bench_verdicts.py
+
+# results.schema.json is generated from evalkit/record.py (a test fails when it is stale).
+schema: setup
+	$(BIN)/python -m evalkit.record --schema --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info

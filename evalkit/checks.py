@@ -1,6 +1,6 @@
 """Checks that catch silent failures no score shows: the inert adapter, the lossy merge, leakage.
 
-Each returns check records {name, variant, passed, message, details}; gates with `check:` read
+Each returns `CheckRecord`s (name, variant, passed, message, details); gates with `check:` read
 them, and a hard failure (an adapter that changes nothing) raises before any scoring.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 from evalkit.backends.hf import render_prompt
 from evalkit.cache import adapter_active_key
 from evalkit.config.suite import CasesTask
+from evalkit.record import CheckRecord
 from evalkit.types import Case
 
 PROBES = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning",
@@ -54,7 +55,7 @@ def _diff(a, b) -> tuple[float, float]:
     return max_abs, float(agree.mean())
 
 
-def adapter_active(ctx, log) -> list[dict[str, Any]]:
+def adapter_active(ctx, log) -> list[CheckRecord]:
     """Every adapter variant must move the logits beyond numerical noise; otherwise it is inert
     (zero B matrices, wrong target modules, a loader that dropped it) and scoring it is a lie.
     A passed check is cached under the variant's fingerprint, so a rerun loads no model for it."""
@@ -79,10 +80,10 @@ def adapter_active(ctx, log) -> list[dict[str, Any]]:
                     "wrong target_modules, or weights that did not load?)"))
             found = {"max_abs_logit_diff": max_abs, "top1_agreement": agree}
             ctx.cache.put(key, found)
-        records.append({"name": "adapter_active", "variant": lv.name, "passed": True,
-                        "message": f"max |logit diff| vs base {found['max_abs_logit_diff']:.3g}, "
-                                   f"top-1 agreement {found['top1_agreement']:.1%}",
-                        "details": found})
+        records.append(CheckRecord(name="adapter_active", variant=lv.name, passed=True,
+                                   message=f"max |logit diff| vs base {found['max_abs_logit_diff']:.3g}, "
+                                           f"top-1 agreement {found['top1_agreement']:.1%}",
+                                   details=found))
     return records
 
 
@@ -105,7 +106,7 @@ def _base_on(ctx, lv):
     return _BaseView(ctx.model_for(lv.variant.quantize) if lv.variant.merge else lv.model)
 
 
-def leakage(ctx, log) -> list[dict[str, Any]]:
+def leakage(ctx, log) -> list[CheckRecord]:
     """Eval cases that also appear in an adapter's training data, through `leakage.adapter_overlap`
     on the index its trainer stored in its provenance. An adapter without an index made with this
     normalization gets no record: its leakage cannot be told (one with provenance says so)."""
@@ -128,8 +129,8 @@ def leakage(ctx, log) -> list[dict[str, Any]]:
                + (" ..." if len(overlaps) > 5 else "")) if overlaps else "no eval case appears in the training data"
         if overlaps:
             log(f"WARNING: leakage: {msg}")
-        records.append({"name": "no_leakage", "variant": lv.name, "passed": not overlaps, "message": msg,
-                        "details": {"overlaps": [{"task": t, "case_id": e, "train_id": tr} for t, e, tr in overlaps]}})
+        records.append(CheckRecord(name="no_leakage", variant=lv.name, passed=not overlaps, message=msg, details={
+            "overlaps": [{"task": t, "case_id": e, "train_id": tr} for t, e, tr in overlaps]}))
     return records
 
 
@@ -141,7 +142,7 @@ def _tolerance(ctx, check: str, variant: str, key: str, default: float) -> float
     return default if value is None else value
 
 
-def merge_equivalence(ctx, results, log) -> list[dict[str, Any]]:
+def merge_equivalence(ctx, results, log) -> list[CheckRecord]:
     """Merged variant vs its unmerged twin on probe prompts and task cases (max |logit diff|, top-1
     agreement at every position) and on the task scores (paired deltas, reported). A merge into a
     full-precision base matches its twin to fp32 noise; a merge into a 4-bit base re-quantizes
@@ -174,13 +175,14 @@ def merge_equivalence(ctx, results, log) -> list[dict[str, Any]]:
             msg += "; paired score deltas " + ", ".join(
                 f"{k} {c['delta']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" for k, c in scores.items())
         log(("" if passed else "FAIL: ") + f"merge_equivalence: {msg}")
-        records.append({"name": "merge_equivalence", "variant": lv.name, "passed": passed, "message": msg,
-                        "details": {"twin": twin.name, "merge_into": lv.variant.merge_target,
-                                    "quantize": lv.variant.quantize, "max_abs_logit_diff": max_abs,
-                                    "top1_agreement": agree, "tolerance": tol, "min_top1_agreement": min_agree,
-                                    **{f"{k}_max_abs_logit_diff": d for k, (d, _) in per_set.items()},
-                                    **{f"{k}_top1_agreement": g for k, (_, g) in per_set.items()},
-                                    "score_deltas": scores, "n_prompts": len(probes) + len(cases)}})
+        records.append(CheckRecord(
+            name="merge_equivalence", variant=lv.name, passed=passed, message=msg,
+            details={"twin": twin.name, "merge_into": lv.variant.merge_target, "quantize": lv.variant.quantize,
+                     "max_abs_logit_diff": max_abs, "top1_agreement": agree, "tolerance": tol,
+                     "min_top1_agreement": min_agree,
+                     **{f"{k}_max_abs_logit_diff": d for k, (d, _) in per_set.items()},
+                     **{f"{k}_top1_agreement": g for k, (_, g) in per_set.items()},
+                     "score_deltas": scores, "n_prompts": len(probes) + len(cases)}))
     return records
 
 

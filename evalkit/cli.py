@@ -9,11 +9,14 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evalkit import __version__
 from evalkit.errors import ConfigError, EvalkitError, ExitCode
 from evalkit.formatting import fmt_number
+
+if TYPE_CHECKING:
+    from evalkit.record import RunRecord
 
 
 def _err(msg: str) -> None:
@@ -28,32 +31,32 @@ def _fmt(x: Any, pct: bool = True) -> str:
     return fmt_number(x, "5.1f", scale=100) if pct else fmt_number(x, ".3g")
 
 
-def print_summary(results: dict[str, Any], run_dir: Path) -> None:
+def print_summary(record: RunRecord, run_dir: Path) -> None:
     """Metrics per task and variant with intervals and paired deltas, then the gate table."""
     from evalkit.report.data import excludes_line, ruled_out
 
-    ref = _reference(results)
-    cmp = {(c["task"], c["metric"], c["variant"]): c for c in results["comparisons"] if c["vs"] == ref}
-    width = max([14] + [len(v["name"]) for v in results["variants"]])
-    print(f"\n{results['suite']['name']}: {len(results['variants'])} variant(s) on base {results['base']['ref']}")
-    for task in results["tasks"]:
-        print(f"\n  task {task['name']} ({task['kind']}, {task['n_cases']} cases)   value % [95% CI]   "
+    ref = record.reference
+    cmp = {(c.task, c.metric, c.variant): c for c in record.comparisons if c.vs == ref}
+    width = max([14] + [len(v.name) for v in record.variants])
+    print(f"\n{record.suite.name}: {len(record.variants)} variant(s) on base {record.base.ref}")
+    for task in record.tasks:
+        print(f"\n  task {task.name} ({task.kind}, {task.n_cases} cases)   value % [95% CI]   "
               f"delta vs {ref} (pts) [95% CI] p")
-        for m in [m for m in results["metrics"] if m["task"] == task["name"]]:
-            c = cmp.get((m["task"], m["metric"], m["variant"]))
+        for m in [m for m in record.metrics if m.task == task.name]:
+            c = cmp.get((m.task, m.metric, m.variant))
             delta = ""
-            if c and c["delta"] is not None:
-                mark = " *" if c["significant"] else ""
-                counts = f" ({c['n_ref_only']} lost / {c['n_cand_only']} gained)" if c["n_ref_only"] is not None else ""
-                delta = (f"{c['delta'] * 100:+6.1f} [{c['low'] * 100:+.1f}, {c['high'] * 100:+.1f}] "
-                         f"p={c['p_value']:.3g}{mark}{counts}")
-            inv = f" ({m['n_invalid']} invalid)" if m["n_invalid"] else ""
-            print(f"    {m['metric']:<16} {m['variant']:<{width}} {_fmt(m['value'])} "
-                  f"[{_fmt(m['low'])}, {_fmt(m['high'])}]   {delta}{inv}")
-        for c in ruled_out(results):
-            if c["task"] == task["name"]:
+            if c and c.delta is not None:
+                mark = " *" if c.significant else ""
+                counts = f" ({c.n_ref_only} lost / {c.n_cand_only} gained)" if c.n_ref_only is not None else ""
+                delta = (f"{c.delta * 100:+6.1f} [{c.low * 100:+.1f}, {c.high * 100:+.1f}] "
+                         f"p={c.p_value:.3g}{mark}{counts}")
+            inv = f" ({m.n_invalid} invalid)" if m.n_invalid else ""
+            print(f"    {m.metric:<16} {m.variant:<{width}} {_fmt(m.value)} "
+                  f"[{_fmt(m.low)}, {_fmt(m.high)}]   {delta}{inv}")
+        for c in ruled_out(record):
+            if c.task == task.name:
                 print(f"    {excludes_line(c)}")
-        per_subject = (task.get("extras") or {}).get("per_subject")
+        per_subject = task.extras.get("per_subject")  # the canary's (mmlu) extras
         if per_subject:
             print("    per-subject accuracy:")
             subjects = sorted({s for v in per_subject.values() for s in v})
@@ -62,23 +65,22 @@ def print_summary(results: dict[str, Any], run_dir: Path) -> None:
             for s in subjects:
                 print("      " + f"{s[:36]:<36}" + "".join(
                     f"{_fmt(per_subject[n].get(s, {}).get('accuracy')):>13}" for n in names))
-        judge = (task.get("extras") or {}).get("judge")
+        judge = task.extras.get("judge")  # the judge task's extras
         if judge:
             print("    " + _judge_noise(judge))
-    for c in results["checks"]:
-        if not c["passed"]:
-            print(f"\n  check {c['name']}[{c['variant']}] FAILED: {c.get('message', '')}")
-    gates = results["gates"]
-    if gates:
+    for check in record.checks:
+        if not check.passed:
+            print(f"\n  check {check.name}[{check.variant}] FAILED: {check.message}")
+    if record.gates:
         print("\n  gates:")
-        for g in gates:
-            print(f"    {'PASS' if g['passed'] else 'FAIL'}  {g['id']:<40} {g['message']}")
-    if any(c["significant"] for c in results["comparisons"]):
+        for g in record.gates:
+            print(f"    {'PASS' if g.passed else 'FAIL'}  {g.id:<40} {g.message}")
+    if any(c.significant for c in record.comparisons):
         print(f"\n  * significant at 5% after Holm's adjustment over the run's "
-              f"{len(results['comparisons'])} comparisons")
-    n_fail = sum(not g["passed"] for g in gates)
-    verdict = "PASS" if results["verdict"] == "pass" else "FAIL"
-    print(f"\n{verdict}: {len(gates) - n_fail} passed, {n_fail} failed   (run folder: {run_dir})")
+              f"{len(record.comparisons)} comparisons")
+    n_fail = sum(not g.passed for g in record.gates)
+    verdict = "PASS" if record.verdict == "pass" else "FAIL"
+    print(f"\n{verdict}: {len(record.gates) - n_fail} passed, {n_fail} failed   (run folder: {run_dir})")
 
 
 def _judge_noise(j: dict[str, Any]) -> str:
@@ -109,17 +111,12 @@ def _judge_noise(j: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _reference(results: dict[str, Any]) -> str:
-    return results["config"].get("reference") or ("base" if any(v["name"] == "base" for v in results["variants"])
-                                                  else results["variants"][0]["name"])
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from evalkit.runner import evaluate
 
     run = evaluate(args.suite, out=args.out, use_cache=not args.no_cache, cache_path=args.cache,
                    progress=not args.quiet and sys.stderr.isatty(), log=_log)
-    print_summary(run.results, run.run_dir)
+    print_summary(run.record, run.run_dir)
     return run.exit_code
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from evalkit.config.suite import Gate, Suite, Task, Variant
 from evalkit.formatting import fmt_number
+from evalkit.record import CheckRecord, GateRecord
 from evalkit.stats import PairedComparison, clopper_pearson, mean_bound, metric_interval
 
 # Graded point estimates are means of floats: equal to a threshold up to summation rounding.
@@ -64,7 +65,7 @@ _pct = functools.partial(fmt_number, spec=".2f", scale=100)
 
 def evaluate_gates(suite: Suite, scores: Mapping[tuple[str, str, str], Scores],
                    comparisons: Mapping[tuple[str, str, str, str], PairedComparison],
-                   checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                   checks: list[CheckRecord]) -> list[GateRecord]:
     """The suite's gates, one result per (gate, target variant), then one failing result per metric
     whose every score is invalid (unless its task says `invalid: drop`)."""
     results = []
@@ -82,25 +83,25 @@ def evaluate_gates(suite: Suite, scores: Mapping[tuple[str, str, str], Scores],
 
 def evaluate_gate(gate: Gate, variant: str, scores: Mapping[tuple[str, str, str], Scores],
                   comparisons: Mapping[tuple[str, str, str, str], PairedComparison],
-                  checks: list[dict[str, Any]]) -> dict[str, Any]:
-    base = {"id": f"{gate.id}[{variant}]", "metric": gate.metric, "check": gate.check, "variant": variant,
-            "vs": gate.vs, "confidence": gate.confidence, "line": gate.line, "threshold": None, "value": None,
-            "low": None, "high": None, "p_value": None, "bound": None, "side": None, "method": None,
-            "n": None, "n_invalid": None}
+                  checks: list[CheckRecord]) -> GateRecord:
+    """The record of `gate` on one variant; the helpers below give its outcome fields."""
+    def record(**outcome: Any) -> GateRecord:
+        return GateRecord(id=f"{gate.id}[{variant}]", metric=gate.metric, check=gate.check, variant=variant,
+                          vs=gate.vs, confidence=gate.confidence, line=gate.line, **outcome)
+
     if gate.check:
-        found = [c for c in checks if c["name"] == gate.check and c["variant"] == variant]
+        found = [c for c in checks if c.name == gate.check and c.variant == variant]
         if not found:
-            return base | {"kind": "check", "passed": False,
-                           "message": f"check '{gate.check}' did not run for variant '{variant}'"}
-        c = found[0]
-        return base | {"kind": "check", "passed": bool(c["passed"]), "message": c.get("message", "")}
+            return record(kind="check", passed=False,
+                          message=f"check '{gate.check}' did not run for variant '{variant}'")
+        return record(kind="check", passed=found[0].passed, message=found[0].message)
     task, _, metric = gate.metric.partition(".")
     if gate.max_drop is not None:
-        return base | _max_drop(gate, variant, comparisons.get((task, metric, variant, gate.vs)))
+        return record(**_max_drop(gate, variant, comparisons.get((task, metric, variant, gate.vs))))
     s = scores.get((task, metric, variant))
     if gate.max_invalid is not None:
-        return base | _max_invalid(gate, variant, s)
-    return base | _min_max(gate, variant, s)
+        return record(**_max_invalid(gate, variant, s))
+    return record(**_min_max(gate, variant, s))
 
 
 def _max_drop(gate: Gate, variant: str, cmp: PairedComparison | None) -> dict[str, Any]:
@@ -192,12 +193,10 @@ def _max_invalid(gate: Gate, variant: str, s: Scores | None) -> dict[str, Any]:
     return out | {"passed": bool(passed), "message": msg}
 
 
-def _all_invalid(task: Task, metric: str, variant: str, n: int) -> dict[str, Any]:
+def _all_invalid(task: Task, metric: str, variant: str, n: int) -> GateRecord:
     """A metric with no valid score says nothing; silence would read as a pass (`nan`, exit 0)."""
-    return {"id": f"{task.name}.{metric}.valid[{variant}]", "metric": f"{task.name}.{metric}", "check": None,
-            "variant": variant, "vs": None, "confidence": None, "line": task.line, "kind": "all_invalid",
-            "threshold": None, "value": None, "low": None, "high": None, "p_value": None, "bound": None,
-            "side": None, "method": None, "n": 0, "n_invalid": n, "passed": False,
-            "message": (f"all {n} scores of {task.name}.{metric} for '{variant}' are invalid: the task measured "
-                        f"nothing (set `invalid: drop` on the task to report this without failing)")}
+    return GateRecord(id=f"{task.name}.{metric}.valid[{variant}]", metric=f"{task.name}.{metric}", variant=variant,
+                      line=task.line, kind="all_invalid", n=0, n_invalid=n, passed=False,
+                      message=(f"all {n} scores of {task.name}.{metric} for '{variant}' are invalid: the task "
+                               f"measured nothing (set `invalid: drop` on the task to report this without failing)"))
 

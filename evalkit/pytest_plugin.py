@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from evalkit.runlog import RunLog
+    from evalkit.record import RunRecord
+    from evalkit.runlog import RunResult
 
 _RUNS = pytest.StashKey["_Runs"]()
 
@@ -46,8 +47,9 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 
 
 @pytest.fixture(scope="session")
-def evalkit_run(pytestconfig: pytest.Config) -> Callable[[str | Path], RunLog]:
-    """`evalkit_run(suite_path) -> RunLog`: the suite's run, once per session (shared with --evalkit items)."""
+def evalkit_run(pytestconfig: pytest.Config) -> Callable[[str | Path], RunResult]:
+    """`evalkit_run(suite_path) -> RunResult`: the suite's run, once per session (shared with --evalkit items);
+    `.record` is the typed run record, `.results` the same as results.json holds it."""
     return pytestconfig.stash[_RUNS].get
 
 
@@ -62,7 +64,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         if isinstance(run, BaseException):
             terminalreporter.write_line(f"{path.name}: did not run: {run}")
         else:
-            terminalreporter.write_line(f"{run.results.get('suite', {}).get('name', path.stem)}: {verdict_line(run.results)}"
+            terminalreporter.write_line(f"{run.record.suite.name}: {verdict_line(run.record)}"
                                         f" · report: {run.run_dir / 'report.html'}")
 
 
@@ -72,12 +74,12 @@ class _Runs:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.suites = [self.resolve(s) for s in config.getoption("evalkit")]
-        self.done: dict[Path, Any] = {}  # path -> RunLog, or the exception the run raised
+        self.done: dict[Path, Any] = {}  # path -> RunResult, or the exception the run raised
 
     def resolve(self, suite: str | Path) -> Path:
         return (self.config.invocation_params.dir / suite).resolve()
 
-    def get(self, suite: str | Path) -> RunLog:
+    def get(self, suite: str | Path) -> RunResult:
         path = self.resolve(suite)
         if path not in self.done:
             from evalkit.runner import evaluate
@@ -163,24 +165,23 @@ class GateItem(pytest.Item):
             run = self.config.stash[_RUNS].get(self.path)
         except EvalkitError as e:
             raise pytest.fail.Exception(f"suite {self.parent.name} did not run: {e}", pytrace=False) from None
-        gate = next((g for g in run.results.get("gates") or [] if g.get("id") == self.gate_id), None)
+        gate = next((g for g in run.record.gates if g.id == self.gate_id), None)
         if gate is not None:
-            if not gate.get("passed"):
+            if not gate.passed:
                 pytest.fail(f"{gate_text(gate)}\nreport: {run.run_dir / 'report.html'}", pytrace=False)
             return
-        self._missing(run.results)
+        self._missing(run.record)
 
-    def _missing(self, results: dict[str, Any]) -> None:
+    def _missing(self, record: RunRecord) -> None:
         """A gate the run did not record fails (a skip would pass CI for a gate nothing evaluated);
         items exist only for the variants a gate applies to (gates.gate_targets)."""
         from evalkit.report.data import gate_text
 
-        orphans = [g for g in results.get("gates") or []
-                   if str(g.get("id", "")).startswith(f"{self.spec}[") and g.get("id") not in self.parent.gate_ids]
-        if results.get("status") != "complete":
-            pytest.fail(f"{self.gate_id}: not evaluated (run {results.get('status')})", pytrace=False)
-        if any(not g.get("passed") for g in orphans):
-            pytest.fail("\n".join(gate_text(g) for g in orphans if not g.get("passed")), pytrace=False)
+        orphans = [g for g in record.gates if g.id.startswith(f"{self.spec}[") and g.id not in self.parent.gate_ids]
+        if record.status != "complete":
+            pytest.fail(f"{self.gate_id}: not evaluated (run {record.status})", pytrace=False)
+        if any(not g.passed for g in orphans):
+            pytest.fail("\n".join(gate_text(g) for g in orphans if not g.passed), pytrace=False)
         why = f": check '{self.check}' did not run for this variant" if self.check else ""
         pytest.fail(f"{self.gate_id}: the run recorded no such gate{why}", pytrace=False)
 

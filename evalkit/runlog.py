@@ -1,25 +1,31 @@
-"""The on-disk run record: results.json (versioned schema) + samples.jsonl, written atomically."""
+"""The run folder on disk: results.json (the record, `evalkit.record`) + samples.jsonl, written atomically."""
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from evalkit.environment import environment  # noqa: F401  (the record's block; imported from here by the runner)
+from evalkit import environment as env
 from evalkit.fileio import atomic_write  # the reports import it from here too
+from evalkit.record import Environment, RunRecord
 
-SCHEMA_VERSION = "1.1"  # 1.1: gate bounds and levels, invalid counts, Holm p, excludes_drop
 
+@dataclass(frozen=True)
+class RunResult:
+    """What `evaluate` returns: the run's record, the folder it was written to, the CLI's exit code."""
 
-@dataclass
-class RunLog:
-    results: dict[str, Any]
+    record: RunRecord
     run_dir: Path
     exit_code: int
+
+    @cached_property
+    def results(self) -> dict[str, Any]:
+        """The record as results.json holds it (plain JSON); `record` is the typed view."""
+        return self.record.to_json()
 
 
 @cache
@@ -27,9 +33,14 @@ def results_schema() -> dict[str, Any]:
     return json.loads(resources.files("evalkit.schemas").joinpath("results.schema.json").read_text())
 
 
-def write_run(run_dir: Path, results: dict[str, Any], samples: Iterable[dict[str, Any]]) -> None:
+def environment(device: str) -> Environment:
+    """The record's `environment` block."""
+    return Environment(**env.environment(device))
+
+
+def write_run(run_dir: Path, record: RunRecord, samples: Iterable[dict[str, Any]]) -> None:
     atomic_write(run_dir / "samples.jsonl", (json.dumps(clean(s), ensure_ascii=False) + "\n" for s in samples))
-    atomic_write(run_dir / "results.json", [json.dumps(clean(results), indent=2, ensure_ascii=False)])
+    atomic_write(run_dir / "results.json", [json.dumps(record.to_json(), indent=2, ensure_ascii=False)])
 
 
 def clean(o: Any) -> Any:

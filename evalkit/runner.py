@@ -1,4 +1,4 @@
-"""Orchestration: evaluate(suite) -> RunLog. The same path serves the CLI and the library API.
+"""Orchestration: evaluate(suite) -> RunResult. The same path serves the CLI and the library API.
 
 Flow: load suite -> preflight tasks (judge endpoints, canary parameters) -> train stale adapters
 -> check adapter files -> variants keyed by content -> checks (template parity, adapter active,
@@ -26,7 +26,20 @@ from evalkit.errors import ConfigError, ExitCode, ModelError, NothingToEvaluate,
 from evalkit.gates import Scores, evaluate_gates, gate_targets
 from evalkit.models.adapters import AdapterInfo, check_fits_base, inspect_adapter
 from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_base, load_tokenizer, resolve_base
-from evalkit.runlog import SCHEMA_VERSION, RunLog, environment, write_run
+from evalkit.record import (
+    SCHEMA_VERSION,
+    BaseRecord,
+    CacheStats,
+    CheckRecord,
+    ComparisonRecord,
+    Cost,
+    MetricRecord,
+    RunRecord,
+    SuiteRecord,
+    TaskRecord,
+    VariantRecord,
+)
+from evalkit.runlog import RunResult, environment, write_run
 from evalkit.stats import PairedComparison, holm, metric_interval, paired_compare
 from evalkit.tasks.base import SampleResult, TaskResult
 
@@ -39,7 +52,7 @@ def default_run_dir(suite: Suite) -> Path:
 
 
 def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool = True,
-             cache_path: Path | None = None, progress: bool = True, log: Log = print) -> RunLog:
+             cache_path: Path | None = None, progress: bool = True, log: Log = print) -> RunResult:
     started = time.time()
     suite = load_suite(suite_path)
     if not suite.tasks:
@@ -47,15 +60,15 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
     for task in suite.tasks:  # fail in seconds, before any training or model load
         preflight = getattr(_task_kind(task), "preflight", None)
         if preflight is not None:
-            with _about_task(suite, task):
+            with _locate_task_errors(suite, task):
                 preflight(task)
     suite = _train_adapters(suite, log)
     infos = {}
     for v in suite.variants:
         if v.adapter:
-            with _about(suite, suite.variant_path(v.name)):
+            with _locate_errors(suite, suite.variant_path(v.name)):
                 infos[v.name] = inspect_adapter(v.adapter, allow_pickle=v.allow_pickle)
-    with _about(suite, ("base",)):
+    with _locate_errors(suite, ("base",)):
         resolved = resolve_base(suite.base, suite.dir)
     cache = Cache((cache_path or cache_root() / "results.sqlite") if use_cache else None)
     try:
@@ -64,21 +77,22 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
         results: dict[str, TaskResult] = {}
         for task in suite.tasks:
             log(f"task {task.name} ({task.kind})")
-            with _about_task(suite, task):
+            with _locate_task_errors(suite, task):
                 results[task.name] = _task_kind(task).run(ctx, task)
         checks += _post_checks(ctx, results, log)
         record, samples = _assemble(suite, ctx, infos, results, checks, started)
     finally:
         cache.close()
     run_dir = Path(out) if out else default_run_dir(suite)
+    record = RunRecord.from_json(record.to_json())  # as results.json holds it (NaN as null): what a later read sees
     write_run(run_dir, record, samples)
     _write_reports(run_dir, record, log)
-    code = ExitCode.OK if record["verdict"] == "pass" else ExitCode.GATE_FAILED
-    return RunLog(results=record, run_dir=run_dir, exit_code=int(code))
+    code = ExitCode.OK if record.verdict == "pass" else ExitCode.GATE_FAILED
+    return RunResult(record=record, run_dir=run_dir, exit_code=int(code))
 
 
 @contextlib.contextmanager
-def _about(suite: Suite, path: YamlPath) -> Iterator[None]:
+def _locate_errors(suite: Suite, path: YamlPath) -> Iterator[None]:
     """A user-facing error raised while acting on one part of the suite (its adapter, its base) is
     re-raised at that part's FILE:LINE PATH, unless it already names a file."""
     try:
@@ -92,7 +106,7 @@ def _about(suite: Suite, path: YamlPath) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _about_task(suite: Suite, task: Task) -> Iterator[None]:
+def _locate_task_errors(suite: Suite, task: Task) -> Iterator[None]:
     """A task's own error (bad parameters, an unreachable judge) names the suite file and the
     task's line; its YAML path is the task's, or the one the task gave."""
     try:
@@ -104,7 +118,7 @@ def _about_task(suite: Suite, task: Task) -> Iterator[None]:
         raise
 
 
-def _write_reports(run_dir: Path, record: dict[str, Any], log: Log) -> None:
+def _write_reports(run_dir: Path, record: RunRecord, log: Log) -> None:
     try:
         from evalkit.report import write_all
     except ImportError:
@@ -132,7 +146,7 @@ def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, Adapte
     """The run's variants with their fingerprints (content addresses). The models behind them load
     on first use (`RunContext.ensure_models`), so an unchanged rerun that the cache answers whole
     never loads one; the tokenizer is enough to render prompts and key the cache."""
-    with _about(suite, ("base",)):
+    with _locate_errors(suite, ("base",)):
         tokenizer = load_tokenizer(resolved)
     ctx = RunContext(suite=suite, base=resolved, tokenizer=tokenizer, variants=[], cache=cache, log=log,
                      progress=progress, loader=lambda ctx: _load_models(ctx, infos))
@@ -149,17 +163,17 @@ def _load_models(ctx: RunContext, infos: dict[str, AdapterInfo]) -> None:
     one per quantization; merged copies apart."""
     suite, resolved = ctx.suite, ctx.base
     ctx.log(f"loading base {resolved.spec.ref}")
-    with _about(suite, ("base",)):
+    with _locate_errors(suite, ("base",)):
         ctx.models["full"] = load_base(resolved)[0]
     for name, info in infos.items():
-        with _about(suite, suite.variant_path(name)):
+        with _locate_errors(suite, suite.variant_path(name)):
             check_fits_base(info, ctx.models["full"], resolved)
     merged = {}
     for lv in ctx.variants:
         v = lv.variant
         if lv.info is None:
             continue
-        with _about(suite, suite.variant_path(v.name)):
+        with _locate_errors(suite, suite.variant_path(v.name)):
             if v.merge:
                 merged[v.name] = _merged(ctx, v, lv.info)
             else:
@@ -187,7 +201,7 @@ def _merged(ctx: RunContext, v: Variant, info: AdapterInfo):
     return attach_adapter(base, v.name, info).merge_and_unload()
 
 
-def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> list[dict[str, Any]]:
+def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> list[CheckRecord]:
     checks = []
     for lv in ctx.variants:
         if lv.info is None:
@@ -199,26 +213,26 @@ def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> lis
     return checks
 
 
-def _template_parity(ctx: RunContext, lv: LoadedVariant, log: Log) -> dict[str, Any]:
+def _template_parity(ctx: RunContext, lv: LoadedVariant, log: Log) -> CheckRecord:
     """The chat template an adapter was trained with must be the one it is evaluated with."""
     saved = lv.info.path / "chat_template.jinja"
     if not saved.is_file():
-        return {"name": "template_parity", "variant": lv.name, "passed": True,
-                "message": "adapter ships no chat template; nothing to compare"}
+        return CheckRecord(name="template_parity", variant=lv.name, passed=True,
+                           message="adapter ships no chat template; nothing to compare")
     trained = saved.read_text()
     current = getattr(ctx.tokenizer, "chat_template", None) or ""
     if trained.strip() == current.strip():
-        return {"name": "template_parity", "variant": lv.name, "passed": True, "message": "same chat template"}
+        return CheckRecord(name="template_parity", variant=lv.name, passed=True, message="same chat template")
     msg = (f"variant '{lv.name}': adapter was trained with another chat template than the base tokenizer's "
            f"({saved})")
     if not lv.variant.allow_template_mismatch:
         raise ctx.suite.error(ctx.suite.variant_path(lv.name),
                               msg + "; set `allow_template_mismatch: true` on the variant to evaluate anyway")
     log(f"WARNING: {msg} (acknowledged by allow_template_mismatch)")
-    return {"name": "template_parity", "variant": lv.name, "passed": False, "message": msg + " (acknowledged)"}
+    return CheckRecord(name="template_parity", variant=lv.name, passed=False, message=msg + " (acknowledged)")
 
 
-def _post_checks(ctx: RunContext, results: dict[str, TaskResult], log: Log) -> list[dict[str, Any]]:
+def _post_checks(ctx: RunContext, results: dict[str, TaskResult], log: Log) -> list[CheckRecord]:
     from evalkit.checks import leakage, merge_equivalence
 
     return leakage(ctx, log) + merge_equivalence(ctx, results, log)
@@ -237,7 +251,7 @@ def _task_kind(task: Task) -> ModuleType:
 
 
 def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], results: dict[str, TaskResult],
-              checks: list[dict[str, Any]], started: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+              checks: list[CheckRecord], started: float) -> tuple[RunRecord, list[dict[str, Any]]]:
     values: dict[tuple[str, str, str], dict[str, float | None]] = defaultdict(dict)  # (task, metric, variant) -> case -> v
     samples: list[dict[str, Any]] = []
     for tname, tr in results.items():
@@ -248,34 +262,34 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
             samples.append(_sample_record(s))
     scores = {k: Scores(tuple(per_case.values()), results[k[0]].binary.get(k[1], False))
               for k, per_case in values.items()}
-    metrics: dict[tuple[str, str, str], dict[str, Any]] = {}
+    metrics = []
     for (tname, metric, variant), sc in scores.items():
         iv = metric_interval(sc.valid, binary=sc.binary)
-        metrics[(tname, metric, variant)] = {"task": tname, "metric": metric, "variant": variant, "value": iv.value,
-                                             "low": iv.low, "high": iv.high, "n": iv.n, "n_invalid": sc.n_invalid,
-                                             "method": iv.method, "confidence": iv.confidence}
+        metrics.append(MetricRecord(task=tname, metric=metric, variant=variant, value=iv.value, low=iv.low,
+                                    high=iv.high, n=iv.n, n_invalid=sc.n_invalid, method=iv.method,
+                                    confidence=iv.confidence))
     comparisons = _comparisons(suite, results, values)
     gates = evaluate_gates(suite, scores, comparisons, checks)
-    verdict = "pass" if all(g["passed"] for g in gates) else "fail"
-    record = {
-        "schema_version": SCHEMA_VERSION, "evalkit_version": __version__,
-        "run_id": f"{suite.name}-{datetime.fromtimestamp(started).strftime('%Y%m%d-%H%M%S')}",
-        "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
-        "finished_at": datetime.now(UTC).isoformat(), "duration_s": round(time.time() - started, 3),
-        "status": "complete",
-        "suite": {"name": suite.name, "path": str(suite.path), "sha256": file_sha256(suite.path)},
-        "config": dict(suite.raw), "environment": environment(ctx.device),
-        "base": {"ref": suite.base.ref, "kind": suite.base.kind, "sha256": ctx.base.sha256},
-        "variants": [_variant_record(lv, ctx) for lv in ctx.variants],
-        "tasks": [{"name": t, "kind": suite_task(suite, t).kind, "n_cases": len({s.case_id for s in tr.samples}),
-                   "binary": tr.binary, "invalid": suite_task(suite, t).invalid, "extras": tr.extras}
-                  for t, tr in results.items()],
-        "metrics": list(metrics.values()),
-        "comparisons": _comparison_records(suite, comparisons),
-        "gates": gates, "checks": checks, "verdict": verdict,
-        "cache": {"hits": ctx.cache.hits, "misses": ctx.cache.misses,
-                  "path": str(ctx.cache.path) if ctx.cache.path else None},
-    }
+    record = RunRecord(
+        schema_version=SCHEMA_VERSION, evalkit_version=__version__,
+        run_id=f"{suite.name}-{datetime.fromtimestamp(started).strftime('%Y%m%d-%H%M%S')}",
+        started_at=datetime.fromtimestamp(started, UTC).isoformat(),
+        finished_at=datetime.now(UTC).isoformat(), duration_s=round(time.time() - started, 3),
+        status="complete",
+        suite=SuiteRecord(name=suite.name, path=str(suite.path), sha256=file_sha256(suite.path)),
+        config=dict(suite.raw), environment=environment(ctx.device),
+        base=BaseRecord(ref=suite.base.ref, kind=suite.base.kind, sha256=ctx.base.sha256),
+        reference=suite.reference,
+        variants=tuple(_variant_record(lv, ctx) for lv in ctx.variants),
+        tasks=tuple(TaskRecord(name=t, kind=suite_task(suite, t).kind, n_cases=len({s.case_id for s in tr.samples}),
+                               binary=tr.binary, invalid=suite_task(suite, t).invalid, extras=tr.extras)
+                    for t, tr in results.items()),
+        metrics=tuple(metrics),
+        comparisons=tuple(_comparison_records(suite, comparisons)),
+        gates=tuple(gates), checks=tuple(checks), verdict="pass" if all(g.passed for g in gates) else "fail",
+        cache=CacheStats(hits=ctx.cache.hits, misses=ctx.cache.misses,
+                         path=str(ctx.cache.path) if ctx.cache.path else None),
+    )
     return record, samples
 
 
@@ -302,7 +316,7 @@ def _comparisons(suite: Suite, results: dict[str, TaskResult], values) -> dict[t
 
 
 def _comparison_records(suite: Suite, comparisons: dict[tuple[str, str, str, str], PairedComparison]
-                        ) -> list[dict[str, Any]]:
+                        ) -> list[ComparisonRecord]:
     """Each comparison with its Holm-adjusted p (across every comparison of the run: the report's
     significance markers) and the drop it rules out, at the level of the gate on it (else 95%)."""
     adjusted = holm([c.p_value for c in comparisons.values()])
@@ -311,26 +325,28 @@ def _comparison_records(suite: Suite, comparisons: dict[tuple[str, str, str, str
     out = []
     for ((task, metric, variant, vs), c), p_holm in zip(comparisons.items(), adjusted):
         level = levels.get((f"{task}.{metric}", variant, vs), 0.95)
-        out.append({"task": task, "metric": metric, "variant": variant, "vs": vs, "delta": c.delta, "low": c.low,
-                    "high": c.high, "p_value": c.p_value, "p_holm": p_holm, "p_exact": c.p_exact, "test": c.test,
-                    "method": c.method, "n": c.n, "n_ref_only": c.n_ref_only, "n_cand_only": c.n_cand_only,
-                    "n_nonzero": c.n_nonzero, "n_invalid": c.n_invalid, "n_invalid_as_loss": c.n_invalid_as_loss,
-                    "confidence": c.confidence, "significant": bool(c.n and p_holm < 1 - c.confidence),
-                    "excludes_drop": c.upper_drop(level) if c.n else None, "excludes_level": level})
+        out.append(ComparisonRecord(
+            task=task, metric=metric, variant=variant, vs=vs, delta=c.delta, low=c.low, high=c.high,
+            p_value=c.p_value, p_holm=p_holm, p_exact=c.p_exact, test=c.test, method=c.method, n=c.n,
+            n_ref_only=_count(c.n_ref_only), n_cand_only=_count(c.n_cand_only), n_nonzero=c.n_nonzero,
+            n_invalid=c.n_invalid, n_invalid_as_loss=c.n_invalid_as_loss, confidence=c.confidence,
+            significant=bool(c.n and p_holm < 1 - c.confidence),
+            excludes_drop=c.upper_drop(level) if c.n else None, excludes_level=level))
     return out
 
 
-def _variant_record(lv: LoadedVariant, ctx: RunContext) -> dict[str, Any]:
-    cost = dict(ctx.stats.get(lv.name, {}))
-    if cost.get("seconds"):
-        cost["tokens_per_s"] = cost.get("output_tokens", 0) / cost["seconds"]
-        cost["latency_per_case_s"] = cost["seconds"] / max(cost.get("cases", 1), 1)
+def _count(x: float | None) -> int | None:
+    """A pair count the statistics keep as a float (a sum of 0/1 differences)."""
+    return None if x is None else round(x)
+
+
+def _variant_record(lv: LoadedVariant, ctx: RunContext) -> VariantRecord:
     v = lv.variant
-    return {"name": v.name, "adapter": str(v.adapter) if v.adapter else None,
-            "adapter_sha256": lv.info.sha256 if lv.info else None, "quantize": v.quantize, "merge": v.merge,
-            "merge_into": v.merge_target,
-            "is_dora": bool(lv.info and lv.info.is_dora), "fingerprint": lv.fingerprint,
-            "provenance": lv.info.provenance if lv.info else None, "cost": cost}
+    return VariantRecord(name=v.name, adapter=str(v.adapter) if v.adapter else None,
+                         adapter_sha256=lv.info.sha256 if lv.info else None, quantize=v.quantize, merge=v.merge,
+                         merge_into=v.merge_target, is_dora=bool(lv.info and lv.info.is_dora),
+                         fingerprint=lv.fingerprint, provenance=lv.info.provenance if lv.info else None,
+                         cost=Cost.from_counters(ctx.stats.get(lv.name, {})))
 
 
 def _sample_record(s: SampleResult) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def test_exit_1_gate_failed(capsys, tmp_path, monkeypatch):
     import evalkit.runner
 
     class Failed:
-        results, run_dir, exit_code = {"gates": [], "verdict": {"passed": False}}, tmp_path, ExitCode.GATE_FAILED
+        record, run_dir, exit_code = None, tmp_path, ExitCode.GATE_FAILED
 
     monkeypatch.setattr(evalkit.runner, "evaluate", lambda *a, **k: Failed())
     monkeypatch.setattr("evalkit.cli.print_summary", lambda *a: None)

@@ -80,7 +80,7 @@ def test_run_check_reads_the_trainer_index_through_adapter_overlap(tmp_path, nor
     logs: list[str] = []
     records = leakage(ctx, logs.append)
     if normalization == NORMALIZATION:
-        assert [(r["variant"], r["passed"], r["details"]["overlaps"]) for r in records] == [
+        assert [(r.variant, r.passed, r.details["overlaps"]) for r in records] == [
             ("lora", False, [{"task": "extract", "case_id": "e0", "train_id": "t7"}])]
     else:
         assert records == []

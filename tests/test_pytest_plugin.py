@@ -1,7 +1,7 @@
 """The pytest plugin: gates collected from a suite file, one run per session, pass/fail like any test.
 
 The runner is replaced (through a conftest in the pytester folder) by a fake that returns a canned
-RunLog and counts its calls, so these tests need no model; one runs the real runner on a tiny suite.
+RunResult and counts its calls, so these tests need no model; one runs the real runner on a tiny suite.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from fixtures.run_folder import make_run
 from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
 import evalkit.gates  # noqa: F401 - numpy loads once per process; pytester would unload a first import
@@ -39,16 +40,12 @@ IDS = ["extract.exact_match[lora]", "extract.json_valid[lora]", "extract.json_va
 
 FAKE_RUNNER = '''
 import json, sys, types
-from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).parent
+from evalkit.record import RunRecord
+from evalkit.runlog import RunResult
 
-@dataclass
-class RunLog:
-    results: dict
-    run_dir: Path
-    exit_code: int
+HERE = Path(__file__).parent
 
 def evaluate(suite_path, *, out=None, use_cache=True, progress=True, log=print):
     with open(HERE / "calls.txt", "a") as f:
@@ -58,10 +55,10 @@ def evaluate(suite_path, *, out=None, use_cache=True, progress=True, log=print):
     if "raise" in canned:
         from evalkit.errors import ConfigError
         raise ConfigError(canned["raise"], file=suite_path, line=9, path="tasks[0].data")
-    return RunLog(canned, HERE / "run", 0 if canned["verdict"] == "pass" else 1)
+    return RunResult(RunRecord.from_json(canned), HERE / "run", 0 if canned["verdict"] == "pass" else 1)
 
 fake = types.ModuleType("evalkit.runner")
-fake.evaluate, fake.RunLog = evaluate, RunLog
+fake.evaluate, fake.RunResult = evaluate, RunResult
 sys.modules["evalkit.runner"] = fake  # pytester restores sys.modules after each inline run
 '''
 
@@ -73,9 +70,10 @@ def _gate(gid: str, passed: bool, **extra) -> dict:
 
 
 def _results(failing: tuple[str, ...] = ()) -> dict:
+    """A run record (results.json) whose gates are the suite's, `failing` ones failed."""
+    record, _ = make_run(n_cases=2, hostile=False)
     gates = [_gate(g, g not in failing) for g in IDS]
-    return {"suite": {"name": "demo"}, "status": "complete", "gates": gates,
-            "verdict": "fail" if failing else "pass"}
+    return record | {"status": "complete", "gates": gates, "verdict": "fail" if failing else "pass"}
 
 
 @pytest.fixture

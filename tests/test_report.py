@@ -12,6 +12,7 @@ import pytest
 from fixtures.run_folder import HOSTILE, PWNED_MARKERS, write_run
 
 from evalkit.errors import EvalkitError, ExitCode
+from evalkit.record import RunRecord
 from evalkit.report import render_report, write_all, write_junit, write_summary
 from evalkit.report.data import baseline_rows, fmt_delta
 
@@ -26,7 +27,7 @@ def run(tmp_path) -> tuple[Path, dict]:
 
 def test_write_all_writes_every_output(run):
     run_dir, results = run
-    paths = write_all(run_dir, results)
+    paths = write_all(run_dir, RunRecord.from_json(results))
     assert {p.name for p in paths.values()} == {"report.html", "junit.xml", "summary.md"}
     assert all(p.parent == run_dir and p.stat().st_size > 0 for p in paths.values())
 
@@ -89,7 +90,7 @@ def test_not_a_run_folder_is_a_usage_error(tmp_path):
 def test_junit_has_one_testcase_per_gate_and_failures(run, tmp_path):
     _, results = run
     results["gates"][0]["message"] += " \x1b[31m\x00 control chars from model output"
-    root = ET.parse(write_junit(results, tmp_path / "junit.xml")).getroot()
+    root = ET.parse(write_junit(RunRecord.from_json(results), tmp_path / "junit.xml")).getroot()
     suite = root.find("testsuite")
     assert suite.get("name") == "demo" and suite.get("time") == "250.000"
     cases = suite.findall("testcase")
@@ -104,13 +105,13 @@ def test_junit_has_one_testcase_per_gate_and_failures(run, tmp_path):
 def test_junit_marks_an_incomplete_run_as_an_error(run, tmp_path):
     _, results = run
     results["status"] = "interrupted"
-    suite = ET.parse(write_junit(results, tmp_path / "junit.xml")).getroot().find("testsuite")
+    suite = ET.parse(write_junit(RunRecord.from_json(results), tmp_path / "junit.xml")).getroot().find("testsuite")
     assert suite.get("errors") == "1" and suite.findall("testcase")[-1].find("error") is not None
 
 
 def test_markdown_summary(run, tmp_path):
     _, results = run
-    text = write_summary(results, tmp_path / "summary.md").read_text(encoding="utf-8")
+    text = write_summary(RunRecord.from_json(results), tmp_path / "summary.md").read_text(encoding="utf-8")
     assert text.startswith("## ❌ evalkit `demo`: FAIL: 6 of 7 gates passed")
     assert text.count("| ✅ |") == 6 and text.count("| ❌ |") == 1
     assert "| lora-merged |" in text and "Δ +" in text
@@ -121,7 +122,7 @@ def test_markdown_summary(run, tmp_path):
 def test_baseline_comparison_shows_deltas(tmp_path):
     now = write_run(tmp_path / "a", seed=1)
     then = write_run(tmp_path / "b", seed=2)
-    rows = {(r.task, r.metric, r.variant): r for r in baseline_rows(now, then)}
+    rows = {(r.task, r.metric, r.variant): r for r in baseline_rows(RunRecord.from_json(now), RunRecord.from_json(then))}
     row = rows[("extract", "exact_match", "lora")]
     assert row.delta == pytest.approx(row.now.value - row.then.value)
     html = render_report(tmp_path / "a", tmp_path / "b").read_text(encoding="utf-8")

@@ -11,6 +11,7 @@ import pytest
 from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
 from evalkit.cli import main
+from evalkit.record import SCHEMA_VERSION
 from evalkit.runlog import results_schema
 
 
@@ -50,6 +51,7 @@ def test_gate_exit_codes_record_and_cache(capsys, tmp_path, suite_factory, adapt
 
     results = json.loads((tmp_path / "run1" / "results.json").read_text())
     jsonschema.Draft202012Validator(results_schema()).validate(results)
+    assert results["schema_version"] == SCHEMA_VERSION and results["reference"] == "base"
     umask = os.umask(0o022)
     os.umask(umask)
     for name in ("results.json", "samples.jsonl", "report.html", "junit.xml", "summary.md"):

@@ -12,22 +12,24 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.errors import EvalkitError, ExitCode
+from evalkit.record import ComparisonRecord, GateRecord, RecordError, RunRecord
 
 RESULTS, SAMPLES = "results.json", "samples.jsonl"
 
 
-def load_results(run_dir: Path) -> dict[str, Any]:
+def load_record(run_dir: Path) -> RunRecord:
+    """The run folder's results.json as a record, whichever 1.x version wrote it."""
     path = Path(run_dir) / RESULTS
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise _usage(f"not a run folder: {run_dir} (no {RESULTS})") from None
     except (OSError, ValueError) as e:
         raise _usage(f"cannot read {path}: {e}") from None
-    major = str(results.get("schema_version", "")).split(".")[0]
-    if major != "1":
-        raise _usage(f"{path}: schema_version {results.get('schema_version')!r} is not supported (expected 1.x)")
-    return results
+    try:
+        return RunRecord.from_json(obj)
+    except RecordError as e:
+        raise _usage(f"cannot read {path}: {e}") from None
 
 
 def iter_samples(run_dir: Path) -> Iterator[dict[str, Any]]:
@@ -87,109 +89,99 @@ def fmt_p_eq(p: Any) -> str:
 
 # ---- gates
 
-def reference_variant(results: dict[str, Any]) -> str:
-    vs = {c.get("vs") for c in results.get("comparisons") or []}
-    if len(vs) == 1:
-        return str(vs.pop())
-    return str((results.get("config") or {}).get("reference", "base"))
-
-
-def gate_threshold(g: dict[str, Any]) -> str:
+def gate_threshold(g: GateRecord) -> str:
     """`min 0.800`, `max_drop 2.000 vs base`, or the check's limit."""
-    kind, th = g.get("kind", ""), fmt(g.get("threshold"))
-    if kind == "max_drop" and g.get("vs"):
-        return f"max_drop {th} pts vs {g['vs']}"
-    return f"{kind} {th}" if is_num(g.get("threshold")) else kind
+    th = fmt(g.threshold)
+    if g.kind == "max_drop" and g.vs:
+        return f"max_drop {th} pts vs {g.vs}"
+    return f"{g.kind} {th}" if is_num(g.threshold) else g.kind
 
 
-def gate_bound(g: dict[str, Any]) -> str:
+def gate_bound(g: GateRecord) -> str:
     """`upper 95% one-sided bound 4.31 (Tango score)`, or how a gate without `confidence:` decides."""
-    if not is_num(g.get("bound")):
-        return "point estimate" if g.get("kind") in ("min", "max", "max_drop", "max_invalid") else ""
-    level = g.get("confidence")
-    unit = " pts of drop" if g.get("kind") == "max_drop" else ""
-    return (f"{g.get('side', '')} {level:.0%} one-sided bound {fmt(g['bound'])}{unit}"
-            + (f" ({g['method']})" if g.get("method") else "")) if is_num(level) else f"bound {fmt(g['bound'])}"
+    if not is_num(g.bound):
+        return "point estimate" if g.kind in ("min", "max", "max_drop", "max_invalid") else ""
+    unit = " pts of drop" if g.kind == "max_drop" else ""
+    if not is_num(g.confidence):
+        return f"bound {fmt(g.bound)}"
+    return (f"{g.side or ''} {g.confidence:.0%} one-sided bound {fmt(g.bound)}{unit}"
+            + (f" ({g.method})" if g.method else ""))
 
 
-def gate_numbers(g: dict[str, Any]) -> str:
+def gate_numbers(g: GateRecord) -> str:
     """The gate's numbers on one line: what a CI failure message or a pytest failure shows."""
-    parts = [f"value {fmt(g.get('value'))}"]
-    if is_num(g.get("low")) and is_num(g.get("high")):
-        conf = g.get("interval_confidence")
-        parts.append(f"{fmt_interval(g['low'], g['high'])}" + (f" ({conf:.0%} two-sided)" if is_num(conf) else ""))
+    parts = [f"value {fmt(g.value)}"]
+    if is_num(g.low) and is_num(g.high):
+        conf = g.interval_confidence
+        parts.append(f"{fmt_interval(g.low, g.high)}" + (f" ({conf:.0%} two-sided)" if is_num(conf) else ""))
     if bound := gate_bound(g):
         parts.append(bound)
-    if g.get("n_invalid"):
-        parts.append(f"{g['n_invalid']} invalid")
+    if g.n_invalid:
+        parts.append(f"{g.n_invalid} invalid")
     parts.append(f"threshold {gate_threshold(g)}")
-    if is_num(g.get("p_value")):
-        parts.append(fmt_p_eq(g["p_value"]))
+    if is_num(g.p_value):
+        parts.append(fmt_p_eq(g.p_value))
     return ", ".join(parts)
 
 
-def excludes_line(c: dict[str, Any]) -> str:
+def excludes_line(c: ComparisonRecord) -> str:
     """What a paired comparison rules out: the smallest drop its one-sided upper bound excludes
     (rounded up to 0.01 pts, so the line never claims more than the bound)."""
-    head = f"{c['task']}.{c['metric']} {c['variant']} vs {c['vs']}"
-    if not is_num(c.get("excludes_drop")):
+    head = f"{c.task}.{c.metric} {c.variant} vs {c.vs}"
+    if not is_num(c.excludes_drop) or not is_num(c.excludes_level):
         return f"{head}: no valid pairs, nothing ruled out"
-    differ = (f"{c['n_nonzero']} discordant pair{'s' * (c['n_nonzero'] != 1)}" if c["test"] == "tango"
-              else f"{c['n_nonzero']} differing")
-    invalid = f", {c['n_invalid']} invalid" if c.get("n_invalid") else ""
-    bound, level = math.ceil(round(c["excludes_drop"] * 1e4, 6)) / 100, f"{c['excludes_level']:.0%}"
+    nonzero = c.n_nonzero or 0
+    differ = f"{nonzero} discordant pair{'s' * (nonzero != 1)}" if c.test == "tango" else f"{nonzero} differing"
+    invalid = f", {c.n_invalid} invalid" if c.n_invalid else ""
+    bound, level = math.ceil(round(c.excludes_drop * 1e4, 6)) / 100, f"{c.excludes_level:.0%}"
     if bound >= 100:
         what = f"rules out no drop at {level}"
     elif bound <= 0:
-        what = f"rules out any drop at {level}: {c['variant']} is at least {-bound:.2f} pts better"
+        what = f"rules out any drop at {level}: {c.variant} is at least {-bound:.2f} pts better"
     else:
         what = f"excludes a drop of {bound:.2f} pts or more at {level}"
-    return f"{head}: with {c['n']} cases and {differ}{invalid}, this run {what} ({c['method']}, one-sided)"
+    return f"{head}: with {c.n} cases and {differ}{invalid}, this run {what} ({c.method}, one-sided)"
 
 
-def ruled_out(results: dict[str, Any]) -> list[dict[str, Any]]:
+def ruled_out(record: RunRecord) -> list[ComparisonRecord]:
     """The comparisons whose excluded drop is worth a line: those a `max_drop` gate tests, and the canary's."""
-    gated = {(g.get("metric"), g.get("variant"), g.get("vs")) for g in results.get("gates") or []
-             if g.get("kind") == "max_drop"}
-    canary = {t.get("name") for t in results.get("tasks") or [] if t.get("kind") == "mmlu"}
-    return [c for c in results.get("comparisons") or []
-            if (f"{c.get('task')}.{c.get('metric')}", c.get("variant"), c.get("vs")) in gated
-            or c.get("task") in canary]
+    gated = {(g.metric, g.variant, g.vs) for g in record.gates if g.kind == "max_drop"}
+    canary = {t.name for t in record.tasks if t.kind == "mmlu"}
+    return [c for c in record.comparisons
+            if (f"{c.task}.{c.metric}", c.variant, c.vs) in gated or c.task in canary]
 
 
-def gate_text(g: dict[str, Any]) -> str:
-    status = "passed" if g.get("passed") else "FAILED"
-    return f"{g.get('id', '?')} {status}: {g.get('message', '')} ({gate_numbers(g)})"
+def gate_text(g: GateRecord) -> str:
+    return f"{g.id} {'passed' if g.passed else 'FAILED'}: {g.message} ({gate_numbers(g)})"
 
 
-def gate_counts(results: dict[str, Any]) -> tuple[int, int]:
-    gates = results.get("gates") or []
-    return sum(1 for g in gates if g.get("passed")), len(gates)
+def gate_counts(record: RunRecord) -> tuple[int, int]:
+    return sum(1 for g in record.gates if g.passed), len(record.gates)
 
 
-def verdict_line(results: dict[str, Any]) -> str:
-    passed, total = gate_counts(results)
-    verdict = str(results.get("verdict", "error")).upper()
-    status = results.get("status", "")
-    tail = "" if status == "complete" else f" (run {status})"
-    return f"{verdict}: {passed} of {total} gates passed{tail}"
+def verdict_line(record: RunRecord) -> str:
+    passed, total = gate_counts(record)
+    tail = "" if record.status == "complete" else f" (run {record.status})"
+    return f"{record.verdict.upper()}: {passed} of {total} gates passed{tail}"
 
 
 # ---- variant x metric matrix
 
 @dataclass
 class Cell:
-    value: Any = None
-    low: Any = None
-    high: Any = None
+    """One variant x metric: the metric's value and interval, the paired difference vs the reference."""
+
+    value: float | None = None
+    low: float | None = None
+    high: float | None = None
     n: int | None = None
     n_invalid: int = 0
-    confidence: Any = None
-    delta: Any = None
-    dlow: Any = None
-    dhigh: Any = None
-    p_value: Any = None
-    p_holm: Any = None
+    confidence: float | None = None
+    delta: float | None = None
+    dlow: float | None = None
+    dhigh: float | None = None
+    p_value: float | None = None
+    p_holm: float | None = None
     test: str = ""
     method: str = ""
     n_invalid_as_loss: int = 0
@@ -214,26 +206,28 @@ class Matrix:
         return self.cells.get((variant, task, metric))
 
 
-def metric_matrix(results: dict[str, Any]) -> Matrix:
-    variants = [v.get("name", "") for v in results.get("variants") or []]
+def metric_matrix(record: RunRecord) -> Matrix:
+    """Every metric of every variant; the paired difference against the reference beside it
+    (comparisons against another variant a gate names are not what the matrix shows)."""
+    variants = [v.name for v in record.variants]
     columns: list[tuple[str, str]] = []
     cells: dict[tuple[str, str, str], Cell] = {}
-    for m in results.get("metrics") or []:
-        key = (m.get("task", ""), m.get("metric", ""))
+    for m in record.metrics:
+        key = (m.task, m.metric)
         if key not in columns:
             columns.append(key)
-        if m.get("variant") not in variants:
-            variants.append(m.get("variant", ""))
-        cells[(m.get("variant", ""), *key)] = Cell(
-            value=m.get("value"), low=m.get("low"), high=m.get("high"), n=m.get("n"),
-            n_invalid=m.get("n_invalid", 0), confidence=m.get("confidence"))
-    for c in results.get("comparisons") or []:
-        cell = cells.setdefault((c.get("variant", ""), c.get("task", ""), c.get("metric", "")), Cell())
-        cell.delta, cell.dlow, cell.dhigh = c.get("delta"), c.get("low"), c.get("high")
-        cell.p_value, cell.test, cell.significant = c.get("p_value"), c.get("test", ""), bool(c.get("significant"))
-        cell.p_holm, cell.method = c.get("p_holm"), c.get("method") or c.get("test", "")
-        cell.n_invalid_as_loss = c.get("n_invalid_as_loss") or 0
-    return Matrix(reference_variant(results), columns, variants, cells)
+        if m.variant not in variants:
+            variants.append(m.variant)
+        cells[(m.variant, *key)] = Cell(value=m.value, low=m.low, high=m.high, n=m.n, n_invalid=m.n_invalid,
+                                        confidence=m.confidence)
+    for c in record.comparisons:
+        if c.vs != record.reference:
+            continue
+        cell = cells.setdefault((c.variant, c.task, c.metric), Cell())
+        cell.delta, cell.dlow, cell.dhigh, cell.p_value, cell.p_holm = c.delta, c.low, c.high, c.p_value, c.p_holm
+        cell.test, cell.method, cell.significant = c.test, c.method, c.significant
+        cell.n_invalid_as_loss = c.n_invalid_as_loss
+    return Matrix(record.reference, columns, variants, cells)
 
 
 # ---- two runs (candidate vs baseline): unpaired, so only values and their difference
@@ -247,7 +241,7 @@ class BaselineRow:
     then: Cell | None
 
     @property
-    def delta(self) -> Any:
+    def delta(self) -> float | None:
         if self.now and self.then and is_num(self.now.value) and is_num(self.then.value):
             return self.now.value - self.then.value
         return None
@@ -261,7 +255,7 @@ class BaselineRow:
         return a.low > b.high or b.low > a.high
 
 
-def baseline_rows(now: dict[str, Any], then: dict[str, Any]) -> list[BaselineRow]:
+def baseline_rows(now: RunRecord, then: RunRecord) -> list[BaselineRow]:
     a, b = metric_matrix(now), metric_matrix(then)
     keys = [(v, t, m) for (t, m) in a.columns for v in a.variants if (v, t, m) in a.cells]
     keys += [k for k in b.cells if k not in a.cells and is_num(b.cells[k].value)]

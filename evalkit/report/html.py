@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
+from evalkit.record import BaseRecord, RunRecord, SuiteRecord, TaskRecord
 from evalkit.report import data
 from evalkit.report.data import fmt, fmt_delta, fmt_interval, fmt_p, fmt_p_eq, is_num
 from evalkit.runlog import atomic_write
@@ -40,40 +41,38 @@ def _env() -> Environment:
 def render_report(run_dir: Path, baseline: Path | None = None) -> Path:
     """Write run_dir/report.html from results.json + samples.jsonl (and a baseline run's results.json)."""
     run_dir = Path(run_dir)
-    return write_report(run_dir, data.load_results(run_dir),
-                        data.load_results(Path(baseline)) if baseline else None)
+    return write_report(run_dir, data.load_record(run_dir),
+                        data.load_record(Path(baseline)) if baseline else None)
 
 
-def write_report(run_dir: Path, results: dict[str, Any], baseline: dict[str, Any] | None = None) -> Path:
-    html = render_html(results, data.iter_samples(run_dir), baseline)
+def write_report(run_dir: Path, record: RunRecord, baseline: RunRecord | None = None) -> Path:
+    html = render_html(record, data.iter_samples(run_dir), baseline)
     path = Path(run_dir) / REPORT
     atomic_write(path, html)  # a reader never opens half a page
     return path
 
 
-def render_html(results: dict[str, Any], samples: Iterable[dict[str, Any]],
-                baseline: dict[str, Any] | None = None) -> str:
+def render_html(record: RunRecord, samples: Iterable[dict[str, Any]], baseline: RunRecord | None = None) -> str:
     env = _env()
     script = env.loader.get_source(env, "report.js")[0]
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-    matrix = data.metric_matrix(results)
+    matrix = data.metric_matrix(record)
     colors = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(matrix.variants)}
-    gates = results.get("gates") or []
     return env.get_template("report.html.j2").render(
-        r=results, matrix=matrix, colors=colors,
-        confidence=f"{next((m['confidence'] for m in results.get('metrics') or [] if is_num(m.get('confidence'))), 0.95):.0%}",
-        verdict_line=data.verdict_line(results),
-        gates=sorted(gates, key=lambda g: bool(g.get("passed"))),  # failures first, order kept otherwise
-        failed=[g for g in gates if not g.get("passed")],
+        r=record, matrix=matrix, colors=colors,
+        confidence=f"{next((m.confidence for m in record.metrics if is_num(m.confidence)), 0.95):.0%}",
+        verdict_line=data.verdict_line(record),
+        gates=sorted(record.gates, key=lambda g: g.passed),  # failures first, order kept otherwise
+        failed=[g for g in record.gates if not g.passed],
         threshold=data.gate_threshold, bound=data.gate_bound,
-        n_comparisons=len(results.get("comparisons") or []),
-        ruled_out=[data.excludes_line(c) for c in data.ruled_out(results)],
-        baseline=_baseline(results, baseline),
-        canaries=[(t.get("name", ""), _subject_chart(t["extras"]["per_subject"], matrix.reference, colors))
-                  for t in results.get("tasks") or [] if (t.get("extras") or {}).get("per_subject")],
-        training=_training(results),
-        task_details=[(t, _task_details(t)) for t in results.get("tasks") or []],
-        samples_json=_script_json(_samples_payload(results, samples, matrix)),
+        n_comparisons=len(record.comparisons),
+        ruled_out=[data.excludes_line(c) for c in data.ruled_out(record)],
+        baseline=_baseline(record, baseline),
+        canaries=[(t.name, _subject_chart(t.extras["per_subject"], matrix.reference, colors))
+                  for t in record.tasks if isinstance(t.extras.get("per_subject"), Mapping)],
+        training=_training(record),
+        task_details=[(t, _task_details(t)) for t in record.tasks],
+        samples_json=_script_json(_samples_payload(record, samples, matrix)),
         script=Markup(script),
         csp=f"default-src 'none'; style-src 'unsafe-inline'; img-src data:; script-src 'sha256-{digest}'",
     )
@@ -97,9 +96,9 @@ def _text(x: Any) -> str:
 
 # ---- sample browser data: one entry per (task, case), every variant's output inside
 
-def _samples_payload(results: dict[str, Any], samples: Iterable[dict[str, Any]], matrix: data.Matrix) -> dict[str, Any]:
+def _samples_payload(record: RunRecord, samples: Iterable[dict[str, Any]], matrix: data.Matrix) -> dict[str, Any]:
     variants = list(matrix.variants)
-    tasks = [t.get("name", "") for t in results.get("tasks") or []]
+    tasks = [t.name for t in record.tasks]
     metrics: dict[str, list[str]] = defaultdict(list)
     for task, metric in matrix.columns:
         metrics[task].append(metric)
@@ -138,12 +137,14 @@ def _ticks(lo: float, hi: float, count: int = 4) -> list[float]:
     return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def _subject_chart(per_subject: dict[str, Any], reference: str, colors: dict[str, str]) -> dict[str, Any] | None:
+def _subject_chart(per_subject: Mapping[str, Any], reference: str, colors: dict[str, str]) -> dict[str, Any] | None:
     """Dot plot: one row per subject, one dot per variant; the worst drop vs the reference on top."""
     acc: dict[str, dict[str, float]] = defaultdict(dict)
     counts: dict[str, int] = {}
     for variant, subjects in per_subject.items():
-        for subject, cell in (subjects or {}).items():
+        if not isinstance(subjects, Mapping):
+            continue
+        for subject, cell in subjects.items():
             if not isinstance(cell, dict):
                 continue
             a = cell.get("accuracy")
@@ -180,8 +181,9 @@ def _subject_chart(per_subject: dict[str, Any], reference: str, colors: dict[str
 
 
 def _loss_series(prov: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
-    """Train and eval loss by step from whichever history a trainer recorded (HF log_history or a list)."""
-    rows = next((prov[k] for k in ("log_history", "loss", "history", "losses") if isinstance(prov.get(k), list)), [])
+    """Train and eval loss by step from whichever history a trainer recorded (the bundled trainers' `log`,
+    HF log_history, or a list)."""
+    rows = next((prov[k] for k in ("log", "log_history", "loss", "history", "losses") if isinstance(prov.get(k), list)), [])
     train, train_alt, evals = [], [], []
     for i, row in enumerate(rows):
         if is_num(row):  # a bare list of losses
@@ -243,28 +245,31 @@ def _flat(d: Any, prefix: str = "", depth: int = 2) -> list[tuple[str, str]]:
     return out
 
 
-def _training(results: dict[str, Any]) -> list[dict[str, Any]]:
+def _training(record: RunRecord) -> list[dict[str, Any]]:
     out = []
-    for v in results.get("variants") or []:
-        prov = v.get("provenance")
-        if not isinstance(prov, dict) or not prov:
+    for v in record.variants:
+        prov = v.provenance  # the trainer's evalkit_train.json: its shape is the trainer's, so read with care
+        if not prov:
             continue
         stats = [(label, fmt(prov.get(key), 1) + unit) for key, label, unit in (
             ("wall_time_s", "wall time", " s"), ("tokens_per_s", "throughput", " tok/s"),
             ("peak_memory_mb", "peak memory", " MB")) if is_num(prov.get(key))]
         if prov.get("device"):
             stats.append(("device", str(prov["device"])))
-        out.append({"variant": v.get("name", ""), "stats": stats, "chart": _line_chart(_loss_series(prov)),
+        out.append({"variant": v.name, "stats": stats, "chart": _line_chart(_loss_series(prov)),
                     "recipe": _flat(prov.get("recipe")), "base": _flat(prov.get("base"), depth=1),
                     "packages": _flat(prov.get("packages"), depth=1)})
     return out
 
 
-def _task_details(task: dict[str, Any]) -> list[tuple[str, str]]:
-    """What a reviewer needs from a task's kind-specific extras; large lists become counts."""
-    extras = task.get("extras") or {}
-    rows: list[tuple[str, str]] = [("invalid scores", "counted as losses" if task.get("invalid", "loss") == "loss"
-                                    else "dropped from comparisons")]
+INVALID_POLICY = {"loss": "counted as losses", "drop": "dropped from comparisons", None: "not recorded"}
+
+
+def _task_details(task: TaskRecord) -> list[tuple[str, str]]:
+    """What a reviewer needs from a task's kind-specific extras (their shape is the task kind's, so
+    read with care); large lists become counts."""
+    extras = task.extras
+    rows: list[tuple[str, str]] = [("invalid scores", INVALID_POLICY[task.invalid])]
     judge = extras.get("judge")
     if isinstance(judge, dict):
         rows += [(f"judge {k}", str(judge[k])) for k in ("model", "base_url", "calls", "cached", "invalid") if k in judge]
@@ -293,13 +298,16 @@ def _task_details(task: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _baseline(results: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any] | None:
+def _baseline(record: RunRecord, base: RunRecord | None) -> dict[str, Any] | None:
+    """`evalkit report RUN --baseline OLDER`: two unpaired runs side by side, with what makes them
+    incomparable (another suite file, another base model) said up front."""
     if base is None:
         return None
     warnings = []
-    for label, a, b in (("suite file", results.get("suite", {}).get("sha256"), base.get("suite", {}).get("sha256")),
-                        ("base model", results.get("base", {}).get("sha256"), base.get("base", {}).get("sha256"))):
-        if a != b:
-            warnings.append(f"the {label} differs between the two runs ({str(a)[:12]} vs {str(b)[:12]})")
-    return {"r": base, "rows": data.baseline_rows(results, base), "warnings": warnings,
-            "gates": {g.get("id"): g for g in base.get("gates") or []}}
+    parts: tuple[tuple[str, SuiteRecord | BaseRecord, SuiteRecord | BaseRecord], ...] = (
+        ("suite file", record.suite, base.suite), ("base model", record.base, base.base))
+    for label, a, b in parts:
+        if a.sha256 != b.sha256:
+            warnings.append(f"the {label} differs between the two runs ({a.sha256[:12]} vs {b.sha256[:12]})")
+    return {"r": base, "rows": data.baseline_rows(record, base), "warnings": warnings,
+            "gates": {g.id: g for g in base.gates}}

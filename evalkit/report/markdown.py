@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from evalkit.record import RunRecord
 from evalkit.report import data
 from evalkit.report.data import fmt, fmt_delta, fmt_interval, fmt_p
 from evalkit.runlog import atomic_write
@@ -19,21 +20,18 @@ def _row(cells: list[Any]) -> str:
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
-def render_summary(results: dict[str, Any]) -> str:
-    verdict = results.get("verdict", "error")
-    icon = "✅" if verdict == "pass" else "❌"
-    name = (results.get("suite") or {}).get("name", "")
-    lines = [f"## {icon} evalkit `{_cell(name)}`: {_cell(data.verdict_line(results))}", "",
-             f"Run `{_cell(results.get('run_id', ''))}` · reference variant `{_cell(data.reference_variant(results))}`"
+def render_summary(record: RunRecord) -> str:
+    icon = "✅" if record.verdict == "pass" else "❌"
+    lines = [f"## {icon} evalkit `{_cell(record.suite.name)}`: {_cell(data.verdict_line(record))}", "",
+             f"Run `{_cell(record.run_id)}` · reference variant `{_cell(record.reference)}`"
              " · full report: `report.html` in the run folder", ""]
-    gates = results.get("gates") or []
-    if gates:
+    if record.gates:
         lines += ["### Gates", "", "| | Gate | Value | Threshold | Interval | p | Message |", "|---|---|---:|---|---|---:|---|"]
-        lines += [_row(["✅" if g.get("passed") else "❌", g.get("id", ""), fmt(g.get("value")), data.gate_threshold(g),
-                        fmt_interval(g.get("low"), g.get("high")), fmt_p(g.get("p_value")), g.get("message", "")])
-                  for g in gates]
+        lines += [_row(["✅" if g.passed else "❌", g.id, fmt(g.value), data.gate_threshold(g),
+                        fmt_interval(g.low, g.high), fmt_p(g.p_value), g.message])
+                  for g in record.gates]
         lines.append("")
-    m = data.metric_matrix(results)
+    m = data.metric_matrix(record)
     if m.columns:
         lines += ["### Variants × metrics", "",
                   f"Value [interval]; Δ = paired difference vs `{_cell(m.reference)}`, ▲/▼ significant.", "",
@@ -52,6 +50,6 @@ def render_summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(results: dict[str, Any], path: Path) -> Path:
-    atomic_write(path, render_summary(results))
+def write_summary(record: RunRecord, path: Path) -> Path:
+    atomic_write(path, render_summary(record))
     return Path(path)
