@@ -41,6 +41,7 @@ browser:
 # Lint before the tests: CI runs `make lint test`.
 lint: setup
 	$(BIN)/ruff check evalkit trainers tests bench
+	$(BIN)/mypy
 
 # Tests run in a random order (pytest-randomly); the seed is printed, and `SEED=N make test` replays it.
 test: setup browser

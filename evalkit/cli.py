@@ -9,7 +9,7 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from evalkit import __version__
 from evalkit.errors import ConfigError, EvalkitError, ExitCode
@@ -46,6 +46,7 @@ def print_summary(record: RunRecord, run_dir: Path) -> None:
             c = cmp.get((m.task, m.metric, m.variant))
             delta = ""
             if c and c.delta is not None:
+                assert c.low is not None and c.high is not None  # set with delta
                 mark = " *" if c.significant else ""
                 counts = f" ({c.n_ref_only} lost / {c.n_cand_only} gained)" if c.n_ref_only is not None else ""
                 delta = (f"{c.delta * 100:+6.1f} [{c.low * 100:+.1f}, {c.high * 100:+.1f}] "
@@ -154,7 +155,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on a usage error, which is "interrupted" in evalkit's contract: raise a
     ConfigError (exit 4) instead, after the usage line argparse would print."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         raise ConfigError(message, hint=f"{self.prog} --help")
 
@@ -185,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from evalkit.serve import add_arguments
     except ImportError:
-        add_arguments = None
-    if add_arguments:
+        pass
+    else:
         add_arguments(s)
     s.set_defaults(fn=cmd_serve)
     return p

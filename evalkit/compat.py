@@ -109,11 +109,12 @@ def undo_cpu_bf16_repack(module: Any) -> bool:
     import bitsandbytes as bnb
 
     state = getattr(getattr(module, "weight", None), "quant_state", None)
-    if not (isinstance(module, bnb.nn.Linear4bit) and getattr(state, "packing_format_for_cpu", False)):
+    if not (isinstance(module, bnb.nn.Linear4bit) and state is not None and getattr(state, "packing_format_for_cpu", False)):
         return False
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-    module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+    # bitsandbytes annotates Linear4bit.weight as a Parameter; it is a Params4bit, which has quant_state
+    module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)  # type: ignore[attr-defined]
     return True
 
 

@@ -6,9 +6,10 @@ per run whatever the number of variants and tasks.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from evalkit.backends.hf import generate, render_prompt
 from evalkit.cache import Cache, generation_key
@@ -140,10 +141,11 @@ class RunContext:
         self.models[quantize or "full"] = attach_adapter(self.model_for(quantize), name, info)
         return self.models[quantize or "full"]
 
-    def attach_twin(self, lv: LoadedVariant, quantize: str | None) -> LoadedVariant:
+    def attach_twin(self, lv: LoadedVariant, quantize: Literal["nf4", "int8"] | None) -> LoadedVariant:
         """An unmerged twin of a merged variant, attached to the shared base (not scored). peft
         injects the adapter into that base in place, so call it only after scoring (post-checks)."""
         name = f"{lv.name}~unmerged"
+        assert lv.info is not None  # merged adapter variant
         model = self.attach(quantize, name, lv.info)
         twin = Variant(name=name, adapter=lv.variant.adapter, quantize=quantize)
         return LoadedVariant(twin, model, name, lv.info,
@@ -185,7 +187,7 @@ class RunContext:
                       results: dict[str, list[Any]], gen: GenerationConfig, desc: str) -> None:
         group = list({id(lv): lv for lv, _ in todo}.values())
         label = ",".join(lv.name for lv in group)
-        bar = _progress(len(todo), f"{desc or 'generate'} [{label}]", self.progress)
+        bar = _progress(len(todo), f"{desc or 'generate'} [{label}]", self.progress, self.log)
 
         def on_batch(idx: list[int], outs: list[Output]) -> None:
             rows = [(todo[j][0], todo[j][1], o) for j, o in zip(idx, outs)]
@@ -211,7 +213,29 @@ class RunContext:
             bucket["peak_memory_source"] = peak.source
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+def _progress(total: int, desc: str, bars: bool, log: Callable[[str], Any] | None = None):
+    """A progress bar on a terminal; elsewhere (CI logs) a line now and then, and one at the end."""
+    if bars or log is None:
+        from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="case", disable=not enabled, leave=False)
+        return tqdm(total=total, desc=desc, unit="case", disable=not bars, leave=False)
+    return _ProgressLines(total, desc, log)
+
+
+class _ProgressLines:
+    EVERY_S = 20.0
+
+    def __init__(self, total: int, desc: str, log: Callable[[str], Any]):
+        self.total, self.desc, self.log, self.n = total, desc, log, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.EVERY_S and self.n < self.total:
+            self.last = now
+            self.log(f"{self.desc}: {self.n}/{self.total} cases ({now - self.start:.0f} s)")
+
+    def close(self) -> None:
+        if self.total:
+            self.log(f"{self.desc}: {self.n}/{self.total} cases in {time.perf_counter() - self.start:.1f} s")

@@ -95,9 +95,11 @@ def evaluate_gate(gate: Gate, variant: str, scores: Mapping[tuple[str, str, str]
             return record(kind="check", passed=False,
                           message=f"check '{gate.check}' did not run for variant '{variant}'")
         return record(kind="check", passed=found[0].passed, message=found[0].message)
+    assert gate.metric is not None  # metric xor check
     task, _, metric = gate.metric.partition(".")
     if gate.max_drop is not None:
-        return record(**_max_drop(gate, variant, comparisons.get((task, metric, variant, gate.vs))))
+        cmp = comparisons.get((task, metric, variant, gate.vs)) if gate.vs is not None else None
+        return record(**_max_drop(gate, variant, cmp))
     s = scores.get((task, metric, variant))
     if gate.max_invalid is not None:
         return record(**_max_invalid(gate, variant, s))
@@ -105,6 +107,7 @@ def evaluate_gate(gate: Gate, variant: str, scores: Mapping[tuple[str, str, str]
 
 
 def _max_drop(gate: Gate, variant: str, cmp: PairedComparison | None) -> dict[str, Any]:
+    assert gate.max_drop is not None  # a max_drop gate
     out: dict[str, Any] = {"kind": "max_drop", "threshold": gate.max_drop}
     if cmp is None or cmp.n == 0:
         why = f"; {cmp.n_invalid} pairs had an invalid score" if cmp is not None and cmp.n_invalid else ""
@@ -128,6 +131,7 @@ def _max_drop(gate: Gate, variant: str, cmp: PairedComparison | None) -> dict[st
                f"{'<' if passed else '>='} {gate.max_drop:g}")
         return out | {"bound": bound, "side": "upper", "passed": bool(passed), "message": f"{head}; {how}"}
     if cmp.test == "tango":  # exactly, as counts: (lost - gained) / n * 100 <= max_drop
+        assert cmp.n_ref_only is not None and cmp.n_cand_only is not None  # tango sets both
         passed = Fraction(int(cmp.n_ref_only - cmp.n_cand_only) * 100, cmp.n) <= exact(gate.max_drop)
     else:
         passed = drop * 100 <= gate.max_drop + GRADED_TOLERANCE
@@ -176,6 +180,7 @@ def _min_max(gate: Gate, variant: str, s: Scores | None) -> dict[str, Any]:
 
 
 def _max_invalid(gate: Gate, variant: str, s: Scores | None) -> dict[str, Any]:
+    assert gate.max_invalid is not None  # a max_invalid gate
     out: dict[str, Any] = {"kind": "max_invalid", "threshold": gate.max_invalid}
     if s is None or not s.values:
         return out | {"passed": False, "message": f"no results for {gate.metric} on variant '{variant}'"}

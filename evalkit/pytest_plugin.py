@@ -153,6 +153,8 @@ class ConfigErrorItem(pytest.Item):
 
 
 class GateItem(pytest.Item):
+    parent: SuiteNode  # made only by SuiteNode.collect
+
     def __init__(self, *, gate_id: str, spec: str, check: str | None, line: int | None, **kwargs: Any):
         super().__init__(**kwargs)
         self.gate_id, self.spec, self.check, self.line = gate_id, spec, check, line

@@ -312,7 +312,7 @@ def decode(tp: Any, value: Any, where: str = "") -> Any:
         if not isinstance(value, Mapping):
             raise RecordError(f"{where}: expected an object, got {_kind(value)}")
         return {str(k): decode(args[1], v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _decode_object(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
@@ -451,7 +451,7 @@ def _from_1_0(r: dict[str, Any]) -> None:
         c.setdefault("method", c.get("test"))
         c.setdefault("n_invalid_as_loss", 0)
         lost, gained = c.get("n_ref_only"), c.get("n_cand_only")
-        if "n_nonzero" not in c and all(isinstance(x, (int, float)) for x in (lost, gained)):
+        if "n_nonzero" not in c and isinstance(lost, (int, float)) and isinstance(gained, (int, float)):
             c["n_nonzero"] = lost + gained
 
 
@@ -460,7 +460,9 @@ def _from_1_1(r: dict[str, Any]) -> None:
     one, else `base` when a variant has that name, else the first variant)."""
     if "reference" in r:
         return
-    config = r.get("config") if isinstance(r.get("config"), dict) else {}
+    config = r.get("config")
+    if not isinstance(config, dict):
+        config = {}
     names = [v.get("name") for v in _objects(r, "variants")]
     if isinstance(config.get("reference"), str):
         r["reference"] = config["reference"]
@@ -521,7 +523,7 @@ def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
     if origin is Mapping:
         values = _type_schema(args[1], defs)
         return {"type": "object", "additionalProperties": values} if values else {"type": "object"}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if tp.__name__ not in defs:
             defs[tp.__name__] = {}  # placeholder: a type met again while being described
             defs[tp.__name__] = _object_schema(tp, defs)

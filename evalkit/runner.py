@@ -215,6 +215,7 @@ def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> lis
 
 def _template_parity(ctx: RunContext, lv: LoadedVariant, log: Log) -> CheckRecord:
     """The chat template an adapter was trained with must be the one it is evaluated with."""
+    assert lv.info is not None  # adapter variants only
     saved = lv.info.path / "chat_template.jinja"
     if not saved.is_file():
         return CheckRecord(name="template_parity", variant=lv.name, passed=True,
@@ -242,12 +243,16 @@ def _task_kind(task: Task) -> ModuleType:
     """The module that runs this kind of task: `run(ctx, task)`, and `preflight(task)` when
     it can check something before any model loads (a judge endpoint). Imported on demand."""
     if task.kind == "mmlu":
-        from evalkit.tasks import mmlu as kind
-    elif task.kind == "judge":
-        from evalkit.tasks import judge as kind
-    else:
-        from evalkit.tasks import generation as kind
-    return kind
+        from evalkit.tasks import mmlu
+
+        return mmlu
+    if task.kind == "judge":
+        from evalkit.tasks import judge
+
+        return judge
+    from evalkit.tasks import generation
+
+    return generation
 
 
 def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], results: dict[str, TaskResult],
@@ -270,6 +275,7 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
                                     confidence=iv.confidence))
     comparisons = _comparisons(suite, results, values)
     gates = evaluate_gates(suite, scores, comparisons, checks)
+    assert suite.reference is not None  # set by validator
     record = RunRecord(
         schema_version=SCHEMA_VERSION, evalkit_version=__version__,
         run_id=f"{suite.name}-{datetime.fromtimestamp(started).strftime('%Y%m%d-%H%M%S')}",
@@ -300,7 +306,9 @@ def suite_task(suite: Suite, name: str) -> Task:
 def _comparisons(suite: Suite, results: dict[str, TaskResult], values) -> dict[tuple[str, str, str, str], Any]:
     """Paired comparisons of every variant against the reference, and for every `vs:` a gate names,
     over the cases both sides have; a candidate's invalid score is a loss unless `invalid: drop`."""
-    pairs = {(v.name, suite.reference) for v in suite.variants if v.name != suite.reference}
+    reference = suite.reference
+    assert reference is not None  # set by validator
+    pairs = {(v.name, reference) for v in suite.variants if v.name != reference}
     pairs |= {(var, g.vs) for g in suite.gates if g.vs for var in gate_targets(g, suite) if var != g.vs}
     out = {}
     for (tname, metric, variant), cand in values.items():

@@ -147,7 +147,7 @@ def guided_json(model, tokenizer, prompt: str, schema: Mapping[str, Any], *, max
         choices = _choices(props[name])
         if choices is not None:
             lp = torch.tensor(_choice_logprobs(model, tokenizer, prompt + text, choices))
-            pick = (torch.multinomial((lp / temperature).softmax(-1), 1).item() if temperature > 0
+            pick = (int(torch.multinomial((lp / temperature).softmax(-1), 1).item()) if temperature > 0
                     else int(lp.argmax()))
             text += choices[pick]
         else:
@@ -234,7 +234,7 @@ def _text(content: Any) -> str:
     raise ApiError(400, "message content must be a string or a list of text parts", param="messages")
 
 
-def _number(body: Mapping[str, Any], key: str, default: float, lo: float, hi: float, kind: type = float):
+def _number(body: Mapping[str, Any], key: str, default: float | None, lo: float, hi: float, kind: type = float):
     value = body.get(key)
     if value is None:
         return default
@@ -296,7 +296,7 @@ class EvalkitServer(ThreadingHTTPServer):
     def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000, *,
                  api_key_env: str | None = None, max_tokens_cap: int = 2048,
                  log: Callable[[str], None] = print):
-        self._key = None
+        self._key: str | None = None
         if api_key_env:
             self._key = os.environ.get(api_key_env)
             if not self._key:
@@ -309,6 +309,7 @@ class EvalkitServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # an inet address
         return f"http://{host}:{port}/v1"
 
     def authorized(self, header: str | None) -> bool:
@@ -487,8 +488,9 @@ def _suite_models(suite_path: str, log: Callable[[str], None]) -> tuple[BaseSpec
         if path is not None:
             adapters[v.name] = path
             if v.quantize or v.merge:  # one server, one base: served unmerged on the base loaded
+                how = "merged" if v.merge else f"on {v.quantize}"
                 log(f"evalkit serve: variant '{v.name}' is served unmerged on the one base this server loads "
-                    f"(the suite evaluates it {'merged' if v.merge else 'on ' + v.quantize}; see --quantize)")
+                    f"(the suite evaluates it {how}; see --quantize)")
     return suite.base, suite.dir, adapters
 
 
@@ -501,7 +503,8 @@ def serve_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     adapters: dict[str, str | Path] = {}
     base: BaseSpec | ResolvedBase | str | None = args.base
     if args.suite:
-        spec, suite_dir, adapters = _suite_models(args.suite, print)
+        spec, suite_dir, found = _suite_models(args.suite, print)
+        adapters.update(found)
         base = resolve_base(spec, suite_dir) if args.base is None else args.base
     if base is None:
         raise ConfigError("evalkit serve needs --suite SUITE or --base MODEL")

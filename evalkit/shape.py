@@ -68,7 +68,11 @@ def yaml_path(loc: Sequence[str | int], data: Any) -> YamlPath:
     """pydantic's location, minus what is not a YAML key or index (union tags, validator names)."""
     out: list[str | int] = []
     for part in loc:
-        if (isinstance(data, Mapping) and part in data) or (isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)):
+        if isinstance(data, list):
+            if not (isinstance(part, int) and 0 <= part < len(data)):
+                continue
+            data = data[part]
+        elif isinstance(data, Mapping) and part in data:
             data = data[part]
         else:
             continue

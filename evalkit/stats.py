@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -335,6 +336,7 @@ class PairedComparison:
             return _NAN
         score_bound = tango_upper_drop if upper else tango_lower_drop
         if self._graded is None:
+            assert self.n_ref_only is not None and self.n_cand_only is not None  # binary sets both
             return score_bound(self.n_ref_only, self.n_cand_only, self.n, level)
         mean, se, t, losses, gains, span = self._graded
         bound = -_t_bound(mean, se, t, level, "lower" if upper else "upper", *span)  # drop = -mean difference
@@ -365,7 +367,7 @@ def paired_compare(reference: Sequence[float | None], candidate: Sequence[float 
     ref, cand = ref[keep], cand[keep]
     n, d = len(ref), cand - ref
     n_nonzero = int(np.count_nonzero(d))
-    common = dict(confidence=confidence, n_invalid=n_invalid, n_invalid_as_loss=n_as_loss, n_nonzero=n_nonzero)
+    common: dict[str, Any] = dict(confidence=confidence, n_invalid=n_invalid, n_invalid_as_loss=n_as_loss, n_nonzero=n_nonzero)
     level = _one_sided(confidence)
     if binary:
         _check_binary(ref)
@@ -388,6 +390,7 @@ def paired_compare(reference: Sequence[float | None], candidate: Sequence[float 
 def _bootstrap_p(cmp: PairedComparison) -> float:
     """Two-sided bootstrap-t p of "no change" (inverts the same t* as the interval); with few
     nonzero differences, at least the score p of the summed losses and gains (as the floor)."""
+    assert cmp._graded is not None  # graded comparisons only
     mean, se, t, losses, gains, _ = cmp._graded
     if mean == 0:
         return 1.0
@@ -416,8 +419,8 @@ def _pair_pmf(n: int, lost_p: float, gained_p: float) -> tuple[np.ndarray, np.nd
     """(lost, gained, probability) over every (lost, gained) count with non-negligible mass."""
     def cap(p: float) -> int:
         return min(n, int(n * p + 12 * math.sqrt(n * p * (1 - p) + 1) + 12)) if p > 0 else 0
-    b, c = np.meshgrid(np.arange(cap(lost_p) + 1), np.arange(cap(gained_p) + 1), indexing="ij")
-    b, c = b.ravel(), c.ravel()
+    grid_b, grid_c = np.meshgrid(np.arange(cap(lost_p) + 1), np.arange(cap(gained_p) + 1), indexing="ij")
+    b, c = grid_b.ravel(), grid_c.ravel()
     keep = b + c <= n
     b, c = b[keep], c[keep]
     log_fact = _log_factorials(n)

@@ -50,7 +50,7 @@ def to_trl_row(row: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_training_rows(path: Path) -> list[dict[str, Any]]:
     """The raw rows (for leakage checks) converted to trl rows, with an `id` each; one format per file."""
-    out = []
+    out: list[dict[str, Any]] = []
     for i, row in enumerate(read_rows(path)):
         trl_row = to_trl_row(row, f"{path.name} row {i + 1}")
         if out and isinstance(out[0]["prompt"], str) != isinstance(trl_row["prompt"], str):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from evalkit.config.suite import Suite
 
@@ -17,20 +20,20 @@ HERE = Path(__file__).parent
 REPO_FILES = HERE.parents[1]
 
 
-def _recipe() -> type:
+def _recipe() -> type[BaseModel]:
     from trainers.recipe import Recipe  # the bundled runners' shape; trainers depends on evalkit, not back
 
     return Recipe
 
 
 # file (relative to the package root) -> (shape, $id, title)
-SCHEMAS: dict[str, tuple[Any, str, str]] = {
+SCHEMAS: dict[str, tuple[Callable[[], type[BaseModel]], str, str]] = {
     "evalkit/config/suite.schema.json": (lambda: Suite, "https://evalkit.dev/schemas/suite-1.json", "evalkit suite"),
     "trainers/recipe.schema.json": (_recipe, "https://evalkit.dev/schemas/recipe-1.json", "evalkit training recipe"),
 }
 
 
-def generate(shape: type, schema_id: str, title: str) -> dict[str, Any]:
+def generate(shape: type[BaseModel], schema_id: str, title: str) -> dict[str, Any]:
     schema = shape.model_json_schema(mode="validation")
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": schema_id, **schema, "title": title}
 

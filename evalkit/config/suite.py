@@ -91,7 +91,7 @@ class Variant(Located):
         return self.adapter is None and self.train is None
 
     @property
-    def merge_target(self) -> str | None:
+    def merge_target(self) -> Literal["full", "quantized"] | None:
         """Where a merge goes: "quantized" only for a quantized variant that asks for it; None unmerged."""
         if not self.merge:
             return None

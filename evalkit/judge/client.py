@@ -221,7 +221,8 @@ class JudgeClient:
         Its completions (re-asks included) are cached once it is valid, and never when it stays
         invalid or the endpoint fails: a rerun asks exactly the invalid items again."""
         calls = cached = 0
-        asked, raw, error = list(messages), "", ""
+        asked: Sequence[Mapping[str, str]] = list(messages)
+        raw, error = "", ""
         fresh: dict[str, Any] = {}
         for attempt in range(self.cfg.invalid_retries + 1):
             try:

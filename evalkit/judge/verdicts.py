@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal
 
 from jsonschema import Draft202012Validator
 
@@ -19,8 +19,8 @@ from evalkit.formatting import plain_number
 from evalkit.scorers.structured import clip, parse_json_output
 from evalkit.types import Score
 
-PASS_FAIL = "pass_fail"
-Scale = tuple[float, float] | str  # (min, max) or PASS_FAIL
+PASS_FAIL: Final = "pass_fail"
+Scale = tuple[float, float] | Literal["pass_fail"]  # (min, max) or PASS_FAIL
 
 SYSTEM_PROMPT = ("You are a careful, impartial evaluator of AI assistant responses. "
                  "Judge only by the rubric. Reply with one JSON object and nothing else.")
@@ -50,7 +50,7 @@ class Verdict:
 
 def rubric_schema(scale: Scale) -> dict[str, Any]:
     if scale == PASS_FAIL:
-        field = {"verdict": {"enum": ["pass", "fail"]}}
+        field: dict[str, Any] = {"verdict": {"enum": ["pass", "fail"]}}
     else:
         lo, hi = scale
         field = {"score": {"type": "number", "minimum": lo, "maximum": hi}}
@@ -158,7 +158,7 @@ def parse_verdict(text: str, schema: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- aggregation and noise
 
-def majority(values: Sequence[Hashable]) -> Any:
+def majority(values: Sequence[float]) -> float:
     """Most common value; a tie goes to the lowest tied value (the conservative side: for
     pass/fail that is fail, for pairwise a loss). Values must be orderable."""
     counts = Counter(values)
@@ -255,15 +255,15 @@ def _first_error(verdicts: Sequence[Verdict]) -> str:
 
 def score_rubric(verdicts: Sequence[Verdict], scale: Scale, how: str) -> Score:
     """k rubric verdicts on one item -> Score in [0, 1] (raw score, samples and flip kept in meta)."""
-    samples = [rubric_value(v.data, scale) if v.valid else None for v in verdicts]
+    samples = [rubric_value(v.data, scale) if v.data is not None else None for v in verdicts]
     values = [s for s in samples if s is not None]
     meta: dict[str, Any] = {"samples": samples, "n_invalid": len(samples) - len(values)}
     if not values:
         return Score(None, f"invalid: {_first_error(verdicts)}", meta)
     raw = aggregate(values, how)
     # the reason of the sample closest to the aggregate explains it best
-    best = min((v for v in verdicts if v.valid), key=lambda v: abs(rubric_value(v.data, scale) - raw))
-    return Score(normalize(raw, scale), str(best.data.get("reason", "")),
+    best = min((v.data for v in verdicts if v.data is not None), key=lambda d: abs(rubric_value(d, scale) - raw))
+    return Score(normalize(raw, scale), str(best.get("reason", "")),
                  {**meta, "raw": raw, "flip": flipped(values)})
 
 
@@ -271,7 +271,7 @@ def score_pairwise(candidate_first: Sequence[Verdict], reference_first: Sequence
     """k verdicts per ordering -> the candidate's outcome (1 win, 0.5 tie, 0 loss). Both orderings
     must have a valid verdict, else position bias could not be cancelled and the item is invalid."""
     orders = {"candidate_first": (candidate_first, True), "reference_first": (reference_first, False)}
-    values = {name: [pairwise_value(v.data["winner"], first) for v in vs if v.valid]
+    values = {name: [pairwise_value(v.data["winner"], first) for v in vs if v.data is not None]
               for name, (vs, first) in orders.items()}
     meta: dict[str, Any] = {"samples": values,
                             "n_invalid": sum(not v.valid for vs, _ in orders.values() for v in vs)}
@@ -281,7 +281,7 @@ def score_pairwise(candidate_first: Sequence[Verdict], reference_first: Sequence
     first = aggregate(values["candidate_first"], how)
     second = aggregate(values["reference_first"], how)
     value, disagree = combine_orders(first, second, how)
-    reasons = [next(str(v.data.get("reason", "")) for v in vs if v.valid) for vs, _ in orders.values()]
+    reasons = [next(str(v.data.get("reason", "")) for v in vs if v.data is not None) for vs, _ in orders.values()]
     reason = (f"{outcome_label(value)}; candidate shown first: {outcome_label(first)} ({reasons[0]}); "
               f"reference shown first: {outcome_label(second)} ({reasons[1]})")
     return Score(value, reason, {**meta, "order_disagree": disagree,
@@ -291,7 +291,7 @@ def score_pairwise(candidate_first: Sequence[Verdict], reference_first: Sequence
 
 def judge_label(score: Score, mode: str, scale: Scale) -> Hashable:
     """The judge's categorical label for agreement with a human label."""
-    if not score.valid:
+    if score.value is None:
         return "invalid"
     if mode == "pairwise":
         return outcome_label(score.value)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -37,7 +37,8 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "evalkit"
 
 
-BASE_KINDS = ("gguf", "path", "id")
+BaseKind = Literal["gguf", "path", "id"]
+BASE_KINDS: tuple[BaseKind, ...] = ("gguf", "path", "id")
 
 
 class BaseSpec(Shape):
@@ -59,7 +60,7 @@ class BaseSpec(Shape):
         return cls.model_validate({kind: ref, "revision": revision})
 
     @property
-    def kind(self) -> str:  # "gguf" | "path" | "id"
+    def kind(self) -> BaseKind:
         return next(k for k in BASE_KINDS if getattr(self, k) is not None)
 
     @property
@@ -234,6 +235,6 @@ def load_base(resolved: ResolvedBase, *, quantize: str | None = None, dtype: Any
     if quantize == "nf4":
         disable_cpu_bf16_repack(model)
     if qc is None and device != "cpu":
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
     model.eval()
     return model, load_tokenizer(resolved)

@@ -9,7 +9,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from evalkit.errors import EvalkitError, ExitCode
 from evalkit.record import ComparisonRecord, GateRecord, RecordError, RunRecord
@@ -55,7 +55,7 @@ def _usage(message: str) -> EvalkitError:
 
 # ---- number formatting: one style everywhere, so a value reads the same in HTML, Markdown and CI
 
-def is_num(x: Any) -> bool:
+def is_num(x: Any) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -250,7 +250,7 @@ class BaselineRow:
     def disjoint(self) -> bool:
         """Intervals that do not overlap: a conservative sign of a real change between unpaired runs."""
         a, b = self.now, self.then
-        if not (a and b and all(is_num(x) for x in (a.low, a.high, b.low, b.high))):
+        if not (a and b and is_num(a.low) and is_num(a.high) and is_num(b.low) and is_num(b.high)):
             return False
         return a.low > b.high or b.low > a.high
 

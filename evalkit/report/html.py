@@ -54,6 +54,7 @@ def write_report(run_dir: Path, record: RunRecord, baseline: RunRecord | None = 
 
 def render_html(record: RunRecord, samples: Iterable[dict[str, Any]], baseline: RunRecord | None = None) -> str:
     env = _env()
+    assert env.loader is not None  # _env sets it
     script = env.loader.get_source(env, "report.js")[0]
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     matrix = data.metric_matrix(record)
@@ -112,7 +113,7 @@ def _samples_payload(record: RunRecord, samples: Iterable[dict[str, Any]], matri
             "t": tasks.index(task), "id": str(s.get("case_id", "")), "p": _text(s.get("prompt", "")),
             "y": "" if s.get("target") is None else _text(s.get("target")),
             "m": _text(s["meta"]) if s.get("meta") else "", "o": {}})
-        scores = s.get("scores") if isinstance(s.get("scores"), dict) else {}
+        scores: Mapping[str, Any] = s["scores"] if isinstance(s.get("scores"), dict) else {}
         out: dict[str, Any] = {"o": _text(s.get("output", "")), "c": bool(s.get("cached")),
                                "s": {str(m): [_num(sc.get("value")), _text(sc.get("reason", ""))]
                                      for m, sc in scores.items() if isinstance(sc, dict)}}
@@ -167,9 +168,10 @@ def _subject_chart(per_subject: Mapping[str, Any], reference: str, colors: dict[
     rows = []
     for i, subject in enumerate(sorted(acc, key=lambda s: (worst(s), s))):
         y = top + i * row_h + row_h / 2
-        dots = [{"x": round(left + width * a / scale, 1), "y": round(y + (k - (len(variants) - 1) / 2) * 2.5, 1),
-                 "color": colors.get(v, PALETTE[0]), "title": f"{subject} · {v}: {a / scale:.0%} (n={counts[subject]})"}
-                for k, v in enumerate(variants) if (a := acc[subject].get(v)) is not None]
+        dots: list[dict[str, Any]] = [
+            {"x": round(left + width * a / scale, 1), "y": round(y + (k - (len(variants) - 1) / 2) * 2.5, 1),
+             "color": colors.get(v, PALETTE[0]), "title": f"{subject} · {v}: {a / scale:.0%} (n={counts[subject]})"}
+            for k, v in enumerate(variants) if (a := acc[subject].get(v)) is not None]
         xs = [d["x"] for d in dots]
         rows.append({"label": subject if len(subject) <= 36 else subject[:35] + "…", "full": subject, "y": y,
                      "x0": min(xs), "x1": max(xs), "dots": dots, "n": counts[subject],
@@ -180,11 +182,13 @@ def _subject_chart(per_subject: Mapping[str, Any], reference: str, colors: dict[
             "legend": [{"name": v, "color": colors.get(v, PALETTE[0])} for v in variants], "reference": reference}
 
 
-def _loss_series(prov: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+def _loss_series(prov: Mapping[str, Any]) -> dict[str, list[tuple[float, float]]]:
     """Train and eval loss by step from whichever history a trainer recorded (the bundled trainers' `log`,
     HF log_history, or a list)."""
-    rows = next((prov[k] for k in ("log", "log_history", "loss", "history", "losses") if isinstance(prov.get(k), list)), [])
-    train, train_alt, evals = [], [], []
+    rows: list[Any] = next((prov[k] for k in ("log", "log_history", "loss", "history", "losses") if isinstance(prov.get(k), list)), [])
+    train: list[tuple[float, float]] = []
+    train_alt: list[tuple[float, float]] = []
+    evals: list[tuple[float, float]] = []
     for i, row in enumerate(rows):
         if is_num(row):  # a bare list of losses
             train.append((i + 1.0, float(row)))
@@ -281,11 +285,11 @@ def _task_details(task: TaskRecord) -> list[tuple[str, str]]:
             rows.append(("judge weights", f"fingerprint {str(endpoint.get('fingerprint'))[:12]}"
                          if judge.get("endpoint_verified") else
                          "unverified: the endpoint lists no content fingerprint (verdicts cached on URL + name)"))
-        seeds = judge.get("seeds") if isinstance(judge.get("seeds"), dict) else {}
+        seeds: Mapping[str, Any] = judge["seeds"] if isinstance(judge.get("seeds"), dict) else {}
         if seeds:
-            rows.append(("judge seeds", {True: "honoured: verdicts reproducible",
-                                         False: "IGNORED by the endpoint: sampled verdicts are not reproducible"}
-                         .get(seeds.get("honoured"), str(seeds.get("probe", "")))))
+            honoured: dict[Any, str] = {True: "honoured: verdicts reproducible",
+                                        False: "IGNORED by the endpoint: sampled verdicts are not reproducible"}
+            rows.append(("judge seeds", honoured.get(seeds.get("honoured"), str(seeds.get("probe", "")))))
     if isinstance(extras.get("question_ids"), list):
         rows.append(("questions", str(len(extras["question_ids"]))))
     if isinstance(extras.get("seconds_per_question"), dict):

@@ -105,7 +105,9 @@ def exact_match(case: Case, output: Output, *, ignore_case: bool = False, strip:
     norm = functools.partial(_normalize, ignore_case=ignore_case, strip=strip,
                              normalize_whitespace=normalize_whitespace,
                              remove_punctuation=remove_punctuation)
-    want, got = norm(_as_text(case.target)), norm(output.text)
+    target = _as_text(case.target)
+    assert target is not None  # None returned above
+    want, got = norm(target), norm(output.text)
     if want == got:
         return Score(1.0)
     return Score(0.0, f"expected {clip(repr(want), 60)}, got {clip(repr(got), 60)}")

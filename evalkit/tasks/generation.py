@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from evalkit.config.suite import Task
+from evalkit.config.suite import CasesTask, GenerateTask
 from evalkit.errors import ConfigError
 from evalkit.fileio import iter_jsonl
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.types import Case, Output, Score
+
+if TYPE_CHECKING:
+    from evalkit.context import RunContext
 
 
 def load_cases(path: Path, limit: int | None = None) -> list[Case]:
@@ -34,7 +38,7 @@ def load_cases(path: Path, limit: int | None = None) -> list[Case]:
     return cases
 
 
-def run(ctx, task: Task) -> TaskResult:
+def run(ctx: RunContext, task: GenerateTask) -> TaskResult:
     cases = load_cases(task.data, task.limit)
     outputs = ctx.generate_many(ctx.variants, cases, task.generation, desc=task.name)
     samples = [s for lv in ctx.variants for s in score_outputs(task, lv.name, cases, outputs[lv.name])]
@@ -42,7 +46,7 @@ def run(ctx, task: Task) -> TaskResult:
                       extras={"n_cases": len(cases)})
 
 
-def score_outputs(task: Task, variant: str, cases: list[Case], outputs: list[tuple[Output, bool]]) -> list[SampleResult]:
+def score_outputs(task: CasesTask, variant: str, cases: list[Case], outputs: list[tuple[Output, bool]]) -> list[SampleResult]:
     """One variant's (output, was_cached) pairs, scored by the task's scorers."""
     samples = []
     for case, (out, cached) in zip(cases, outputs):

@@ -136,6 +136,7 @@ def run(ctx: RunContext, task: JudgeTask) -> TaskResult:
         raise NothingToEvaluate(f"task '{task.name}': no cases in {task.data}")
     names = [lv.name for lv in ctx.variants]
     ref = task.vs or ctx.suite.reference
+    assert ref is not None  # set by validator
     if jt.mode == "pairwise" and ref not in names:
         raise ConfigError(f"pairwise reference variant '{ref}' is not in this run (variants: {', '.join(names)})",
                           line=task.line, path=task.where("vs"))
@@ -151,7 +152,7 @@ def run(ctx: RunContext, task: JudgeTask) -> TaskResult:
 
     client = JudgeClient(jt.judge, ctx.cache, log=ctx.log)  # its identity: one GET /models
     flat = [r for it in items for r in it.requests]
-    bar = _progress(len(flat), f"judge {task.name}", ctx.progress)
+    bar = _progress(len(flat), f"judge {task.name}", ctx.progress, ctx.log)
     try:
         found = client.judge_many(flat, on_done=lambda: bar.update(1))
     finally:
@@ -175,7 +176,7 @@ def run(ctx: RunContext, task: JudgeTask) -> TaskResult:
         out, gen_cached = generated[it.variant][i]
         per_variant[it.variant].append(score)
         judge_calls = sum(v.calls for v in verdicts)
-        meta = {"judge_calls": judge_calls, "judge_cached": sum(v.cached for v in verdicts)}
+        meta: dict[str, Any] = {"judge_calls": judge_calls, "judge_cached": sum(v.cached for v in verdicts)}
         if jt.mode == "pairwise":
             meta |= {"vs": ref, "reference_output": generated[ref][i][0].text}
         samples.append(SampleResult(task=task.name, variant=it.variant, case_id=it.key, prompt=out.prompt,

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evalkit import compat
 from evalkit.cache import canary_key
@@ -118,7 +118,13 @@ def _canary_lm_class():
     return type("CanaryLM", (_FastChoices, compat.hflm_class()), {})
 
 
-class _FastChoices:
+if TYPE_CHECKING:  # a mixin placed before lm-eval's HFLM (see _canary_lm_class), which mypy sees as Any
+    from lm_eval.models.huggingface import HFLM as _HFLMMixin
+else:
+    _HFLMMixin = object
+
+
+class _FastChoices(_HFLMMixin):
     """The part of the canary's LM that is evalkit's own (mixed in before HFLM): requests whose
     continuation is one token and that share a context (the " A"/" B"/" C"/" D" of a question)
     share one forward pass computing only the last position's logits; each question is handed to

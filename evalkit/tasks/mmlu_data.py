@@ -115,7 +115,7 @@ def _build(rows: Sequence[tuple[str, str, tuple, int] | None], source: str) -> L
         subject, text, choices, answer = r
         idx = counters.get(subject, 0)
         counters[subject] = idx + 1
-        questions.append(Question(subject, idx, text, choices, answer))  # type: ignore[arg-type]
+        questions.append(Question(subject, idx, text, choices, answer))
     if not questions:
         raise ConfigError(f"no MMLU questions found in {source}")
     return Loaded(questions, source, skipped=sum(r is None for r in rows))
@@ -335,7 +335,7 @@ def _size_for_drop(detect_drop: float, capacity: Mapping[str, int], confidence: 
     if needed is not None and total == needed:
         note = (f"detect_drop {detect_drop:g}: {needed} questions, the fewest at which an adapter with no "
                 f"true drop clears {gate} ({how})")
-        clears = detect_drop
+        clears: float | None = detect_drop
     else:
         wanted = f"{needed} questions" if needed is not None else f"more than {MAX_QUESTIONS} questions"
         words, clears = _can_clear(total, discordance, confidence, power)
