@@ -1,4 +1,4 @@
-"""Reading and writing evalkit's files: JSON Lines input with located errors, atomic output.
+"""Reading and writing evalkit's files: text, JSON and JSON Lines input with located errors, atomic output.
 
 Every jsonl file evalkit or its trainers read (suite data, judge anchors, training rows, MMLU
 rows) goes through `iter_jsonl`; each caller then checks its own row shape. Every record
@@ -15,6 +15,34 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.errors import ConfigError
+
+
+def read_text(file: Path, what: str = "file") -> str:
+    """A config file's text: a missing file, a folder or bytes that are not UTF-8 text are
+    config errors naming the file (and the line of the first bad byte)."""
+    if file.is_dir():
+        raise ConfigError(f"{file} is a folder, not a {what}")
+    if not file.is_file():
+        raise ConfigError(f"{what} not found: {file}")
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          f"is this the {what}?", file=file, line=line) from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise ConfigError(f"binary data (a NUL byte); is this the {what}?", file=file, line=line)
+    return text
+
+
+def read_json(file: Path, what: str = "file") -> Any:
+    """A JSON file's value; bad text or bad JSON is a ConfigError naming the file and line."""
+    try:
+        return json.loads(read_text(file, what))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"invalid JSON: {e.msg} (column {e.colno})", file=file, line=e.lineno) from None
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from evalkit import environment as env
 from evalkit.fileio import atomic_write  # the reports import it from here too
-from evalkit.record import Environment, RunRecord
+from evalkit.record import Environment, RunRecord, to_jsonable
 
 
 @dataclass(frozen=True)
@@ -39,18 +39,5 @@ def environment(device: str) -> Environment:
 
 
 def write_run(run_dir: Path, record: RunRecord, samples: Iterable[dict[str, Any]]) -> None:
-    atomic_write(run_dir / "samples.jsonl", (json.dumps(clean(s), ensure_ascii=False) + "\n" for s in samples))
+    atomic_write(run_dir / "samples.jsonl", (json.dumps(to_jsonable(s), ensure_ascii=False) + "\n" for s in samples))
     atomic_write(run_dir / "results.json", [json.dumps(record.to_json(), indent=2, ensure_ascii=False)])
-
-
-def clean(o: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> null (strict JSON has no NaN), paths and other objects -> str."""
-    if isinstance(o, float):
-        return o if o == o and o not in (float("inf"), float("-inf")) else None
-    if isinstance(o, dict):
-        return {str(k): clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [clean(v) for v in o]
-    if o is None or isinstance(o, (str, int, bool)):
-        return o
-    return str(o)

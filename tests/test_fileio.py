@@ -153,7 +153,9 @@ def test_peak_memory_on_cpu_sees_a_short_allocation():
 
         time.sleep(0.05)
         del block
-    assert peak.source == "cpu_peak_rss" and peak.mb >= now / 2**20 + 48
+    after = rss_bytes()  # the block is back with the OS (measured after: earlier garbage may be freed too)
+    assert after is not None
+    assert peak.source == "cpu_peak_rss" and peak.mb >= after / 2**20 + 48
 
 
 def test_peak_memory_falls_back_to_the_lifetime_peak(monkeypatch):

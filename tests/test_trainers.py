@@ -32,7 +32,8 @@ def tiny(model_dir: Path, data: Path, out: Path, **training) -> dict:
     """Overrides that point a bundled recipe at the tiny model and a few rows, for a 2-step run."""
     return {"base": {"path": str(model_dir)}, "data": {"train": str(data), "check_against": [str(EXTRACT_TEST)]},
             "output": str(out),
-            "training": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "max_length": 192, **training}}
+            "training": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "eval_steps": 1, "max_length": 192,
+                         **training}}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import yaml
 
 from evalkit.config.suite import Suite
 from evalkit.errors import ConfigError, YamlPath, line_of
+from evalkit.fileio import read_text
 from evalkit.shape import parse
 
 
@@ -28,26 +29,6 @@ def _line_map(node: yaml.Node, path: YamlPath = (), lines: dict[YamlPath, int] |
         for i, v in enumerate(node.value):
             _line_map(v, path + (i,), lines)
     return lines
-
-
-def read_text(file: Path, what: str = "file") -> str:
-    """A config file's text: a missing file, a folder or bytes that are not UTF-8 text are
-    config errors naming the file (and the line of the first bad byte)."""
-    if file.is_dir():
-        raise ConfigError(f"{file} is a folder, not a {what}")
-    if not file.is_file():
-        raise ConfigError(f"{what} not found: {file}")
-    data = file.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ConfigError(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                          f"is this the {what}?", file=file, line=line) from None
-    if "\x00" in text:
-        line = text[:text.index("\x00")].count("\n") + 1
-        raise ConfigError(f"binary data (a NUL byte); is this the {what}?", file=file, line=line)
-    return text
 
 
 def read_yaml(file: Path, what: str = "file") -> tuple[Any, dict[YamlPath, int]]:

@@ -7,13 +7,13 @@ adapter_config.json that names another base, or tensor shapes that do not fit th
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evalkit.errors import ConfigError, ModelError
+from evalkit.fileio import read_json
 from evalkit.models.base import ResolvedBase, file_sha256
 
 _QUANT_SUFFIX = re.compile(r"[.-](q\d.*|f16|f32|bf16|gguf)$", re.I)
@@ -52,10 +52,7 @@ def inspect_adapter(path: Path, *, allow_pickle: bool = False) -> AdapterInfo:
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"not a peft adapter folder (no adapter_config.json): {path}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{cfg_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    config = read_json(cfg_path, "adapter config")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         pickle_file = path / "adapter_model.bin"
@@ -71,7 +68,7 @@ def inspect_adapter(path: Path, *, allow_pickle: bool = False) -> AdapterInfo:
     h.update(file_sha256(cfg_path).encode())
     h.update(file_sha256(weights).encode())
     prov_path = path / "evalkit_train.json"
-    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else None
+    provenance = read_json(prov_path, "provenance") if prov_path.is_file() else None
     return AdapterInfo(path, config, weights, h.hexdigest(), bool(config.get("use_dora")), provenance)
 
 

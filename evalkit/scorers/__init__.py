@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evalkit.errors import ConfigError, did_you_mean
+from evalkit.fileio import read_json
 from evalkit.types import Scorer
 
 
@@ -62,12 +62,10 @@ def build(name: str, params: dict[str, Any], base_dir: Path | None = None) -> Sc
             raise ConfigError(f"scorer '{name}' has no parameter '{key}'{did_you_mean(key, allowed)}")
         if key in sdef.path_params and isinstance(value, str):
             path = Path(value) if base_dir is None else (base_dir / value)
-            if not path.is_file():
-                raise ConfigError(f"file not found: {path}")
             try:
-                value = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+                value = read_json(path)
+            except ConfigError as e:  # located in the suite by the caller: name the JSON file here
+                raise ConfigError(f"{path}:{e.line}: {e.message}" if e.file else e.message) from None
         bound[key] = value
     missing = [n for n, p in allowed.items() if p.default is inspect.Parameter.empty and n not in bound]
     if missing:
