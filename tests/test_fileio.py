@@ -145,17 +145,18 @@ def test_peak_memory_on_cpu_sees_a_short_allocation():
     now = rss_bytes()
     assert now is not None and now > 2**20
     assert max_rss_bytes() > now / 2  # same unit (bytes): a KiB count would read 1024 times smaller
+    start = rss_bytes()
+    assert start is not None
     with PeakMemory("cpu", interval_s=0.001) as peak:
-        block = bytearray(64 * 2**20)
+        block = bytearray(256 * 2**20)
         for i in range(0, len(block), 4096):  # touch every page so it is resident
             block[i] = 1
         import time
 
         time.sleep(0.05)
         del block
-    after = rss_bytes()  # the block is back with the OS (measured after: earlier garbage may be freed too)
-    assert after is not None
-    assert peak.source == "cpu_peak_rss" and peak.mb >= after / 2**20 + 48
+    # other threads of this process (servers of earlier tests) move the RSS by a few MB: a wide margin
+    assert peak.source == "cpu_peak_rss" and peak.mb >= start / 2**20 + 128
 
 
 def test_peak_memory_falls_back_to_the_lifetime_peak(monkeypatch):
