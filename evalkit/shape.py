@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
 from evalkit.errors import ConfigError, YamlPath, did_you_mean, located
@@ -53,6 +53,22 @@ def context_dir(info: ValidationInfo) -> Path:
 def resolve(info: ValidationInfo, value: str | Path) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (context_dir(info) / p).resolve()
+
+
+def existing(what: str, folder: bool = False) -> BeforeValidator:
+    """A path field resolved against the context's folder that must exist: `{what} not found: PATH`."""
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str | Path):
+            return value  # the type check reports it
+        path = resolve(info, value)
+        if not (path.is_dir() if folder else path.is_file()):
+            raise invalid(f"{what} not found: {path}")
+        return path
+    return BeforeValidator(check)
+
+
+# a path field resolved against the context's folder, which need not exist (an output)
+resolved = BeforeValidator(lambda value, info: resolve(info, value) if isinstance(value, str) else value)
 
 
 # ---------------------------------------------------------------- errors

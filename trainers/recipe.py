@@ -11,30 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, model_validator
 
 from evalkit.errors import ConfigError, YamlPath, fmt_path, line_of
 from evalkit.models.base import BaseSpec
-from evalkit.shape import Shape, error_parts, invalid, resolve
-
-METHODS = ("lora", "qlora", "dora")
-
-
-def _existing_file(value: Any, info: ValidationInfo) -> Any:
-    """A path resolved against the recipe's folder that must be a file."""
-    if not isinstance(value, str | Path):
-        return value
-    path = resolve(info, value)
-    if not path.is_file():
-        raise invalid(f"file not found: {path}")
-    return path
+from evalkit.shape import Shape, error_parts, existing, invalid, resolved
 
 
 def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-RecipeFile = Annotated[Path, BeforeValidator(_existing_file)]
+RecipeFile = Annotated[Path, existing("file")]
 
 
 class LoraParams(Shape):
@@ -90,7 +78,7 @@ class Recipe(Shape):
     method: Literal["lora", "qlora", "dora"]
     base: BaseSpec
     data: DataParams
-    output: Annotated[Path, BeforeValidator(lambda v, info: resolve(info, v) if isinstance(v, str) else v)]
+    output: Annotated[Path, resolved]
     seed: int = Field(0, ge=0)
     lora: LoraParams = LoraParams()
     training: TrainParams = TrainParams()

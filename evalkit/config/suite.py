@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
-    BeforeValidator,
     Discriminator,
     Field,
     PlainValidator,
@@ -28,22 +27,10 @@ from evalkit import scorers
 from evalkit.errors import ConfigError, YamlPath, did_you_mean, fmt_path, located
 from evalkit.judge.client import JudgeConfig
 from evalkit.models.base import BaseSpec
-from evalkit.shape import Shape, invalid, resolve
+from evalkit.shape import Shape, existing, invalid, resolve
 from evalkit.types import Scorer
 
 NAME = r"^[A-Za-z0-9_.-]+$"
-
-
-def _existing(what: str, folder: bool = False):
-    """A path field resolved against the suite's folder that must exist: `{what} not found: PATH`."""
-    def check(value: Any, info: ValidationInfo) -> Any:
-        if not isinstance(value, str | Path):
-            return value  # the type check reports it
-        path = resolve(info, value)
-        if not (path.is_dir() if folder else path.is_file()):
-            raise invalid(f"{what} not found: {path}")
-        return path
-    return BeforeValidator(check)
 
 
 class Located(Shape):
@@ -63,9 +50,9 @@ class Variant(Located):
     """Base or one adapter; quantize/merge are flags on the same config (as peft makes DoRA a flag)."""
 
     name: str = Field(pattern=NAME)
-    adapter: Annotated[Path | None, _existing("adapter folder", folder=True)] = Field(
+    adapter: Annotated[Path | None, existing("adapter folder", folder=True)] = Field(
         None, description="peft adapter folder")
-    train: Annotated[Path | None, _existing("recipe")] = Field(
+    train: Annotated[Path | None, existing("recipe")] = Field(
         None, description="trainer recipe; the adapter is trained when missing or stale")
     quantize: Literal["nf4", "int8"] | None = None
     merge: bool = False
@@ -175,7 +162,7 @@ class Task(Located):
 class CasesTask(Task):
     """Kinds that generate an answer per case of a jsonl file."""
 
-    data: Annotated[Path, _existing("data file")] = Field(
+    data: Annotated[Path, existing("data file")] = Field(
         description="jsonl: rows with messages or prompt, plus target")
     scorers: tuple[ScorerEntry, ...] = Field((), strict=False)
     max_new_tokens: int = Field(64, ge=1)
@@ -259,13 +246,13 @@ class JudgeTask(CasesTask):
 
     judge: JudgeConfig
     mode: Literal["rubric", "pairwise"] = "rubric"
-    rubric: Annotated[Path | None, _existing("rubric file")] = Field(
+    rubric: Annotated[Path | None, existing("rubric file")] = Field(
         None, description="markdown file of criteria, relative to the suite file")
     scale: Annotated[tuple[float, float], Field(strict=False)] | Literal["pass_fail"] = (1.0, 5.0)
     samples: int = Field(1, ge=1, le=25)
     aggregate: Literal["majority", "mean"] = "majority"
     vs: str | None = Field(None, description="pairwise reference variant (default: the suite's reference)")
-    anchors: Annotated[Path | None, _existing("anchors file")] = Field(
+    anchors: Annotated[Path | None, existing("anchors file")] = Field(
         None, description="jsonl of human-labelled items, relative to the suite file")
 
     @model_validator(mode="after")
