@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python bench/bench_matrix.py
 	$(BIN)/python bench/bench_canary.py
 	$(BIN)/python bench/bench_verdicts.py
+	$(BIN)/python bench/bench_serve.py
 
 # results.schema.json is generated from evalkit/record.py (a test fails when it is stale).
 schema: setup

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from evalkit import __version__
-from evalkit.errors import ConfigError, EvalkitError, ExitCode
+from evalkit.errors import ConfigError, EvalkitError, ExitCode, missing_extra
 from evalkit.formatting import fmt_number
 
 if TYPE_CHECKING:
@@ -146,9 +146,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from evalkit.serve import serve_main
-
-    return serve_main(args) or 0
+    try:
+        from evalkit.serve.cli import serve_main
+        from evalkit.serve.server import EvalkitServer  # noqa: F401  # the web stack, before loading a model
+    except ImportError as e:
+        raise missing_extra(e.name or "uvicorn", "serve") from None
+    return serve_main(args)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,12 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--baseline", help="another run folder to compare against")
     rep.set_defaults(fn=cmd_report)
     s = sub.add_parser("serve", help="OpenAI-compatible server for a base model and its adapters")
-    try:
-        from evalkit.serve import add_arguments
-    except ImportError:
-        pass
-    else:
-        add_arguments(s)
+    from evalkit.serve.cli import add_arguments
+
+    add_arguments(s)
     s.set_defaults(fn=cmd_serve)
     return p
 

@@ -142,6 +142,38 @@ def checkpointing_arg(config_cls: type) -> str:
     return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
+def kv_cache_arg() -> str:
+    """The name under which a transformers forward takes and returns the KV cache.
+
+    Why: transformers 5.x renamed `past_key_values` to `cache` (in the forward's arguments and in
+    `CausalLMOutputWithPast`) and keeps the old name as a deprecated alias that warns on every
+    call; earlier 5.x releases know only the old name. `evalkit serve` runs its own decode loop, so
+    it passes the cache itself. Checked on transformers 5.24.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def select_cache_rows(cache: Any, rows: Any) -> bool:
+    """Keep only `rows` (a 1-D index tensor) of a KV cache's batch, in place; False when this cache
+    type cannot (then the caller keeps computing finished rows).
+
+    Why: `Cache.batch_select_indices` is transformers' own tool for dropping beams (contrastive
+    search used it) but not documented for users; `evalkit serve` uses it to stop spending compute
+    on a request that finished or was cancelled while others in its batch go on. Checked on
+    transformers 5.24 (DynamicCache).
+    """
+    select = getattr(cache, "batch_select_indices", None)
+    if select is None:
+        return False
+    try:
+        select(rows)
+    except (NotImplementedError, AttributeError, TypeError):
+        return False
+    return True
+
+
 def unmark_gguf_quantized(model: Any) -> None:
     """Let `save_pretrained` write a model loaded from a GGUF file as a plain model.
 

@@ -415,10 +415,10 @@ def other_weights_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def serve_task(url: str, workdir: Path, **judge_params) -> Task:
-    """A judge task on `evalkit serve`'s base: guided JSON, so even a random model gives valid verdicts;
+    """A judge task on `evalkit serve`'s base: constrained JSON, so even a random model gives valid verdicts;
     2 cases x 2 variants keep it fast."""
     task = make_task(url, workdir, judge={"model": "base", "api_key_env": None, "response_format": "json_schema",
-                                          "max_tokens": 4, "timeout": 30, **judge_params})
+                                          "max_tokens": 110, "timeout": 30, **judge_params})
     return task.model_copy(update={"limit": 2})
 
 
@@ -428,11 +428,11 @@ def judged(workdir: Path, task: Task, cache: str = "cache.sqlite"):
 
 
 def test_other_weights_behind_the_same_url_and_name_are_judged_afresh(workdir, tiny_model_dir, other_weights_dir):
-    from evalkit.serve import make_server
+    from evalkit.serve.server import make_server
 
     first = make_server(str(tiny_model_dir), port=0, log=lambda _: None)
     first.start()
-    port, task = first.server_address[1], serve_task(first.url, workdir)
+    port, task = int(first.url.rsplit(":", 1)[1].removesuffix("/v1")), serve_task(first.url, workdir)
     try:
         one = judged(workdir, task)
         again = judged(workdir, task)
@@ -455,7 +455,7 @@ def test_other_weights_behind_the_same_url_and_name_are_judged_afresh(workdir, t
 
 
 def test_seeded_verdicts_at_temperature_repeat_across_fresh_caches(workdir, tiny_model_dir):
-    from evalkit.serve import make_server
+    from evalkit.serve.server import make_server
 
     srv = make_server(str(tiny_model_dir), port=0, log=lambda _: None)
     srv.start()

@@ -1,7 +1,14 @@
-"""`evalkit serve` on a tiny random Llama with one adapter, spoken to through the openai client."""
+"""`evalkit serve` on a tiny random Llama with adapters, spoken to through clients evalkit did not
+write (the openai client, lm-eval's local-completions) and raw HTTP for what clients never send."""
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -9,7 +16,9 @@ import pytest
 from helpers import make_adapter, suite_of, variant, write_jsonl
 
 from evalkit.errors import ConfigError
-from evalkit.serve import make_server, serve_main
+from evalkit.serve.cli import serve_main
+from evalkit.serve.protocol import Limits
+from evalkit.serve.server import make_server
 
 openai = pytest.importorskip("openai")
 KEY_ENV = "EVALKIT_TEST_SERVE_KEY"
@@ -24,7 +33,9 @@ def adapter(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapter, tmp_path_factory):
     other = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "other", seed=4, scale_b=40)
-    srv = make_server(str(tiny_model_dir), {"lora": adapter, "other": other}, port=0, log=lambda _: None)
+    dora = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "dora", seed=5, scale_b=40, use_dora=True)
+    srv = make_server(str(tiny_model_dir), {"lora": adapter, "other": other, "dora": dora}, port=0,
+                      log=lambda _: None, limits=Limits(body_timeout_s=0.5))
     srv.start()
     yield srv
     srv.close()
@@ -34,8 +45,8 @@ def client(url: str, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=30)
 
 
-def raw(url: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url.removesuffix("/v1") + path, data=body,
+def raw(url: str, path: str, body: bytes | None = None, method: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url.removesuffix("/v1") + path, data=body, method=method,
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -47,14 +58,17 @@ def raw(url: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
 def test_models_and_chat_per_adapter(server, tiny_model_dir):
     before = dict(server.counts)  # the server is the module's: other tests may have used it first
     c = client(server.url)
-    assert [m.id for m in c.models.list()] == ["base", "lora", "other"]
+    assert [m.id for m in c.models.list()] == ["base", "lora", "other", "dora"]
     answers = {}
-    for name in ("base", "lora", "other"):
+    for name in ("base", "lora", "other", "dora"):
         r = c.chat.completions.create(model=name, messages=HI, max_tokens=8)
         assert r.model == name and r.choices[0].message.role == "assistant"
         assert r.usage.completion_tokens <= 8 and r.choices[0].finish_reason in ("stop", "length")
         answers[name] = r.choices[0].message.content
-    assert len(set(answers.values())) == 3  # the request's `model` picked the adapter
+    assert len({answers[n] for n in ("base", "lora", "other")}) == 3  # the request's `model` picked the adapter
+    first = {n: c.completions.create(model=n, prompt="Hi", max_tokens=1, logprobs=0).choices[0].logprobs.token_logprobs[0]
+             for n in ("base", "dora")}
+    assert first["base"] != pytest.approx(first["dora"], abs=1e-3)  # DoRA runs apart from the mixed batches
 
     # "base" is the plain model: the same text as generating without peft at all
     from evalkit.backends.hf import generate, render_prompt
@@ -69,12 +83,12 @@ def test_models_and_chat_per_adapter(server, tiny_model_dir):
     sampled = [c.chat.completions.create(model="lora", messages=HI, max_tokens=8, temperature=1.0, seed=7)
                .choices[0].message.content for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed makes sampling reproducible
-    assert server.counts["chat"] - before["chat"] == 5 and server.counts["models"] - before["models"] == 1
+    assert server.counts["chat"] - before["chat"] == 6 and server.counts["models"] - before["models"] == 1
 
 
 def test_errors_are_openai_shaped_json(server):
     with pytest.raises(openai.NotFoundError) as e:
-        client(server.url).chat.completions.create(model="dora", messages=HI)
+        client(server.url).chat.completions.create(model="nope", messages=HI)
     assert e.value.body["code"] == "model_not_found" and "available: base, lora" in e.value.body["message"]
     status, body = raw(server.url, "/v1/chat/completions", b"{not json")
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
@@ -86,7 +100,9 @@ def test_errors_are_openai_shaped_json(server):
     assert raw(server.url, "/v1/nothing")[0] == 404
     assert raw(server.url, "/v1/models/lora") == (200, {
         "id": "lora", "object": "model", "created": server.engine.created, "owned_by": "evalkit",
+        "root": server.engine.roots["lora"], "parent": "base", "max_model_len": 512,
         "fingerprint": server.engine.fingerprints["lora"]})
+    assert raw(server.url, "/v1/models/base")[1]["parent"] is None
 
 
 def test_models_list_a_content_fingerprint_per_name(server, tiny_model_dir, adapter):
@@ -99,7 +115,7 @@ def test_models_list_a_content_fingerprint_per_name(server, tiny_model_dir, adap
     base = resolve_base(BaseSpec.of("path", str(tiny_model_dir))).sha256
     assert listed["base"]["fingerprint"] == base
     assert listed["lora"]["fingerprint"] == stable_hash([base, inspect_adapter(adapter).sha256])
-    assert len({m["fingerprint"] for m in listed.values()}) == 3
+    assert len({m["fingerprint"] for m in listed.values()}) == 4
 
 
 def test_bearer_key_and_judge_preflight(server, monkeypatch):
@@ -113,7 +129,7 @@ def test_bearer_key_and_judge_preflight(server, monkeypatch):
     try:
         with pytest.raises(openai.AuthenticationError):
             client(guarded.url, "wrong").models.list()
-        assert [m.id for m in client(guarded.url, "serve-secret").models.list()] == ["base", "lora", "other"]
+        assert [m.id for m in client(guarded.url, "serve-secret").models.list()] == ["base", "lora", "other", "dora"]
         task = JudgeTask.model_construct(name="t", kind="judge", mode="pairwise", judge=JudgeConfig(
             base_url=guarded.url, model="lora", api_key_env=KEY_ENV))
         judge.preflight(task)
@@ -127,11 +143,12 @@ def test_bearer_key_and_judge_preflight(server, monkeypatch):
         make_server(engine=server.engine, port=0, api_key_env=KEY_ENV)
 
 
-def test_judge_task_against_evalkit_serve(server, tmp_path):
+def test_judge_task_against_evalkit_serve(server, tmp_path, tiny_model_dir):
     """The tiny random model is a hopeless judge: its verdicts are recorded invalid, never a pass."""
     from evalkit.cache import Cache
     from evalkit.config.suite import JudgeTask
     from evalkit.context import LoadedVariant, RunContext
+    from evalkit.judge import verdicts as V
     from evalkit.models.base import ResolvedBase
     from evalkit.shape import parse
     from evalkit.tasks import judge
@@ -153,15 +170,21 @@ def test_judge_task_against_evalkit_serve(server, tmp_path):
     assert all(s.value is None and s.reason.startswith("invalid: ") for s in scores)
     j = result.extras["judge"]
     assert j["calls"] == 2 == server.counts["chat"] - before
-    assert j["endpoint"] == {"base_url": server.url, "id": "base", "owned_by": "evalkit",
+    assert j["endpoint"] == {"base_url": server.url, "id": "base", "owned_by": "evalkit", "root": str(tiny_model_dir),
                              "fingerprint": server.engine.fingerprints["base"]} and j["endpoint_verified"]
     judge.run(ctx, task)
     assert server.counts["chat"] - before == 4  # rerun: invalid verdicts are never cached, so asked again
 
-    # with response_format json_schema, evalkit serve guides the same hopeless model to valid verdicts
-    guided = task.model_copy(update={"judge": task.judge.model_copy(update={"response_format": "json_schema"})})
+    # with response_format json_schema the server constrains the reply to the verdict schema (closed,
+    # an integer score, a bounded reason: verdicts.request_schema), so the same model's verdicts
+    # are valid once max_tokens leaves room for the reason
+    guided = task.model_copy(update={"judge": task.judge.model_copy(update={"response_format": "json_schema",
+                                                                             "max_tokens": 100})})
     scores = [s.scores["rubric"] for s in judge.run(ctx, guided).samples]
     assert all(s.valid and 0 <= s.value <= 1 and s.meta["raw"] in (1, 2, 3, 4, 5) for s in scores)
+    r = client(server.url).chat.completions.create(model="base", messages=HI, max_tokens=6, response_format={
+        "type": "json_schema", "json_schema": {"name": "verdict", "schema": V.request_schema(V.rubric_schema((1.0, 5.0)))}})
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith('{"score": ')
 
 
 def test_serve_main_rejects_bad_arguments():
@@ -172,16 +195,353 @@ def test_serve_main_rejects_bad_arguments():
 
 
 def test_response_format_json_schema_always_validates(server):
-    """A tiny random model cannot write JSON, but guided decoding makes every verdict valid."""
+    """A tiny random model cannot write JSON; constrained decoding (llguidance) makes every reply
+    valid for any schema it can enforce: nesting, arrays, enums, bounded strings; json_object too.
+    (The schemas are closed and bounded: an open one lets this model add keys until max_tokens.)"""
+    import jsonschema
+
     from evalkit.judge import verdicts as V
 
+    bounded = {"type": "string", "maxLength": 12}
+    nested = {"type": "object", "required": ["items", "meta"], "additionalProperties": False, "properties": {
+        "items": {"type": "array", "maxItems": 3, "items": {
+            "type": "object", "required": ["n", "ok"], "additionalProperties": False,
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}}}},
+        "meta": {"type": "object", "required": ["label", "kind"], "additionalProperties": False,
+                 "properties": {"label": bounded, "kind": {"enum": ["a", "b"]}}}}}
+    pairwise = V.PAIRWISE_SCHEMA | {"properties": V.PAIRWISE_SCHEMA["properties"] | {"reason": bounded},
+                                    "additionalProperties": False}
     c = client(server.url)
-    for schema in (V.rubric_schema((1.0, 5.0)), V.rubric_schema(V.PASS_FAIL), V.PAIRWISE_SCHEMA):
+    for schema in (nested, pairwise):
         fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
         for temperature, seed in ((0.0, None), (1.0, 5)):
-            r = c.chat.completions.create(model="lora", messages=HI, max_tokens=6, temperature=temperature, seed=seed,
-                                          response_format=fmt)
-            V.parse_verdict(r.choices[0].message.content, schema)  # raises if invalid
-    status, body = raw(server.url, "/v1/chat/completions", json.dumps(
-        {"model": "base", "messages": HI, "response_format": {"type": "xml"}}).encode())
-    assert status == 400 and body["error"]["param"] == "response_format"
+            r = c.chat.completions.create(model="lora", messages=HI, max_tokens=200, temperature=temperature,
+                                          seed=seed, response_format=fmt)
+            assert r.choices[0].finish_reason == "stop", (temperature, r.choices[0].message.content[:300])
+            jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = c.chat.completions.create(model="base", messages=HI, max_tokens=8, response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{")  # any JSON object; this model never closes one
+    for fmt, param in (({"type": "xml"}, "response_format.type"), ({"type": "json_schema"}, "response_format.json_schema"),
+                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+                        "response_format")):
+        status, body = raw(server.url, "/v1/chat/completions", json.dumps(
+            {"model": "base", "messages": HI, "response_format": fmt}).encode())
+        assert (status, body["error"]["param"]) == (400, param), body
+
+
+# ---------------------------------------------------------------- completions, logprobs, batching
+
+def test_completions_prompt_forms_echo_and_logprobs(server):
+    c = client(server.url)
+    tok = server.engine.tokenizer
+    ids = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    one = c.completions.create(model="lora", prompt="The capital of France is", max_tokens=4)
+    as_ids = c.completions.create(model="lora", prompt=ids, max_tokens=4)
+    assert one.choices[0].text == as_ids.choices[0].text and one.usage.prompt_tokens == len(ids)
+    many = c.completions.create(model="lora", prompt=[ids, ids[:3]], max_tokens=4, n=2, temperature=1.0, seed=3)
+    assert [ch.index for ch in many.choices] == [0, 1, 2, 3]  # prompt i, sample j -> i * n + j
+    assert many.usage.prompt_tokens == len(ids) + 3 and many.usage.completion_tokens <= 16
+    strings = c.completions.create(model="lora", prompt=["a b", "c d e"], max_tokens=2)
+    assert len(strings.choices) == 2
+
+    # echo + logprobs: the prompt's tokens first (the first one without a logprob), then the reply
+    r = c.completions.create(model="base", prompt=ids, max_tokens=0, echo=True, logprobs=20).choices[0]
+    assert r.text == tok.decode(ids) and r.finish_reason == "length"
+    lp = r.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) >= 20 for t in lp.top_logprobs[1:])
+    assert lp.text_offset[0] == 0
+    r = c.completions.create(model="base", prompt=ids, max_tokens=3, echo=True, logprobs=1).choices[0]
+    assert len(r.logprobs.token_logprobs) == len(ids) + 3 and r.text.startswith(tok.decode(ids))
+    greedy = r.logprobs.token_logprobs[-1]
+    assert greedy == max(r.logprobs.top_logprobs[-1].values())  # lm-eval's is_greedy check
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.completions.create(model="base", prompt="x", max_tokens=0)
+
+    chat = c.chat.completions.create(model="lora", messages=HI, max_tokens=3, logprobs=True, top_logprobs=5)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 5 for t in content)
+    assert content[0].logprob == content[0].top_logprobs[0].logprob  # greedy: the chosen token is the likeliest
+
+
+def test_a_request_does_not_depend_on_its_batch(server):
+    """The same prompt alone and in a batch with longer prompts on other adapters (left padding,
+    peft's per-row adapter mixing): token logprobs agree to float noise, greedy tokens exactly."""
+    from evalkit.serve.engine import Delta, Finished, Job
+
+    engine = server.engine
+    tok = engine.tokenizer
+    prompt = tok("Once upon a time", add_special_tokens=False)["input_ids"]
+    longer = tok("A much longer prompt, which makes the short one padded on the left in its batch",
+                 add_special_tokens=False)["input_ids"]
+
+    def run(jobs_spec):
+        done = threading.Event()
+        outs = [[] for _ in jobs_spec]
+        left = [len(jobs_spec)]
+
+        def sink(i):
+            def put(ev):
+                if isinstance(ev, Delta):
+                    outs[i].extend(ev.tokens)
+                if isinstance(ev, Finished):
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+            return put
+        engine.submit([Job(name, p, 12, sink(i), logprobs=0) for i, (name, p) in enumerate(jobs_spec)])
+        assert done.wait(30)
+        return outs
+
+    batches = engine.stats["batches"]
+    for name in ("base", "lora"):
+        alone = run([(name, prompt)])[0]
+        mixed = run([("other", longer), (name, prompt), ("base" if name != "base" else "lora", longer)])[1]
+        assert [t.token for t in alone] == [t.token for t in mixed]
+        worst = max(abs(a.logprob - b.logprob) for a, b in zip(alone, mixed))
+        assert worst < 1e-4, worst  # measured: about 1e-6
+    assert engine.stats["batches"] - batches == 4  # each run was one batch
+
+
+def test_lm_eval_local_completions_matches_its_hf_backend(server, tiny_model_dir):
+    """lm-eval's own API client (tokenizing through the server's /tokenize) scores an MMLU slice
+    by loglikelihood with the same per-question answers as lm-eval's hf backend."""
+    from evalkit.tasks import mmlu
+    from evalkit.tasks.mmlu_data import load_questions, plan_slice
+
+    sl = plan_slice(load_questions(), per_subject=2, subjects=["anatomy", "virology", "formal_logic", "marketing"],
+                    n_shot=1, seed=0)
+    configs = mmlu.task_configs(sl.questions, sl.fewshot, 1)
+    ref = mmlu.records_from_results(mmlu.simple_evaluate(
+        "hf", configs, model_args=f"pretrained={tiny_model_dir}", device="cpu", batch_size=4))
+    before = server.counts["completions"]
+    got = mmlu.records_from_results(mmlu.simple_evaluate(
+        "local-completions", configs, model_args=f"base_url={server.url}/completions,model=base,num_concurrent=4"))
+    assert server.counts["completions"] - before == 4 * len(sl.ids)  # one request per answer letter
+    assert set(got) == set(ref) == set(sl.ids)
+    for qid in sl.ids:
+        assert got[qid]["prompt"] == ref[qid]["prompt"]
+        assert (got[qid]["choice"], got[qid]["correct"]) == (ref[qid]["choice"], ref[qid]["correct"]), qid
+        assert got[qid]["loglikelihoods"] == pytest.approx(ref[qid]["loglikelihoods"], abs=1e-4)
+
+
+# ---------------------------------------------------------------- streaming and cancellation
+
+def test_streaming_with_the_openai_client(server):
+    c = client(server.url)
+    whole = c.chat.completions.create(model="lora", messages=HI, max_tokens=12)
+    chunks = list(c.chat.completions.create(model="lora", messages=HI, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+    whole = c.completions.create(model="other", prompt="Hello", max_tokens=10, echo=True)
+    chunks = list(c.completions.create(model="other", prompt="Hello", max_tokens=10, echo=True, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def _steps_settle(engine, within: float = 5.0) -> int:
+    """The engine's step count once it stops moving (it is idle again)."""
+    end = time.monotonic() + within
+    last = engine.stats["steps"]
+    while time.monotonic() < end:
+        time.sleep(0.3)
+        now = engine.stats["steps"]
+        if now == last and not engine.queued:
+            return now
+        last = now
+    raise AssertionError("the engine kept generating")
+
+
+def test_cancelling_a_stream_or_a_request_stops_generation(server):
+    engine = server.engine
+    c = client(server.url)
+    start = _steps_settle(engine)
+    stream = c.completions.create(model="lora", prompt="Tell me a long story", max_tokens=450, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    stopped = _steps_settle(engine)
+    assert stopped - start < 200  # 450 steps had it run to the end
+
+    # a plain request whose client gives up is cancelled too
+    with pytest.raises(openai.APITimeoutError):
+        openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=0.3).completions.create(
+            model="lora", prompt="Tell me a long story", max_tokens=450)
+    assert _steps_settle(engine) - stopped < 300
+
+
+# ---------------------------------------------------------------- limits and errors
+
+def test_oversized_bodies_and_prompts_are_refused_before_any_compute(server):
+    steps = server.engine.stats["steps"]
+    t0 = time.perf_counter()
+    status, body = raw(server.url, "/v1/chat/completions", b'{"model": "base", "messages": "' + b"x" * 2_000_000 + b'"}')
+    assert (status, body["error"]["code"]) == (413, "request_too_large")
+    assert time.perf_counter() - t0 < 1
+    long_prompt = " ".join(["word"] * 9000)
+    t0 = time.perf_counter()
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server.url).chat.completions.create(model="base", messages=[{"role": "user", "content": long_prompt}])
+    assert time.perf_counter() - t0 < 1
+    assert e.value.body["code"] == "context_length_exceeded" and "maximum context length is 512" in e.value.body["message"]
+    assert server.engine.stats["steps"] == steps  # nothing reached the model
+    r = client(server.url).chat.completions.create(model="base", messages=HI, max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    # a chunked body (no Content-Length) is cut off at the limit too
+    status, body = _http(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + b"".join(b"%x\r\n%s\r\n" % (65536, b"x" * 65536) for _ in range(20)) + b"0\r\n\r\n")
+    assert status == 413
+
+
+def _http(server, request: bytes, timeout: float = 10) -> tuple[int, dict]:
+    """A raw exchange on a socket, for requests no client library would send."""
+    host, port = server.url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 1 << 30
+
+
+BAD = [  # (body, status, param or code)
+    ({"model": "base", "messages": HI, "stop": 5}, 400, "stop"),
+    ({"model": "base", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"model": "base", "messages": HI, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "base", "messages": HI, "temperature": 3}, 400, "temperature"),
+    ({"model": "base", "messages": HI, "n": 0}, 400, "n"),
+    ({"model": "base", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"model": "base", "messages": HI, "top_logprob": 3}, 400, "top_logprob"),
+    ({"model": "base", "messages": HI, "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+     "messages[0].content[0].type"),
+    ({"model": "base", "prompt": [10**9]}, 400, "prompt"),
+    ({"model": "base", "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ({"model": "base", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), BAD, ids=[p for _, _, p in BAD])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    got, err = raw(server.url, path, json.dumps(body).encode())
+    assert (got, err["error"]["param"]) == (status, param), err
+    assert err["error"]["type"] == "invalid_request_error" and err["error"]["message"]
+
+
+def test_bad_http_gets_json_errors(server):
+    status, body = raw(server.url, "/v1/chat/completions", b'{"model": "base", "messages": "\xff\xfe"}')
+    assert status == 400 and "not UTF-8" in body["error"]["message"]
+    for method in ("PUT", "DELETE", "OPTIONS", "PATCH"):
+        status, body = raw(server.url, "/v1/chat/completions", b"{}", method=method)
+        assert (status, body["error"]["code"]) == (405, "method_not_allowed"), method
+    status, body = raw(server.url, "/v1/completions")
+    assert (status, body["error"]["code"]) == (405, "method_not_allowed")
+    assert raw(server.url, "/v2/anything", b"{}")[0] == 404
+    # a body shorter than its Content-Length: a 400 once the server's body timeout (0.5 s here) passes
+    t0 = time.perf_counter()
+    status, body = _http(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
+    assert status == 400 and "stopped after 2 of 100 bytes" in body["error"]["message"]
+    assert time.perf_counter() - t0 < 3
+
+
+def test_sampling_parameters_are_honoured(server):
+    c = client(server.url)
+    forced = c.completions.create(model="base", prompt="x", max_tokens=3, logit_bias={"42": 100})
+    assert forced.choices[0].text == server.engine.tokenizer.decode([42] * 3)
+    plain = c.completions.create(model="base", prompt="x y z", max_tokens=8).choices[0].text
+    penalised = c.completions.create(model="base", prompt="x y z", max_tokens=8, frequency_penalty=2.0,
+                                     extra_body={"repetition_penalty": 5.0}).choices[0].text
+    assert plain != penalised  # the tiny model repeats itself; the penalties change that
+    first = c.completions.create(model="base", prompt="x", max_tokens=6, temperature=1.5, top_p=0.9, seed=1,
+                                 extra_body={"top_k": 5})
+    again = c.completions.create(model="base", prompt="x", max_tokens=6, temperature=1.5, top_p=0.9, seed=1,
+                                 extra_body={"top_k": 5})
+    assert first.choices[0].text == again.choices[0].text
+
+
+def test_request_timeout_is_a_504(tiny_model_dir):
+    srv = make_server(str(tiny_model_dir), {}, port=0, log=lambda _: None, limits=Limits(request_timeout_s=0.2))
+    srv.start()
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            client(srv.url).completions.create(model="base", prompt="x", max_tokens=450)
+        assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+        assert client(srv.url).completions.create(model="base", prompt="x", max_tokens=1).choices[0].text is not None
+    finally:
+        srv.close()
+
+
+def test_sigint_stops_the_server_promptly(tiny_model_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "evalkit.cli", "serve", "--base", str(tiny_model_dir), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        for line in proc.stdout:
+            if "evalkit serve: http" in line:
+                url = line.split()[2]
+                break
+        assert url, "the server did not start"
+        busy = threading.Thread(target=lambda: _swallow(lambda: client(url).completions.create(
+            model="base", prompt="x", max_tokens=450, stream=False)), daemon=True)
+        busy.start()
+        time.sleep(0.5)
+        proc.send_signal(2)  # SIGINT, as Ctrl-C
+        t0 = time.perf_counter()
+        assert proc.wait(timeout=10) == 0
+        assert time.perf_counter() - t0 < 5
+    finally:
+        proc.kill()
+
+
+def _swallow(fn) -> None:
+    with contextlib.suppress(Exception):  # the request in flight when the server stops
+        fn()
+
+
+@pytest.mark.e2e
+def test_concurrent_requests_share_batches_at_least_4x_faster(embedded_model_dir):
+    """16 chat requests (max_tokens 16) at once finish at least 4x faster than one after another,
+    on the real embedded model (bench/bench_serve.py prints the ratio: 6.0x when measured)."""
+    srv = make_server(str(embedded_model_dir), {}, port=0, log=lambda _: None)
+    srv.start()
+    c = client(srv.url)
+
+    def ask(i: int) -> None:
+        c.chat.completions.create(model="base", max_tokens=16, messages=[
+            {"role": "user", "content": f"Write a short sentence about the number {i}."}])
+    try:
+        ask(-1)
+        t0 = time.perf_counter()
+        for i in range(16):
+            ask(i)
+        sequential = time.perf_counter() - t0
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        concurrent = time.perf_counter() - t0
+    finally:
+        srv.close()
+    assert sequential / concurrent >= 4, (sequential, concurrent)

@@ -23,6 +23,12 @@ def render_prompt(tokenizer, case: Case) -> str:
     return case.prompt or ""
 
 
+def special_tokens_for_text(tokenizer) -> bool:
+    """Whether a prompt's text is tokenized with the tokenizer's special tokens (BOS). A chat
+    template already writes them into the text, so a tokenizer that has one adds none."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
 def _truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -41,15 +47,15 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationConfig, *,
     results: list[Output | None] = [None] * n
     if n == 0:
         return []
-    chat_special = bool(getattr(tokenizer, "chat_template", None))
-    lengths = [len(tokenizer(p, add_special_tokens=not chat_special)["input_ids"]) for p in prompts]
+    special = special_tokens_for_text(tokenizer)
+    lengths = [len(tokenizer(p, add_special_tokens=special)["input_ids"]) for p in prompts]
     order = sorted(range(n), key=lambda i: -lengths[i])  # longest first: memory peak shows up early
     device = next(model.parameters()).device
     eos_ids = tokenizer.eos_token_id
     for start in range(0, n, gen.batch_size):
         idx = order[start:start + gen.batch_size]
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                          add_special_tokens=not chat_special).to(device)
+                          add_special_tokens=special).to(device)
         kwargs: dict[str, Any] = dict(max_new_tokens=gen.max_new_tokens, do_sample=False,
                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
         if sampling:

@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 
 from evalkit.cache import Cache, judge_key
 from evalkit.errors import ConfigError, missing_extra
-from evalkit.judge.verdicts import Verdict, VerdictError, parse_verdict, reask_messages
+from evalkit.judge.verdicts import Verdict, VerdictError, parse_verdict, reask_messages, request_schema
 from evalkit.shape import Shape, invalid
 from evalkit.types import stable_hash
 
@@ -210,7 +210,7 @@ class JudgeClient:
             extra["response_format"] = {"type": "json_object"}
         elif self.cfg.response_format == "json_schema" and schema is not None:
             extra["response_format"] = {"type": "json_schema",
-                                        "json_schema": {"name": "verdict", "schema": dict(schema)}}
+                                        "json_schema": {"name": "verdict", "schema": request_schema(schema)}}
         # the seed leaves out the URL and evalkit's version: the same on every machine
         text = self._create(messages, int(stable_hash(request)[:8], 16) & 0x7FFFFFFF, **extra)
         self._count(calls=1)

@@ -48,6 +48,11 @@ class Verdict:
 
 # ---------------------------------------------------------------- schemas and prompts
 
+# "one short sentence" is asked; the bound lets a server that enforces the schema (constrained
+# decoding: vLLM, evalkit serve) end a rambling judge's reason instead of running to max_tokens
+REASON: Final[dict[str, Any]] = {"type": "string", "maxLength": 300}
+
+
 def rubric_schema(scale: Scale) -> dict[str, Any]:
     if scale == PASS_FAIL:
         field: dict[str, Any] = {"verdict": {"enum": ["pass", "fail"]}}
@@ -55,12 +60,24 @@ def rubric_schema(scale: Scale) -> dict[str, Any]:
         lo, hi = scale
         field = {"score": {"type": "number", "minimum": lo, "maximum": hi}}
     return {"type": "object", "required": [*field, "reason"],
-            "properties": {**field, "reason": {"type": "string"}}}
+            "properties": {**field, "reason": REASON}}
+
+
+def request_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The verdict schema as sent in response_format, tighter than the one replies are validated
+    against, for servers that enforce it token by token (vLLM, evalkit serve): closed (no extra
+    keys) and, on an integral scale, an integer score, as the prompt asks; otherwise a weak judge
+    can wander into extra keys or endless decimals until max_tokens."""
+    props = dict(schema["properties"])
+    score = props.get("score")
+    if score and float(score["minimum"]).is_integer() and float(score["maximum"]).is_integer():
+        props["score"] = score | {"type": "integer"}
+    return {**schema, "properties": props, "additionalProperties": False}
 
 
 PAIRWISE_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["winner", "reason"],
-    "properties": {"winner": {"enum": ["A", "B", "tie"]}, "reason": {"type": "string"}},
+    "properties": {"winner": {"enum": ["A", "B", "tie"]}, "reason": REASON},
 }
 
 
