@@ -35,6 +35,7 @@ log = logging.getLogger("evalkit.serve")
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # as OpenAI's and vLLM's completions
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection (logged only)
 
 
 @dataclass
@@ -65,21 +66,20 @@ class Api:
         self.counts = {"chat": 0, "completions": 0, "models": 0}
 
     def app(self) -> Starlette:
+        def route(method: str, path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> Route:
+            return Route(path, self._logged(endpoint), methods=[method])
+
         routes = [
-            Route("/health", self.health, methods=["GET"]), Route("/v1/health", self.health, methods=["GET"]),
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/models/{name:path}", self.model, methods=["GET"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            route("GET", "/health", self.health), route("GET", "/v1/health", self.health),
+            route("GET", "/v1/models", self.models), route("GET", "/v1/models/{name:path}", self.model),
+            route("POST", "/v1/completions", self.completions), route("POST", "/v1/chat/completions", self.chat),
             # vLLM's tokenizer endpoints: lm-eval's API clients tokenize through them
-            Route("/tokenize", self.tokenize, methods=["POST"]),
-            Route("/detokenize", self.detokenize, methods=["POST"]),
-            Route("/tokenizer_info", self.tokenizer_info, methods=["GET"]),
+            route("POST", "/tokenize", self.tokenize), route("POST", "/detokenize", self.detokenize),
+            route("GET", "/tokenizer_info", self.tokenizer_info),
         ]
         handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
             HTTPException: self._http_error, ApiError: self._api_error, Exception: self._internal_error}
-        return Starlette(routes=[Route(r.path, self._logged(r.endpoint), methods=r.methods) for r in routes],
-                         exception_handlers=handlers)
+        return Starlette(routes=routes, exception_handlers=handlers)
 
     # ------------------------------------------------------------ plumbing
 
@@ -96,6 +96,9 @@ class Api:
             except ApiError as e:
                 status = e.status
                 raise
+            except ClientDisconnect:  # gone while sending its body: nobody to answer
+                status = CLIENT_GONE
+                return Response(status_code=status)
             finally:
                 self.say(f"{request.method} {request.url.path} {status} {time.perf_counter() - t0:.2f}s")
         return run
@@ -136,16 +139,19 @@ class Api:
             raise ApiError(413, f"the request body ({int(announced)} bytes) exceeds the server's limit of {limit} bytes "
                                 "(--max-body-mb)", code="request_too_large")
         body = bytearray()
-        try:
-            async with asyncio.timeout(self.limits.body_timeout_s):
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > limit:
-                        raise ApiError(413, f"the request body exceeds the server's limit of {limit} bytes",
-                                       code="request_too_large")
-        except TimeoutError:
-            raise ApiError(400, f"the request body stopped after {len(body)} of {announced or '?'} bytes "
-                                f"(Content-Length) and nothing more came in {self.limits.body_timeout_s:g} s") from None
+        chunks = request.stream().__aiter__()
+        while True:
+            try:  # a client may send slowly, but not stall
+                chunk = await asyncio.wait_for(anext(chunks), self.limits.body_timeout_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise ApiError(400, f"the request body stopped after {len(body)} of {announced or '?'} bytes "
+                                    f"(Content-Length) and nothing more came in {self.limits.body_timeout_s:g} s") from None
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"the request body exceeds the server's limit of {limit} bytes",
+                               code="request_too_large")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -231,7 +237,8 @@ class Api:
                     "logprobs": None if k is None else api.completion_logprobs(self.engine.tokenizer, entries)}
         if req.stream:
             return self._stream(request, req, jobs, choices, self._completion_chunk(req))
-        await self._gather(request, jobs, choices)
+        if not await self._gather(request, jobs, choices):
+            return Response(status_code=CLIENT_GONE)
         return JSONResponse(api.envelope("text_completion", req.model) | {
             "choices": [body(c, i) for i, c in enumerate(choices)], "usage": self._usage(prompts, choices)})
 
@@ -245,7 +252,8 @@ class Api:
                                    grammar=grammar)
         if req.stream:
             return self._stream(request, req, jobs, choices, self._chat_chunk(req))
-        await self._gather(request, jobs, choices)
+        if not await self._gather(request, jobs, choices):
+            return Response(status_code=CLIENT_GONE)
         tok = self.engine.tokenizer
         return JSONResponse(api.envelope("chat.completion", req.model) | {
             "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
@@ -367,8 +375,8 @@ class Api:
         elif isinstance(event, Failed):
             raise ApiError(event.status, event.message, code=event.code)
 
-    async def _gather(self, request: Request, jobs: list[Job], choices: list[_Choice]) -> None:
-        """Run the jobs to the end, or cancel them when the client goes away."""
+    async def _gather(self, request: Request, jobs: list[Job], choices: list[_Choice]) -> bool:
+        """Run the jobs to the end; False when the client went away first (the jobs are cancelled)."""
         async def collect() -> None:
             async for i, event in self._events(jobs):
                 self._apply(choices[i], event)
@@ -384,8 +392,9 @@ class Api:
                     job.cancelled = True
                 work.cancel()
         if work.cancelled():
-            raise ClientDisconnect()
+            return False
         work.result()  # raises the request's ApiError, if any
+        return True
 
     def _usage(self, prompts: Sequence[_Prompt], choices: Sequence[_Choice]) -> dict[str, int]:
         done = sum(c.finished.completion_tokens for c in choices if c.finished)

@@ -182,19 +182,21 @@ class Engine:
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
-            # let concurrent requests join: wait while they keep arriving (a burst sent at once
-            # reaches the server over tens of milliseconds), at most 5 windows
-            end = time.monotonic() + 5 * self.window_s
-            seen = -1
-            while not self._closed and seen != len(self._pending) < self.max_batch and time.monotonic() < end:
-                seen = len(self._pending)
-                self._cond.wait(min(self.window_s, max(0.0, end - time.monotonic())))
+            # let concurrent requests join: a burst sent at once reaches the server over tens of
+            # milliseconds, so wait until none has arrived for a window (at most 5 windows after
+            # the oldest; jobs that waited through a running batch go at once)
+            while not self._closed and len(self._pending) < self.max_batch:
+                now = time.monotonic()
+                quiet, waited = now - self._pending[-1].submitted, now - self._pending[0].submitted
+                if quiet >= self.window_s or waited >= 5 * self.window_s:
+                    break
+                self._cond.wait(min(self.window_s - quiet, 5 * self.window_s - waited))
             if self._closed:
                 return None
             now = time.monotonic()
             for job in self._pending:
-                if job.cancelled or job.deadline < now:
-                    _emit(job, _timeout(job) if not job.cancelled else Failed(499, "cancelled"))
+                if job.deadline < now and not job.cancelled:
+                    _emit(job, _timeout(job))
             self._pending = [j for j in self._pending if not (j.cancelled or j.deadline < now)]
             batch = self._take(self._pending)
             taken = set(map(id, batch))
@@ -336,10 +338,12 @@ class _Row:
 
     def prompt_logprobs(self, logits: Any) -> None:
         """Each prompt token's logprob given the tokens before it (the first has none)."""
+        import torch
+
         k = self.job.prompt_logprobs or 0
         prompt = self.job.prompt
         lp = logits[:-1].float().log_softmax(-1)
-        chosen = lp.gather(-1, logits.new_tensor(prompt[1:], dtype=_long()).unsqueeze(-1)).squeeze(-1).tolist()
+        chosen = lp.gather(-1, torch.tensor(prompt[1:], device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
         tops = _topk(lp, k)
         entries = [TokenLogprob(prompt[0], None)]
         entries += [TokenLogprob(t, c, top) for t, c, top in zip(prompt[1:], chosen, tops)]
@@ -437,12 +441,6 @@ class _Row:
             _emit(self.job, reason)
         elif reason is not None:  # None: cancelled, nobody is listening
             _emit(self.job, Finished(reason, len(self.job.prompt), len(self.out)))
-
-
-def _long() -> Any:
-    import torch
-
-    return torch.long
 
 
 def _topk(lp: Any, k: int) -> list[tuple[tuple[int, float], ...]]:
