@@ -473,9 +473,9 @@ def test_sampling_parameters_are_honoured(server):
                                      extra_body={"repetition_penalty": 5.0}).choices[0].text
     assert plain != penalised  # the tiny model repeats itself; the penalties change that
     first = c.completions.create(model="base", prompt="x", max_tokens=6, temperature=1.5, top_p=0.9, seed=1,
-                                 extra_body={"top_k": 5})
+                                 extra_body={"top_k": 5, "min_p": 0.05})
     again = c.completions.create(model="base", prompt="x", max_tokens=6, temperature=1.5, top_p=0.9, seed=1,
-                                 extra_body={"top_k": 5})
+                                 extra_body={"top_k": 5, "min_p": 0.05})
     assert first.choices[0].text == again.choices[0].text
 
 

@@ -39,6 +39,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest's probability
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -405,6 +406,8 @@ class _Row:
             kth = x.topk(min(s.top_k, x.shape[0])).values[-1]
             x[x < kth] = float("-inf")
         probs = x.softmax(-1)
+        if s.min_p > 0:
+            probs[probs < s.min_p * probs.max()] = 0.0
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest set reaching top_p

@@ -47,7 +47,7 @@ REFUSED = {
     "functions": "function calling is not supported", "function_call": "function calling is not supported",
     "suffix": "suffix (insertion) is not supported", "best_of": "best_of is not supported; use n",
     "audio": "audio output is not supported", "modalities": "only text output is supported",
-    "prediction": "predicted outputs are not supported", "min_p": "min_p is not supported",
+    "prediction": "predicted outputs are not supported",
 }
 _HARMLESS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 
@@ -62,7 +62,7 @@ class _Request(Shape):
             cls._first_check(data)
             fields = [f.alias or n for n, f in cls.model_fields.items()]
             for key, value in data.items():
-                if key in cls.refused and value not in (None, [], "none"):
+                if key in cls.refused and value not in (None, [], "none") and not (key == "best_of" and value == 1):
                     raise invalid(f"'{key}': {REFUSED[key]} by evalkit serve", at=(key,))
                 if key not in fields and key not in cls.extra_keys and key not in cls.refused:
                     raise invalid(f"unsupported parameter '{key}'{did_you_mean(str(key), fields)}", at=(key,))
@@ -93,6 +93,7 @@ class _Sampling(_Request):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -104,7 +105,7 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
 
     def sampling(self, seed_offset: int = 0) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
+        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
                         repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
                         presence_penalty=self.presence_penalty, logit_bias=self._bias(),
                         seed=None if self.seed is None else self.seed + seed_offset)
