@@ -30,6 +30,7 @@ BASE = "base"
 # A prefill that returns every position's logits (echo + logprobs) holds batch × tokens × vocab
 # floats; batches are cut to keep that under about 1 GiB.
 LOGITS_BUDGET = 2**28
+MAX_WINDOWS = 10  # the longest a request waits for others to join its batch, in batching windows
 
 
 @dataclass(frozen=True)
@@ -184,14 +185,16 @@ class Engine:
             while not self._pending and not self._closed:
                 self._cond.wait()
             # let concurrent requests join: a burst sent at once reaches the server over tens of
-            # milliseconds, so wait until none has arrived for a window (at most 5 windows after
-            # the oldest; jobs that waited through a running batch go at once)
+            # milliseconds (more on a busy machine), so wait until none has arrived for a window,
+            # at most MAX_WINDOWS windows after the oldest; jobs that waited through a running
+            # batch go at once
+            longest = MAX_WINDOWS * self.window_s
             while not self._closed and len(self._pending) < self.max_batch:
                 now = time.monotonic()
                 quiet, waited = now - self._pending[-1].submitted, now - self._pending[0].submitted
-                if quiet >= self.window_s or waited >= 5 * self.window_s:
+                if quiet >= self.window_s or waited >= longest:
                     break
-                self._cond.wait(min(self.window_s - quiet, 5 * self.window_s - waited))
+                self._cond.wait(min(self.window_s - quiet, longest - waited))
             if self._closed:
                 return None
             now = time.monotonic()
