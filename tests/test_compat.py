@@ -174,6 +174,30 @@ def test_gguf_quantized_marker_is_hf_quantizer(tmp_path):
     assert (tmp_path / "saved" / "model.safetensors").is_file() and not hasattr(model.config, "quantization_config")
 
 
+def test_kv_cache_arg_is_what_a_causal_lm_takes_and_returns():
+    """compat.kv_cache_arg names the forward's cache argument and the output's cache field."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    name = compat.kv_cache_arg()
+    assert name in CausalLMOutputWithPast.__dataclass_fields__, f"compat.kv_cache_arg: output has no {name}"
+    assert name in inspect.signature(LlamaForCausalLM.forward).parameters, f"compat.kv_cache_arg: forward takes no {name}"
+
+
+def test_select_cache_rows_drops_batch_rows_of_a_dynamic_cache():
+    """compat.select_cache_rows: Cache.batch_select_indices keeps the given rows, in place."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    keys = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 4, 8).contiguous()
+    cache.update(keys, keys.clone(), 0)
+    assert compat.select_cache_rows(cache, torch.tensor([0, 2])) is True
+    kept = cache.layers[0].keys
+    assert kept.shape[0] == 2 and kept[:, 0, 0, 0].tolist() == [0.0, 2.0]
+    assert compat.select_cache_rows(object(), torch.tensor([0])) is False  # a cache that cannot
+
+
 def test_no_private_third_party_api_outside_compat():
     """The private names above are used nowhere else (the canary's override of HFLM's hook, which
     must be defined on the class, aside)."""

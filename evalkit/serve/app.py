@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
@@ -51,7 +51,7 @@ class _Choice:
     prompt: _Prompt
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
     text: str = ""
-    tokens: tuple[TokenLogprob, ...] = ()
+    tokens: list[TokenLogprob] = field(default_factory=list)
     finished: Finished | None = None
     echoed: bool = False  # streaming with echo: the prompt's text was sent
 
@@ -221,18 +221,18 @@ class Api:
         req: api.CompletionRequest = api.parse(api.CompletionRequest, await self._json(request))
         self._check_model(req.model)
         self.counts["completions"] += 1
-        limit = req.max_tokens if req.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-        if limit == 0 and not req.echo:
+        if req.max_tokens == 0 and not req.echo:
             raise ApiError(400, "max_tokens: must be >= 1 (0 only with echo)", param="max_tokens")
         prompts = await run_in_threadpool(self._completion_prompts, req)
         k = req.logprobs
-        jobs, choices = self._jobs(req, prompts, lambda p: self._limit(p, req.max_tokens, limit),
+        jobs, choices = self._jobs(req, prompts, lambda p: self._limit(p, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS,
+                                                                       "prompt"),
                                    logprobs=k, prompt_logprobs=k if req.echo else None)
         for c in choices:
             c.text = c.prompt.text if req.echo else ""
 
         def body(c: _Choice, i: int) -> dict[str, Any]:
-            entries = c.prompt_logprobs + c.tokens
+            entries = [*c.prompt_logprobs, *c.tokens]
             return {"index": i, "text": c.text, "finish_reason": _reason(c), "stop_reason": None,
                     "logprobs": None if k is None else api.completion_logprobs(self.engine.tokenizer, entries)}
         if req.stream:
@@ -248,7 +248,7 @@ class Api:
         self.counts["chat"] += 1
         prompt, grammar = await run_in_threadpool(self._chat_prompt, req)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        jobs, choices = self._jobs(req, [prompt], lambda p: self._limit(p, req.limit, None), logprobs=k,
+        jobs, choices = self._jobs(req, [prompt], lambda p: self._limit(p, req.limit, None, "messages"), logprobs=k,
                                    grammar=grammar)
         if req.stream:
             return self._stream(request, req, jobs, choices, self._chat_chunk(req))
@@ -303,8 +303,9 @@ class Api:
                                param="response_format") from None
         return _Prompt(self._encode(text, False), text), grammar
 
-    def _limit(self, prompt: _Prompt, asked: int | None, default: int | None) -> int:
-        """max_tokens for a prompt: what was asked, within the cap and the context window."""
+    def _limit(self, prompt: _Prompt, asked: int | None, default: int | None, param: str) -> int:
+        """max_tokens for a prompt: what was asked (else `default`, else what fits of
+        DEFAULT_CHAT_MAX_TOKENS), within the cap and the context window."""
         window, n = self.engine.max_model_len, len(prompt.ids)
         if asked is not None and asked > self.limits.max_tokens_cap:
             raise ApiError(400, f"max_tokens: must be <= {self.limits.max_tokens_cap} (the server's --max-tokens-cap), "
@@ -313,7 +314,7 @@ class Api:
         if n + tokens > window or n >= window:
             raise ApiError(400, f"This model's maximum context length is {window} tokens. However, you requested "
                                 f"{n + tokens} tokens ({n} in the prompt, {tokens} for the completion). Please reduce "
-                                "the prompt or max_tokens.", param="messages" if default is None else "prompt",
+                                "the prompt or max_tokens.", param=param,
                            code="context_length_exceeded")
         return tokens
 
@@ -369,7 +370,7 @@ class Api:
             choice.prompt_logprobs = event.tokens
         elif isinstance(event, Delta):
             choice.text += event.text
-            choice.tokens += event.tokens
+            choice.tokens.extend(event.tokens)
         elif isinstance(event, Finished):
             choice.finished = event
         elif isinstance(event, Failed):
@@ -402,13 +403,12 @@ class Api:
 
     def _stream(self, request: Request, req: api._Sampling, jobs: list[Job], choices: list[_Choice],
                 chunk: Callable[[int, _Choice, Event], dict[str, Any] | None]) -> Response:
-        rid = api.envelope("chat" if isinstance(req, api.ChatRequest) else "text", req.model)["id"]
+        kind = "chat.completion.chunk" if isinstance(req, api.ChatRequest) else "text_completion"
+        head = api.envelope(kind, req.model) | ({"usage": None} if req.include_usage else {})  # every chunk's
 
         async def sse() -> AsyncIterator[str]:
             def data(obj: Any) -> str:
                 return f"data: {json.dumps(obj)}\n\n"
-            kind = "chat.completion.chunk" if isinstance(req, api.ChatRequest) else "text_completion"
-            head = api.envelope(kind, req.model, rid) | ({"usage": None} if req.include_usage else {})
             if isinstance(req, api.ChatRequest):
                 for i in range(len(choices)):
                     yield data(head | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -424,7 +424,7 @@ class Api:
                 return
             if req.include_usage:
                 prompts = list({id(c.prompt): c.prompt for c in choices}.values())
-                yield data(api.envelope(kind, req.model, rid) | {"choices": [], "usage": self._usage(prompts, choices)})
+                yield data(head | {"choices": [], "usage": self._usage(prompts, choices)})
             yield "data: [DONE]\n\n"
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
