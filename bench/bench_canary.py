@@ -44,12 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from evalkit.backends.hf import HFBackend
     from evalkit.models import BaseSpec, load_base, resolve_base
     from evalkit.tasks import mmlu
     from evalkit.tasks.mmlu_data import load_questions, plan_slice
 
     resolved = resolve_base(BaseSpec.of("gguf", EMBEDDED_GGUF))
     model, tokenizer = load_base(resolved)
+    backend = HFBackend.over(model, tokenizer, {"base": None})
     sl = plan_slice(load_questions(), per_subject=args.per_subject, n_shot=args.n_shot, seed=args.seed)
     configs = mmlu.task_configs(sl.questions, sl.fewshot, args.n_shot)
     print(f"slice: {len(sl.questions)} questions, {len(configs)} subjects, {args.n_shot}-shot; "
@@ -60,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                                             batch_size=bs)
 
     def run_evalkit() -> dict:
-        lm = mmlu.canary_lm(model, tokenizer, batch_size=args.batch_size)
-        return mmlu.simple_evaluate(lm, configs, device=str(lm.device))
+        lm = mmlu.canary_lm(backend, "base", tokenizer, batch_size=args.batch_size)
+        return mmlu.simple_evaluate(lm, configs)
 
     ours = f"evalkit bs={args.batch_size}"
     arms = {f"lm-eval HF bs={bs}": hf(int(bs)) for bs in args.hf_batch_sizes.split(",")} | {ours: run_evalkit}

@@ -155,10 +155,11 @@ def bench_a(args, tmp: Path, model_dir: str, adapters: list[Path]) -> None:
 
 
 def bench_b(args, tmp: Path, resolved, reps: int = 2) -> None:
+    from evalkit.backends.hf import HFBackend
     from evalkit.cache import Cache
     from evalkit.config import load_suite
     from evalkit.config.suite import GenerationConfig, Variant
-    from evalkit.context import LoadedVariant, RunContext
+    from evalkit.context import RunContext, RunVariant
     from evalkit.models.base import load_base
     from evalkit.tasks.generation import load_cases
 
@@ -167,7 +168,7 @@ def bench_b(args, tmp: Path, resolved, reps: int = 2) -> None:
     cases = load_cases(DATA, args.cases)
     prompts = chat_prompts(tokenizer, args.cases)
     gen = GenerationConfig(max_new_tokens=args.tokens, batch_size=args.batch_size)
-    lv = LoadedVariant(Variant(name="base"), model, None, None, "bench-b")
+    lv = RunVariant(Variant(name="base"), None, "bench-b", HFBackend.over(model, tokenizer, {"base": None}))
     bare, ours = [], []
     for rep in range(reps):  # alternate, so load from other processes hits both alike
         t0 = time.perf_counter()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from evalkit.backends.hf import render_prompt
 from evalkit.cache import adapter_active_key
 from evalkit.config.suite import CasesTask
 from evalkit.record import CheckRecord
@@ -25,25 +24,12 @@ def _case_prompts(ctx, limit: int) -> list[str]:
         if isinstance(task, CasesTask):
             from evalkit.tasks.generation import load_cases
 
-            return [render_prompt(ctx.tokenizer, c) for c in load_cases(task.data, limit)]
+            return [ctx.render(c).text for c in load_cases(task.data, limit)]
     return []
 
 
 def _probe_prompts(ctx, limit: int = 4) -> list[str]:
     return list(PROBES) + _case_prompts(ctx, limit)
-
-
-def probe_logits(lv, tokenizer, prompts: list[str]):
-    """Full-sequence logits per prompt (one at a time: no padding to muddy the comparison)."""
-    import torch
-
-    out = []
-    with lv.active() as model, torch.inference_mode():
-        device = next(model.parameters()).device
-        for p in prompts:
-            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).to(device)
-            out.append(model(**ids).logits[0].float().cpu())
-    return out
 
 
 def _diff(a, b) -> tuple[float, float]:
@@ -59,20 +45,21 @@ def adapter_active(ctx, log) -> list[CheckRecord]:
     """Every adapter variant must move the logits beyond numerical noise; otherwise it is inert
     (zero B matrices, wrong target modules, a loader that dropped it) and scoring it is a lie.
     A passed check is cached under the variant's fingerprint, so a rerun loads no model for it."""
-    adapters = [lv for lv in ctx.variants if lv.info is not None]
+    adapters = [lv for lv in ctx.variants if lv.info is not None and lv.backend.capabilities.full_logits]
     if not adapters:
         return []
     prompts = _probe_prompts(ctx, limit=2)
     records = []
-    reference_cache: dict[int, list] = {}
+    references: dict[int, list] = {}  # variants on the same weights share their adapters-off logits
     for lv in adapters:
         key = adapter_active_key(lv.fingerprint, prompts, ACTIVE_TOLERANCE)
         found = ctx.cache.get(key, count=False)
         if found is None:
-            ref_lv = _base_on(ctx, lv)
-            if id(ref_lv.model) not in reference_cache:
-                reference_cache[id(ref_lv.model)] = probe_logits(ref_lv, ctx.tokenizer, prompts)
-            max_abs, agree = _diff(probe_logits(lv, ctx.tokenizer, prompts), reference_cache[id(ref_lv.model)])
+            backend = lv.backend
+            ref = backend.reference_of(lv.name)
+            if ref not in references:
+                references[ref] = backend.logits(lv.name, prompts, adapters_off=True)
+            max_abs, agree = _diff(backend.logits(lv.name, prompts), references[ref])
             if max_abs <= ACTIVE_TOLERANCE:
                 raise ctx.suite.error(ctx.suite.variant_path(lv.name), (
                     f"adapter of variant '{lv.name}' ({lv.info.path}) changes nothing: max |logit diff| vs base "
@@ -85,25 +72,6 @@ def adapter_active(ctx, log) -> list[CheckRecord]:
                                            f"top-1 agreement {found['top1_agreement']:.1%}",
                                    details=found))
     return records
-
-
-class _BaseView:
-    """The base model as seen through `model` with every adapter disabled (no second copy)."""
-
-    def __init__(self, model):
-        self.model, self.info, self.adapter_name = model, None, None
-
-    def active(self):
-        from evalkit.config.suite import Variant
-        from evalkit.context import LoadedVariant
-
-        return LoadedVariant(Variant(name="base"), self.model, None, None, "").active()
-
-
-def _base_on(ctx, lv):
-    """Reference for the adapter-active check: the same weights the adapter sits on, adapters off
-    (for a merge, the base it was merged into: a dequantized merge starts from the quantized base)."""
-    return _BaseView(ctx.model_for(lv.variant.quantize) if lv.variant.merge else lv.model)
 
 
 def leakage(ctx, log) -> list[CheckRecord]:
@@ -158,8 +126,8 @@ def merge_equivalence(ctx, results, log) -> list[CheckRecord]:
         min_agree = _tolerance(ctx, "merge_equivalence", lv.name, "min_top1_agreement", 0.99)
         twin = _unmerged_twin(ctx, lv)
         if twin.name not in twin_logits:
-            twin_logits[twin.name] = probe_logits(twin, ctx.tokenizer, probes + cases)
-        a, b = probe_logits(lv, ctx.tokenizer, probes + cases), twin_logits[twin.name]
+            twin_logits[twin.name] = twin.backend.logits(twin.name, probes + cases)
+        a, b = lv.backend.logits(lv.name, probes + cases), twin_logits[twin.name]
         max_abs, agree = _diff(a, b)
         per_set = {"probes": _diff(a[:len(probes)], b[:len(probes)])}
         if cases:
@@ -220,4 +188,4 @@ def _unmerged_twin(ctx, lv):
         if (other.info is not None and not other.variant.merge and other.info.sha256 == lv.info.sha256
                 and other.variant.quantize == lv.variant.quantize):
             return other
-    return ctx.attach_twin(lv, lv.variant.quantize)
+    return ctx.attach_twin(lv)

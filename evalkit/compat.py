@@ -12,47 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from evalkit.errors import EvalkitError
-
 # ---------------------------------------------------------------- lm-eval
 
-# The parameters of HFLM._loglikelihood_tokens that the canary's override keeps (lm-eval 0.4.13).
-HFLM_TOKENS_HOOK = "_loglikelihood_tokens"
-HFLM_TOKENS_PARAMS = ("self", "requests", "disable_tqdm", "override_bs")
-
-
-@functools.cache
-def hflm_class() -> type:
-    """lm-eval's HFLM, after checking the private hook the canary overrides is still there.
-
-    Why: `TemplateLM.loglikelihood` tokenizes each (context, continuation) pair and hands the
-    list of `((context, continuation), context_tokens, continuation_tokens)` to
-    `self._loglikelihood_tokens(requests, disable_tqdm=...)`. The canary overrides that hook to
-    score the four one-token answers of a question in ONE forward pass (logits of the last position
-    only), keeping HFLM's tokenization exactly. If lm-eval renamed the hook, the override would be
-    skipped silently (slower, and per-question answers no longer cached as they finish), so this
-    raises instead. Checked on lm-eval 0.4.13.
-    """
-    from lm_eval.models.huggingface import HFLM
-
-    hook = getattr(HFLM, HFLM_TOKENS_HOOK, None)
-    params = tuple(inspect.signature(hook).parameters) if callable(hook) else ()
-    if params[:len(HFLM_TOKENS_PARAMS)] != HFLM_TOKENS_PARAMS:
-        raise EvalkitError(f"this lm-eval ({_version('lm-eval')}) has no HFLM.{HFLM_TOKENS_HOOK}"
-                           f"({', '.join(HFLM_TOKENS_PARAMS[1:])}) for the MMLU canary to override (found "
-                           f"{params or 'none'}); install the lm-eval version range evalkit declares")
-    return HFLM
-
-
-def hflm_loglikelihood_tokens(lm: Any, requests: Sequence[Any], disable_tqdm: bool = False,
-                              override_bs: int | None = None) -> list[tuple[float, bool]]:
-    """HFLM's own `_loglikelihood_tokens` on `lm` (a subclass instance): the full computation, for
-    continuations longer than one token. Checked on lm-eval 0.4.13."""
-    return getattr(hflm_class(), HFLM_TOKENS_HOOK)(lm, list(requests), disable_tqdm, override_bs)
+# The hook TemplateLM.loglikelihood hands its tokenized requests to (lm-eval 0.4.13).
+TEMPLATE_LM_HOOK = "_loglikelihood_tokens"
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ Version policy (`schema_version` is "MAJOR.MINOR"):
 History: 1.0 the first record. 1.1 gate bounds and levels, invalid counts, Holm p, excludes_drop.
 1.2 the typed record: `reference` (the variant comparisons are made against, as the suite resolved
 it) and every field written, null where it does not apply (a fully cached variant's cost).
+1.3 each variant's `backend`: where it ran (engine, endpoints, served name and identity).
 
 The JSON Schema shipped in evalkit/schemas/results.schema.json is generated from these types:
 `python -m evalkit.record --schema --write` regenerates it; a test checks the shipped file is the
@@ -37,7 +38,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "results.schema.json"
 
 Num = float | None  # a number that may not exist (no valid score, not computed); NaN/inf are written as null
@@ -76,6 +77,19 @@ class BaseRecord:
     ref: str
     kind: Literal["gguf", "path", "id"]
     sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendRecord:
+    """Where a variant ran: in this process (`hf`), or on a server (`openai`) under a served name."""
+
+    engine: str = field(metadata=doc("hf (transformers + peft in process) or openai (an OpenAI-compatible server)"))
+    endpoints: tuple[str, ...] = field(default=(), metadata=doc("the server's base URLs (replicas)"))
+    served_name: str | None = None
+    served: Mapping[str, Any] | None = field(default=None, metadata=doc(
+        "what the server said it serves: its GET /models entry (id, root, parent, fingerprint) and the "
+        "hash of its greedy answers to fixed probe prompts (the variant's cache identity)"))
+    server_version: str | None = field(default=None, metadata=doc("GET /version, when the server has it"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +132,7 @@ class VariantRecord:
     provenance: Mapping[str, Any] | None = field(default=None, metadata=doc(
         "evalkit_train.json of a bundled-trainer adapter (its shape is the trainer's)"))
     cost: Cost = field(default_factory=Cost)
+    backend: BackendRecord = field(default_factory=lambda: BackendRecord(engine="hf"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -428,7 +443,7 @@ def migrate(obj: Mapping[str, Any]) -> dict[str, Any]:
     if major != MAJOR:
         raise RecordError(f"schema_version {version!r} is not supported (this evalkit reads {MAJOR}.x)")
     out = copy.deepcopy(dict(obj))
-    for to_minor, step in ((1, _from_1_0), (2, _from_1_1)):
+    for to_minor, step in ((1, _from_1_0), (2, _from_1_1), (3, _from_1_2)):
         if minor < to_minor:
             step(out)
     out["schema_version"] = SCHEMA_VERSION
@@ -470,6 +485,12 @@ def _from_1_1(r: dict[str, Any]) -> None:
         r["reference"] = "base"
     else:
         r["reference"] = names[0]
+
+
+def _from_1_2(r: dict[str, Any]) -> None:
+    """1.2 -> 1.3: before backends every variant ran in process."""
+    for v in _objects(r, "variants"):
+        v.setdefault("backend", {"engine": "hf"})
 
 
 # ---- the JSON Schema, generated from the types

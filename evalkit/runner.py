@@ -3,8 +3,8 @@
 Flow: load suite -> preflight tasks (judge endpoints, canary parameters) -> train stale adapters
 -> check adapter files -> variants keyed by content -> checks (template parity, adapter active,
 leakage) -> tasks -> metrics with intervals -> paired comparisons vs the reference -> gates -> run
-folder. The base is loaded ONCE, with adapters attached by name, at the first result the cache
-cannot answer (never, on a rerun).
+folder. Variants run on a backend (`evalkit.backends`); the in-process one loads the base ONCE,
+with adapters attached by name, at the first result the cache cannot answer (never, on a rerun).
 """
 from __future__ import annotations
 
@@ -18,14 +18,16 @@ from types import ModuleType
 from typing import Any
 
 from evalkit import __version__
+from evalkit.backends.hf import HFBackend
+from evalkit.backends.remote import OpenAIBackend
 from evalkit.cache import Cache
 from evalkit.config import load_suite
-from evalkit.config.suite import Suite, Task, Variant
-from evalkit.context import LoadedVariant, RunContext, template_hash, variant_fingerprint
+from evalkit.config.suite import BackendConfig, Suite, Task
+from evalkit.context import RunContext, RunVariant, served_fingerprint, template_hash, variant_fingerprint
 from evalkit.errors import ConfigError, ExitCode, ModelError, NothingToEvaluate, YamlPath
 from evalkit.gates import Scores, evaluate_gates, gate_targets
-from evalkit.models.adapters import AdapterInfo, check_fits_base, inspect_adapter
-from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_base, load_tokenizer, resolve_base
+from evalkit.models.adapters import AdapterInfo, inspect_adapter
+from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_tokenizer, resolve_base
 from evalkit.record import (
     SCHEMA_VERSION,
     BaseRecord,
@@ -143,62 +145,50 @@ def _train_adapters(suite: Suite, log: Log) -> Suite:
 
 def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, AdapterInfo], cache: Cache,
                    log: Log, progress: bool) -> RunContext:
-    """The run's variants with their fingerprints (content addresses). The models behind them load
-    on first use (`RunContext.ensure_models`), so an unchanged rerun that the cache answers whole
-    never loads one; the tokenizer is enough to render prompts and key the cache."""
+    """The run's variants with their fingerprints (content addresses) and backends. In-process
+    models load on the first request the cache cannot answer, so an unchanged rerun that the cache
+    answers whole never loads one; the tokenizer is enough to render prompts and key the cache. A
+    server is asked what it serves (GET /models and a probe) before any work."""
     with _locate_errors(suite, ("base",)):
         tokenizer = load_tokenizer(resolved)
+    hf = HFBackend(resolved, tokenizer, log=log,
+                   locate=lambda name: _locate_errors(suite, ("base",) if name is None else suite.variant_path(name)))
     ctx = RunContext(suite=suite, base=resolved, tokenizer=tokenizer, variants=[], cache=cache, log=log,
-                     progress=progress, loader=lambda ctx: _load_models(ctx, infos))
+                     progress=progress, hf=hf)
     template = template_hash(tokenizer)
+    remote = _remote_backends(suite, tokenizer, log)
     for v in suite.variants:
         info = infos.get(v.name)
-        ctx.variants.append(LoadedVariant(v, None, v.name if info and not v.merge else None, info,
-                                          variant_fingerprint(resolved, v, info, template), ctx.ensure_models))
+        backend = remote.get(v.name)
+        if backend is None:
+            hf.add(v, info)
+            ctx.variants.append(RunVariant(v, info, variant_fingerprint(resolved, v, info, template), hf))
+            continue
+        with _locate_errors(suite, ("variants", suite.variants.index(v), "backend") if v.backend else ("backend",)):
+            served = backend.identity(v.name)
+        log(f"variant {v.name}: served as '{backend.served[v.name]}' by {', '.join(backend.cfg.urls)}")
+        ctx.variants.append(RunVariant(v, info, served_fingerprint(resolved, served, template), backend))
     return ctx
 
 
-def _load_models(ctx: RunContext, infos: dict[str, AdapterInfo]) -> None:
-    """One full-precision base for base + plain adapters (loaded once, adapters attached by name);
-    one per quantization; merged copies apart."""
-    suite, resolved = ctx.suite, ctx.base
-    ctx.log(f"loading base {resolved.spec.ref}")
-    with _locate_errors(suite, ("base",)):
-        ctx.models["full"] = load_base(resolved)[0]
-    for name, info in infos.items():
-        with _locate_errors(suite, suite.variant_path(name)):
-            check_fits_base(info, ctx.models["full"], resolved)
-    merged = {}
-    for lv in ctx.variants:
-        v = lv.variant
-        if lv.info is None:
-            continue
-        with _locate_errors(suite, suite.variant_path(v.name)):
-            if v.merge:
-                merged[v.name] = _merged(ctx, v, lv.info)
-            else:
-                ctx.attach(v.quantize, v.name, lv.info)
-    for lv in ctx.variants:  # bound after attaching: the first adapter wraps the base in a PeftModel
-        lv.model = merged.get(lv.name) or ctx.model_for(lv.variant.quantize)
-    for m in ctx.models.values():
-        m.eval()
-
-
-def _merged(ctx: RunContext, v: Variant, info: AdapterInfo):
-    """A merged copy. Merging into a 4-bit base re-quantizes and changes the model (DESIGN.md), so
-    the default merges into a full-precision base ("dequantize-then-merge"); `merge_into:
-    quantized` reproduces the lossy merge on purpose, so merge_equivalence can catch it."""
-    from evalkit.models.adapters import attach_adapter
-
-    into_quantized = v.merge_target == "quantized"
-    how = f"into {v.quantize}" if into_quantized else f"dequantized from {v.quantize}" if v.quantize else "full precision"
-    ctx.log(f"building merged variant '{v.name}' ({how})")
-    base = load_base(ctx.base, quantize=v.quantize)[0]  # a merge rewrites weights: it needs its own copy
-    if v.quantize and not into_quantized:
-        # dequantize-then-merge: the quantized weights a QLoRA adapter was trained on, in full
-        # precision, so the merged model reproduces the unmerged QLoRA variant (not the fp base's)
-        base = base.dequantize()
-    return attach_adapter(base, v.name, info).merge_and_unload()
+def _remote_backends(suite: Suite, tokenizer: Any, log: Log) -> dict[str, OpenAIBackend]:
+    """One `openai` backend per distinct backend config, serving its variants under their served
+    names; every replica is checked reachable and listing them before any work."""
+    by_config: dict[str, tuple[BackendConfig, dict[str, str], list[int]]] = {}
+    for i, v in enumerate(suite.variants):
+        cfg = suite.backend_of(v)
+        if cfg.kind == "openai":
+            entry = by_config.setdefault(cfg.model_dump_json(), (cfg, {}, []))
+            entry[1][v.name] = v.served_name or v.name
+            entry[2].append(i)
+    out: dict[str, OpenAIBackend] = {}
+    for cfg, served, indices in by_config.values():
+        where: YamlPath = ("variants", indices[0], "backend") if suite.variants[indices[0]].backend else ("backend",)
+        with _locate_errors(suite, where):
+            backend = OpenAIBackend(cfg, served, tokenizer, log=log)
+            backend.check()
+        out.update(dict.fromkeys(served, backend))
+    return out
 
 
 def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> list[CheckRecord]:
@@ -213,7 +203,7 @@ def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> lis
     return checks
 
 
-def _template_parity(ctx: RunContext, lv: LoadedVariant, log: Log) -> CheckRecord:
+def _template_parity(ctx: RunContext, lv: RunVariant, log: Log) -> CheckRecord:
     """The chat template an adapter was trained with must be the one it is evaluated with."""
     assert lv.info is not None  # adapter variants only
     saved = lv.info.path / "chat_template.jinja"
@@ -348,13 +338,13 @@ def _count(x: float | None) -> int | None:
     return None if x is None else round(x)
 
 
-def _variant_record(lv: LoadedVariant, ctx: RunContext) -> VariantRecord:
+def _variant_record(lv: RunVariant, ctx: RunContext) -> VariantRecord:
     v = lv.variant
     return VariantRecord(name=v.name, adapter=str(v.adapter) if v.adapter else None,
                          adapter_sha256=lv.info.sha256 if lv.info else None, quantize=v.quantize, merge=v.merge,
                          merge_into=v.merge_target, is_dora=bool(lv.info and lv.info.is_dora),
                          fingerprint=lv.fingerprint, provenance=lv.info.provenance if lv.info else None,
-                         cost=Cost.from_counters(ctx.stats.get(lv.name, {})))
+                         cost=Cost.from_counters(ctx.counters(lv)), backend=lv.backend.record(lv.name))
 
 
 def _sample_record(s: SampleResult) -> dict[str, Any]:

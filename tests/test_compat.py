@@ -23,46 +23,37 @@ PINNED = ("lm-eval", "transformers", "trl", "peft", "bitsandbytes")
 
 # ---------------------------------------------------------------- lm-eval
 
-def test_hflm_routes_loglikelihood_through_the_hook_the_canary_overrides():
-    """compat.hflm_class / hflm_loglikelihood_tokens: TemplateLM.loglikelihood tokenizes and calls
-    self._loglikelihood_tokens(requests, disable_tqdm=...) with ((ctx, cont), ctx_tokens, cont_tokens)."""
-    from lm_eval.models.huggingface import HFLM
+def test_template_lm_routes_loglikelihood_through_the_hook_the_canary_implements():
+    """The canary's BackendLM (evalkit.tasks.mmlu) is a TemplateLM: TemplateLM.loglikelihood
+    tokenizes with _encode_pair and calls self._loglikelihood_tokens(requests, disable_tqdm=...)
+    with ((ctx, cont), ctx_tokens, cont_tokens), an abstract method lm-eval's own LMs implement."""
+    from lm_eval.api.model import TemplateLM
 
-    assert compat.hflm_class() is HFLM
-    params = tuple(inspect.signature(HFLM._loglikelihood_tokens).parameters)
-    assert params[:4] == compat.HFLM_TOKENS_PARAMS, f"compat.hflm_class: HFLM._loglikelihood_tokens{params}"
-
+    assert compat.TEMPLATE_LM_HOOK in TemplateLM.__abstractmethods__, (
+        "compat.TEMPLATE_LM_HOOK: TemplateLM no longer declares _loglikelihood_tokens")
     seen = []
 
-    class Probe(HFLM):
-        def __init__(self):  # no model: only the request plumbing is exercised
-            self.enable_thinking = False
+    class Probe(TemplateLM):
+        eot_token_id = 0
+
+        def tok_encode(self, string, add_special_tokens=None, **kwargs):
+            return [len(string)]
 
         def _encode_pair(self, context, continuation):
             return [len(context)], [len(continuation)]  # 10 and 2
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
             seen.append((requests, disable_tqdm))
             return [(-1.0, True)] * len(requests)
+
+        loglikelihood_rolling = generate_until = None  # type: ignore[assignment]
 
     instances = [SimpleNamespace(args=("Q?\nAnswer:", " A"), task_name="t"),
                  SimpleNamespace(args=("Q?\nAnswer:", " B"), task_name="t")]
     assert Probe().loglikelihood(instances, disable_tqdm=True) == [(-1.0, True)] * 2
     assert seen == [([(("Q?\nAnswer:", " A"), [10], [2]), (("Q?\nAnswer:", " B"), [10], [2])], True)], (
-        "compat.hflm_class: loglikelihood no longer hands ((context, continuation), context tokens, "
+        "compat.TEMPLATE_LM_HOOK: loglikelihood no longer hands ((context, continuation), context tokens, "
         "continuation tokens) to _loglikelihood_tokens")
-
-
-def test_hflm_class_refuses_an_lm_eval_without_the_hook(monkeypatch):
-    from lm_eval.models.huggingface import HFLM
-
-    compat.hflm_class.cache_clear()
-    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", lambda self, reqs: [])
-    try:
-        with pytest.raises(Exception, match=r"no HFLM\._loglikelihood_tokens"):
-            compat.hflm_class()
-    finally:
-        compat.hflm_class.cache_clear()
 
 
 def test_lm_eval_task_module_calls_tqdm_by_name():

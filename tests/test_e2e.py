@@ -41,7 +41,8 @@ def test_cli_run_on_embedded_model(tmp_path, embedded_model_dir, _evalkit_cache)
 def test_greedy_outputs_do_not_depend_on_the_batch(embedded_base):
     """Why `batch_size` stays out of the generation cache key: batch 1 and batch 8 (prompts of
     different lengths, so left padding) give the same greedy text on the real model."""
-    from evalkit.backends.hf import generate, render_prompt
+    from evalkit.backends.base import encode, render_prompt
+    from evalkit.backends.hf import generate
     from evalkit.config.suite import GenerationConfig
     from evalkit.models.base import load_base
     from evalkit.tasks.generation import load_cases
@@ -49,8 +50,8 @@ def test_greedy_outputs_do_not_depend_on_the_batch(embedded_base):
     model, tok = load_base(embedded_base)
     cases = load_cases(REPO / "suites/data/extract_test.jsonl", 6) + load_cases(
         REPO / "suites/data/judge_questions.jsonl", 2)
-    prompts = [render_prompt(tok, c) for c in cases]
-    assert len({len(tok(p).input_ids) for p in prompts}) > 2  # the batch really pads
+    prompts = [encode(tok, render_prompt(tok, c)) for c in cases]
+    assert len({len(p.ids) for p in prompts}) > 2  # the batch really pads
     one, eight = (generate(model, tok, prompts, GenerationConfig(max_new_tokens=24, batch_size=b)) for b in (1, 8))
     assert [o.text for o in one] == [o.text for o in eight]
     assert [o.finish_reason for o in one] == [o.finish_reason for o in eight]

@@ -12,10 +12,11 @@ import pytest
 from helpers import suite_of, write_jsonl, write_suite
 from judge_fault_server import FaultServer
 
+from evalkit.backends.hf import HFBackend
 from evalkit.cache import Cache
 from evalkit.cli import _judge_noise
 from evalkit.config.suite import JudgeTask, Task
-from evalkit.context import LoadedVariant, RunContext
+from evalkit.context import RunContext, RunVariant
 from evalkit.errors import ConfigError, ExitCode
 from evalkit.judge import verdicts as V
 from evalkit.judge.client import SEED_POLICY, JudgeClient
@@ -145,7 +146,8 @@ def at_index(task: JudgeTask, i: int) -> JudgeTask:
 
 def make_ctx(task: Task, workdir: Path, logs: list[str] | None = None, cache: str = "cache.sqlite") -> StubContext:
     suite = suite_of(workdir / "suite.yml", tasks=(task,))
-    lvs = [LoadedVariant(v, None, None if v.is_base else v.name, None, v.name) for v in suite.variants]
+    backend = HFBackend.over(None, None, {v.name: None if v.is_base else v.name for v in suite.variants})
+    lvs = [RunVariant(v, None, v.name, backend) for v in suite.variants]
     log = (logs.append if logs is not None else (lambda _: None))
     return StubContext(suite, ResolvedBase(suite.base, "x", "0"), None, lvs, Cache(workdir / cache),
                        log=log, progress=False)

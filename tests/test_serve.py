@@ -71,13 +71,14 @@ def test_models_and_chat_per_adapter(server, tiny_model_dir):
     assert first["base"] != pytest.approx(first["dora"], abs=1e-3)  # DoRA runs apart from the mixed batches
 
     # "base" is the plain model: the same text as generating without peft at all
-    from evalkit.backends.hf import generate, render_prompt
+    from evalkit.backends.base import encode, render_prompt
+    from evalkit.backends.hf import generate
     from evalkit.config.suite import GenerationConfig
     from evalkit.models.base import BaseSpec, load_base, resolve_base
     from evalkit.types import Case
 
     model, tok = load_base(resolve_base(BaseSpec.of("path", str(tiny_model_dir))))
-    direct = generate(model, tok, [render_prompt(tok, Case("x", messages=tuple(HI)))], GenerationConfig(8))[0]
+    direct = generate(model, tok, [encode(tok, render_prompt(tok, Case("x", messages=tuple(HI))))], GenerationConfig(8))[0]
     assert answers["base"] == direct.text
 
     sampled = [c.chat.completions.create(model="lora", messages=HI, max_tokens=8, temperature=1.0, seed=7)
@@ -145,9 +146,10 @@ def test_bearer_key_and_judge_preflight(server, monkeypatch):
 
 def test_judge_task_against_evalkit_serve(server, tmp_path, tiny_model_dir):
     """The tiny random model is a hopeless judge: its verdicts are recorded invalid, never a pass."""
+    from evalkit.backends.hf import HFBackend
     from evalkit.cache import Cache
     from evalkit.config.suite import JudgeTask
-    from evalkit.context import LoadedVariant, RunContext
+    from evalkit.context import RunContext, RunVariant
     from evalkit.judge import verdicts as V
     from evalkit.models.base import ResolvedBase
     from evalkit.shape import parse
@@ -160,7 +162,7 @@ def test_judge_task_against_evalkit_serve(server, tmp_path, tiny_model_dir):
                  base_dir=tmp_path)
     suite = suite_of(tmp_path / "s.yml", tasks=(task,), variants=(variant("lora", tmp_path),))
     engine = server.engine
-    lv = LoadedVariant(suite.variants[0], engine.model, "lora", None, "lora-fp")
+    lv = RunVariant(suite.variants[0], None, "lora-fp", HFBackend.over(engine.model, engine.tokenizer, {"lora": "lora"}))
     ctx = RunContext(suite, ResolvedBase(suite.base, "x", "0"), engine.tokenizer, [lv], Cache(tmp_path / "c.sqlite"),
                      log=lambda _: None, progress=False)
     judge.preflight(task)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
-import evalkit.context
+import evalkit.backends.hf
 from evalkit.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,13 +119,13 @@ def test_mixed_batches_equal_separate_and_dora_apart(capsys, tmp_path, tiny_mode
         {"name": "dora", "adapter": str(adapters["dora"])}, {"name": "lora2", "adapter": str(adapters["qlora"])},
     ], max_new_tokens=12, batch_size=4)
     calls: list[list[str] | None] = []
-    real_generate = evalkit.context.generate
+    real_generate = evalkit.backends.hf.generate
 
     def spy(model, tokenizer, prompts, gen, *, adapter_names=None, **kw):
         calls.append(None if adapter_names is None else list(adapter_names))
         return real_generate(model, tokenizer, prompts, gen, adapter_names=adapter_names, **kw)
 
-    monkeypatch.setattr(evalkit.context, "generate", spy)
+    monkeypatch.setattr(evalkit.backends.hf, "generate", spy)
     code, text, _ = run(capsys, path, tmp_path / "mixed", "--no-cache")
     assert code == 0, text
     # 6 cases, batch 4: base, lora and lora2 each run one full batch alone, their 3 x 2 leftover
@@ -134,7 +134,7 @@ def test_mixed_batches_equal_separate_and_dora_apart(capsys, tmp_path, tiny_mode
     assert len(calls) == 5 and len(mixed) == 1 and sorted(mixed[0]) == sorted(["__base__", "lora", "lora2"] * 2), calls
 
     calls.clear()
-    monkeypatch.setattr(evalkit.context, "mix_groups", lambda lvs: [[lv] for lv in lvs])
+    monkeypatch.setattr(evalkit.backends.hf, "mix_groups", lambda lvs: [[lv] for lv in lvs])
     code, text, _ = run(capsys, path, tmp_path / "separate", "--no-cache")
     assert code == 0 and calls == [None] * 4, (text, calls)  # mixing off: one run per variant
     out = lambda d: {(s["variant"], s["case_id"]): s["output"] for s in samples(d)}  # noqa: E731

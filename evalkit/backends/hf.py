@@ -1,65 +1,55 @@
-"""Batched greedy generation with transformers (+ peft adapters), the default backend.
+"""The `hf` backend: transformers + peft in this process, and the one owner of model objects.
 
-Prompts are sorted by length so each left-padded batch wastes little compute; results come
-back in the caller's order.
+It is the reference the other backends are checked against, and the only one that quantizes,
+merges, runs DoRA and returns full logits. It loads the base once per precision, attaches every
+plain adapter to it by name, builds merged copies apart, and loads nothing until the first
+request the cache could not answer. Generation is batched greedy decoding: prompts sorted by
+length so each left-padded batch wastes little, base and plain-LoRA rows mixed in one batch.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from evalkit.config.suite import GenerationConfig
-from evalkit.types import Case, Output
+from evalkit.backends.base import Capabilities, Job, OnOutputs, OnScores, Prompt, TokenPair
+from evalkit.config.suite import GenerationConfig, Variant
+from evalkit.memory import PeakMemory
+from evalkit.models.adapters import AdapterInfo
+from evalkit.models.base import ResolvedBase
+from evalkit.record import BackendRecord
+from evalkit.types import Output
+
+# peft's adapter name for "no adapter" in a mixed batch
+MIXED_BASE = "__base__"
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's HFLM default when neither config nor tokenizer says
 
 
-def render_prompt(tokenizer, case: Case) -> str:
-    """The exact text sent to the model: the tokenizer's chat template for chats, raw otherwise."""
-    if case.messages:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; give rows a 'prompt' instead of 'messages'")
-        return tokenizer.apply_chat_template([dict(m) for m in case.messages], tokenize=False,
-                                             add_generation_prompt=True)
-    return case.prompt or ""
-
-
-def special_tokens_for_text(tokenizer) -> bool:
-    """Whether a prompt's text is tokenized with the tokenizer's special tokens (BOS). A chat
-    template already writes them into the text, so a tokenizer that has one adds none."""
-    return not getattr(tokenizer, "chat_template", None)
-
-
-def _truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationConfig, *,
+def generate(model, tokenizer, prompts: Sequence[Prompt], gen: GenerationConfig, *,
              adapter_names: Sequence[str] | None = None,
-             on_batch: Callable[[list[int], list[Output]], None] | None = None,
-             sampling: dict[str, Any] | None = None) -> list[Output]:
+             on_batch: Callable[[list[int], list[Output]], None] | None = None) -> list[Output]:
     """Greedy-decode every prompt; `on_batch(indices, outputs)` fires after each batch (for caching
-    and progress) so an interrupted run keeps what finished. `sampling` (e.g. temperature, top_p)
-    samples instead: only `evalkit serve` uses it, evaluation stays greedy."""
+    and progress) so an interrupted run keeps what finished."""
     import torch
 
     n = len(prompts)
     results: list[Output | None] = [None] * n
-    if n == 0:
-        return []
-    special = special_tokens_for_text(tokenizer)
-    lengths = [len(tokenizer(p, add_special_tokens=special)["input_ids"]) for p in prompts]
-    order = sorted(range(n), key=lambda i: -lengths[i])  # longest first: memory peak shows up early
+    order = sorted(range(n), key=lambda i: -len(prompts[i].ids))  # longest first: memory peak shows up early
     device = next(model.parameters()).device
     eos_ids = tokenizer.eos_token_id
     for start in range(0, n, gen.batch_size):
         idx = order[start:start + gen.batch_size]
-        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                          add_special_tokens=special).to(device)
+        batch = tokenizer.pad({"input_ids": [list(prompts[i].ids) for i in idx]}, padding=True,
+                              return_tensors="pt").to(device)
         kwargs: dict[str, Any] = dict(max_new_tokens=gen.max_new_tokens, do_sample=False,
                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
-        if sampling:
-            kwargs.update(do_sample=True, **sampling)
         if adapter_names is not None:
             kwargs["adapter_names"] = [adapter_names[i] for i in idx]
         if gen.stop:
@@ -79,8 +69,8 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationConfig, *,
                     n_out, hit_eos = k, True
                     break
             text = tokenizer.decode(ids[:n_out], skip_special_tokens=True)
-            text, hit_stop = _truncate_at_stop(text, gen.stop)
-            o = Output(text=text, prompt=prompts[i], n_prompt_tokens=lengths[i], n_output_tokens=n_out,
+            text, hit_stop = truncate_at_stop(text, gen.stop)
+            o = Output(text=text, prompt=prompts[i].text, n_prompt_tokens=len(prompts[i].ids), n_output_tokens=n_out,
                        finish_reason="stop" if (hit_eos or hit_stop) else "length",
                        latency_s=elapsed / len(idx))
             results[i] = o
@@ -88,3 +78,341 @@ def generate(model, tokenizer, prompts: Sequence[str], gen: GenerationConfig, *,
         if on_batch is not None:
             on_batch(idx, batch_outputs)
     return results  # type: ignore[return-value]
+
+
+@dataclass
+class _Slot:
+    """A variant as this backend runs it: the module, and the peft adapter to make active on it."""
+
+    variant: Variant
+    info: AdapterInfo | None
+    adapter_name: str | None  # None runs with every adapter disabled (base, merged copies)
+    model: Any = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    @contextlib.contextmanager
+    def active(self, *, adapters_off: bool = False) -> Iterator[Any]:
+        """`model` with this variant's adapter active (or every adapter disabled)."""
+        if not hasattr(self.model, "peft_config"):
+            yield self.model
+        elif self.adapter_name is None or adapters_off:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            self.model.set_adapter(self.adapter_name)
+            yield self.model
+
+    @property
+    def mixable(self) -> bool:
+        """peft mixes adapters row by row (`adapter_names`) only for plain LoRA on a peft model. DoRA
+        refuses with a ValueError and leaves its hooks behind, so every later generate() fails too;
+        merged copies have no adapter to pick."""
+        config = getattr(self.model, "peft_config", None)
+        if config is None:
+            return False
+        if self.adapter_name is None:
+            return True
+        c = config[self.adapter_name]
+        return str(getattr(c, "peft_type", "LORA")).endswith("LORA") and not getattr(c, "use_dora", False)
+
+
+def plan_runs(group: list[_Slot], missing: Mapping[str, list[int]], batch_size: int) -> list[list[tuple[_Slot, int]]]:
+    """(variant, prompt index) runs for one mix group. Each variant's full batches run on their own:
+    a mixed forward gathers and scatters rows per adapter in every LoRA layer, measured 30-60%
+    slower on CPU than one adapter per batch. Only the partial batches left over are pooled into
+    mixed batches (prompt-major, so the rows of one prompt sit side by side): that saves forwards,
+    and with many adapters and few cases it is most of the work."""
+    runs, rest = [], []
+    for slot in group:
+        idx = missing[slot.name]
+        cut = len(idx) - len(idx) % batch_size if len(group) > 1 else len(idx)
+        runs += [[(slot, i) for i in idx[:cut]]] if cut else []
+        rest += [(slot, i) for i in idx[cut:]]
+    return runs + ([sorted(rest, key=lambda job: job[1])] if rest else [])
+
+
+def mix_groups(slots: Sequence[_Slot]) -> list[list[_Slot]]:
+    """Variants that can share generation batches: mixable ones on the same model instance; every
+    other variant is a group of its own (it runs with set_adapter / disable_adapter)."""
+    groups: dict[int, list[_Slot]] = {}
+    for slot in slots:
+        groups.setdefault(id(slot.model) if slot.mixable else id(slot), []).append(slot)
+    return list(groups.values())
+
+
+Locate = Callable[[str | None], contextlib.AbstractContextManager[Any]]  # variant name (None: the base) -> error-locating scope
+
+
+class HFBackend:
+    """Variants served in this process. `add` declares them; the models load on the first request
+    (`load`), so a run the cache answers whole never loads one."""
+
+    capabilities = Capabilities(engine="hf", full_logits=True)
+
+    def __init__(self, base: ResolvedBase | None, tokenizer: Any, *, log: Callable[[str], None] = print,
+                 locate: Locate | None = None):
+        self.base, self.tokenizer, self.log = base, tokenizer, log
+        self.locate: Locate = locate or (lambda _name: contextlib.nullcontext())
+        self.slots: dict[str, _Slot] = {}
+        self.models: dict[str, Any] = {}  # "full" | "nf4" | "int8" -> the one shared instance of each
+        self.stats: dict[str, dict[str, Any]] = {}  # per variant: peak memory
+        self.forward_passes = 0  # loglikelihood forwards (the canary's batching is tested on it)
+        self._loaded = False
+
+    @classmethod
+    def over(cls, model: Any, tokenizer: Any, adapters: Mapping[str, str | None], *,
+             base: ResolvedBase | None = None, log: Callable[[str], None] = print) -> HFBackend:
+        """A backend over an already-loaded model (tests, benches, the server): variant name -> the
+        peft adapter to make active on `model` (None: adapters off)."""
+        backend = cls(base, tokenizer, log=log)
+        backend.models["full"] = model
+        for name, adapter in adapters.items():
+            backend.slots[name] = _Slot(Variant(name=name), None, adapter, model)
+        backend._loaded = True
+        return backend
+
+    def add(self, variant: Variant, info: AdapterInfo | None) -> None:
+        self.slots[variant.name] = _Slot(variant, info, variant.name if info and not variant.merge else None)
+
+    def identity(self, variant: str) -> dict[str, Any]:
+        return {"engine": "hf"}  # the variant fingerprint (content hashes) says the rest
+
+    def record(self, variant: str) -> BackendRecord:
+        return BackendRecord(engine="hf")
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence scored, as lm-eval's HFLM derives it (model config, else tokenizer)."""
+        config = self.models["full"].config if "full" in self.models else _config(self.base)
+        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+            if getattr(config, attr, None):
+                return int(getattr(config, attr))
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        return int(limit) if limit and limit < 10**12 else DEFAULT_MAX_LENGTH
+
+    # ---------------------------------------------------------- model lifecycle
+
+    def load(self) -> None:
+        """One full-precision base for base + plain adapters (loaded once, adapters attached by
+        name); one per quantization; merged copies apart. Each adapter is checked against the base
+        before any is attached."""
+        if self._loaded:
+            return
+        from evalkit.models.adapters import check_fits_base
+        from evalkit.models.base import load_base
+
+        assert self.base is not None  # a backend built `over` a model is loaded
+        self.log(f"loading base {self.base.spec.ref}")
+        with self.locate(None):
+            self.models["full"] = load_base(self.base)[0]
+        adapters = [s for s in self.slots.values() if s.info is not None]
+        for slot in adapters:
+            assert slot.info is not None
+            with self.locate(slot.name):
+                check_fits_base(slot.info, self.models["full"], self.base)
+        merged = {}
+        for slot in adapters:
+            assert slot.info is not None
+            with self.locate(slot.name):
+                if slot.variant.merge:
+                    merged[slot.name] = self._merged(slot.variant, slot.info)
+                else:
+                    self.attach(slot.variant.quantize, slot.name, slot.info)
+        for slot in self.slots.values():  # bound after attaching: the first adapter wraps the base in a PeftModel
+            slot.model = merged.get(slot.name) or self.model_for(slot.variant.quantize)
+        for m in self.models.values():
+            m.eval()
+        self._loaded = True
+
+    def model_for(self, quantize: str | None) -> Any:
+        """The shared base instance for a precision, loaded on first use (once per run)."""
+        key = quantize or "full"
+        if key not in self.models:
+            from evalkit.models.base import load_base
+
+            assert self.base is not None
+            self.log(f"loading {key} base")
+            self.models[key] = load_base(self.base, quantize=quantize)[0]
+        return self.models[key]
+
+    def attach(self, quantize: str | None, name: str, info: AdapterInfo) -> Any:
+        from evalkit.models.adapters import attach_adapter
+
+        self.models[quantize or "full"] = attach_adapter(self.model_for(quantize), name, info)
+        return self.models[quantize or "full"]
+
+    def _merged(self, v: Variant, info: AdapterInfo) -> Any:
+        """A merged copy. Merging into a 4-bit base re-quantizes and changes the model (DESIGN.md), so
+        the default merges into a full-precision base ("dequantize-then-merge"); `merge_into:
+        quantized` reproduces the lossy merge on purpose, so merge_equivalence can catch it."""
+        from evalkit.models.adapters import attach_adapter
+        from evalkit.models.base import load_base
+
+        assert self.base is not None
+        into_quantized = v.merge_target == "quantized"
+        how = (f"into {v.quantize}" if into_quantized else f"dequantized from {v.quantize}" if v.quantize
+               else "full precision")
+        self.log(f"building merged variant '{v.name}' ({how})")
+        base = load_base(self.base, quantize=v.quantize)[0]  # a merge rewrites weights: it needs its own copy
+        if v.quantize and not into_quantized:
+            # dequantize-then-merge: the quantized weights a QLoRA adapter was trained on, in full
+            # precision, so the merged model reproduces the unmerged QLoRA variant (not the fp base's)
+            base = base.dequantize()
+        return attach_adapter(base, v.name, info).merge_and_unload()
+
+    def add_twin(self, name: str) -> Variant:
+        """An unmerged twin of a merged variant, attached to the shared base of its precision (not
+        scored). peft injects the adapter into that base in place, so call it only after scoring."""
+        merged = self.slots[name]
+        assert merged.info is not None and merged.variant.merge
+        twin = Variant(name=f"{name}~unmerged", adapter=merged.variant.adapter, quantize=merged.variant.quantize)
+        self.load()
+        model = self.attach(twin.quantize, twin.name, merged.info)
+        self.slots[twin.name] = _Slot(twin, merged.info, twin.name, model)
+        return twin
+
+    def device(self) -> str:
+        """Where the models run; "none" when the cache answered everything and none was loaded."""
+        model = next(iter(self.models.values()), None)
+        return str(next(model.parameters()).device) if model is not None else "none"
+
+    # ---------------------------------------------------------- the protocol
+
+    def generate(self, jobs: Sequence[Job], prompts: Sequence[Prompt], gen: GenerationConfig,
+                 on_done: OnOutputs) -> None:
+        """Base and plain LoRA variants on one model pool their partial batches into mixed batches
+        (`plan_runs`); DoRA and merged variants always run alone."""
+        if not jobs:
+            return
+        self.load()
+        missing: dict[str, list[int]] = {}
+        for name, i in jobs:
+            missing.setdefault(name, []).append(i)
+        for group in mix_groups([self.slots[name] for name in missing]):
+            for todo in plan_runs(group, missing, gen.batch_size):
+                self._generate_run(todo, prompts, gen, on_done)
+
+    def _generate_run(self, todo: list[tuple[_Slot, int]], prompts: Sequence[Prompt], gen: GenerationConfig,
+                      on_done: OnOutputs) -> None:
+        group = list({id(slot): slot for slot, _ in todo}.values())
+        names = None
+        if len(group) > 1:
+            names = [slot.adapter_name or MIXED_BASE for slot, _ in todo]
+        device = str(next(group[0].model.parameters()).device)
+        # a mixed batch ignores the active adapter but not disable_adapter(): use the bare model
+        scope = contextlib.nullcontext(group[0].model) if names else group[0].active()
+        with PeakMemory(device) as peak, scope as model:
+            generate(model, self.tokenizer, [prompts[i] for _, i in todo], gen, adapter_names=names,
+                     on_batch=lambda idx, outs: on_done([(todo[j][0].name, todo[j][1], o) for j, o in zip(idx, outs)]))
+        for slot in group:  # a shared batch has one peak: every variant in it gets it
+            bucket = self.stats.setdefault(slot.name, {})
+            bucket["peak_memory_mb"] = max(bucket.get("peak_memory_mb", 0.0), round(peak.mb, 1))
+            bucket["peak_memory_source"] = peak.source
+
+    def loglikelihood(self, variant: str, requests: Sequence[TokenPair], on_done: OnScores, *,
+                      batch_size: int = 8) -> None:
+        """Requests that share their input (the " A"/" B"/" C"/" D" of a question, after lm-eval's
+        left truncation to `max_length`) share ONE forward pass, which computes logits only for the
+        positions that predict a continuation (`logits_to_keep`)."""
+        if not requests:
+            return
+        self.load()
+        limit = self.max_length
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (context, continuation) in enumerate(requests):
+            whole = (list(context) + list(continuation))[-(limit + 1):]
+            groups.setdefault(tuple(whole[:-1]), []).append(i)
+        inputs = sorted(groups, key=len, reverse=True)
+        with self.slots[variant].active() as model:
+            for batch in _length_batches(inputs, batch_size):
+                keep = max(1, *(len(requests[i][1]) for inp in batch for i in groups[inp]))
+                logprobs = self._logprobs(model, batch, keep)
+                done, results = [], []
+                for row, inp in enumerate(batch):
+                    for i in groups[inp]:
+                        cont = list(requests[i][1])
+                        lp = logprobs[row, keep - len(cont):]
+                        picked = lp.gather(-1, _tensor(cont).unsqueeze(-1)).squeeze(-1)
+                        done.append(i)
+                        results.append((float(picked.sum()), bool((lp.argmax(-1) == _tensor(cont)).all())))
+                on_done(done, results)
+
+    def _logprobs(self, model: Any, inputs: list[tuple[int, ...]], keep: int):
+        """Log-probabilities at the last `keep` positions of each input: one left-padded batch.
+        Positions come from the mask, so padding changes nothing."""
+        import torch
+        import torch.nn.functional as F
+
+        width = max(len(c) for c in inputs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(inputs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for row, c in enumerate(inputs):
+            ids[row, width - len(c):] = torch.tensor(c, dtype=torch.long)
+            mask[row, width - len(c):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        position_ids=positions.to(device), logits_to_keep=keep, use_cache=False)
+        self.forward_passes += 1
+        return F.log_softmax(out.logits[:, -keep:, :].float(), dim=-1).cpu()
+
+    def logits(self, variant: str, texts: Sequence[str], *, adapters_off: bool = False) -> list[Any]:
+        """Full-sequence logits per text, one at a time (no padding to muddy a comparison). With
+        `adapters_off`, the weights the variant's adapter sits on: its model with adapters disabled,
+        or for a merged copy the base of the precision it was merged from."""
+        import torch
+
+        self.load()
+        slot = self.slots[variant]
+        if adapters_off and slot.variant.merge:
+            slot = _Slot(slot.variant, None, None, self.model_for(slot.variant.quantize))
+        out = []
+        with slot.active(adapters_off=adapters_off) as model, torch.inference_mode():
+            device = next(model.parameters()).device
+            for text in texts:
+                ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+                out.append(model(**ids).logits[0].float().cpu())
+        return out
+
+    def reference_of(self, variant: str) -> int:
+        """Which model `logits(variant, adapters_off=True)` runs on: variants sharing it share a reference."""
+        slot = self.slots[variant]
+        self.load()
+        return id(self.model_for(slot.variant.quantize) if slot.variant.merge else slot.model)
+
+    def close(self) -> None:
+        self.models.clear()
+        self.slots.clear()
+
+
+def _tensor(ids: Sequence[int]):
+    import torch
+
+    return torch.tensor(list(ids), dtype=torch.long)
+
+
+def _config(base: ResolvedBase | None) -> Any:
+    from transformers import AutoConfig
+
+    assert base is not None
+    return AutoConfig.from_pretrained(base.path, revision=base.spec.revision, trust_remote_code=False)
+
+
+def _length_batches(inputs: Sequence[tuple[int, ...]], size: int, min_fill: float = 0.9):
+    """Batches of up to `size` inputs (sorted longest first) whose lengths stay within `min_fill`
+    of the batch's longest, so padding wastes at most ~10% of a forward pass; fixed-size batches
+    waste about as much again on MMLU's long tail (law, history: 5x the median prompt)."""
+    batch: list[tuple[int, ...]] = []
+    for c in inputs:
+        if batch and (len(batch) == size or len(c) < min_fill * len(batch[0])):
+            yield batch
+            batch = []
+        batch.append(c)
+    if batch:
+        yield batch
+

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    BeforeValidator,
     Discriminator,
     Field,
     PlainValidator,
@@ -24,6 +25,7 @@ from pydantic import (
 )
 
 from evalkit import scorers
+from evalkit.endpoint import EndpointSettings
 from evalkit.errors import ConfigError, YamlPath, did_you_mean, fmt_path, located
 from evalkit.judge.client import JudgeConfig
 from evalkit.models.base import BaseSpec
@@ -44,6 +46,46 @@ class Located(Shape):
         return self._line
 
 
+# ---------------------------------------------------------------- where variants run
+
+URL = r"^https?://"
+
+
+def _one_or_many(value: Any) -> Any:
+    return (value,) if isinstance(value, str) else value
+
+
+class BackendConfig(EndpointSettings):
+    """Where variants run: `hf` in this process (the default and the reference: the only one that
+    quantizes, merges and gives full logits), or `openai`: any OpenAI-compatible server (vLLM,
+    SGLang, TGI, evalkit serve), one `base_url` or a list of replicas."""
+
+    kind: Literal["hf", "openai"] = "hf"
+    base_url: Annotated[tuple[Annotated[str, Field(pattern=URL)], ...], BeforeValidator(_one_or_many),
+                        WithJsonSchema({"oneOf": [{"type": "string", "pattern": URL},
+                                                  {"type": "array", "items": {"type": "string", "pattern": URL},
+                                                   "minItems": 1}]})] = Field((), strict=False)
+    timeout: float = Field(300.0, gt=0, description="seconds per request")
+    concurrency: int = Field(8, ge=1, le=256, description="requests in flight at once, per replica")
+
+    @model_validator(mode="after")
+    def _urls(self) -> BackendConfig:
+        if self.kind == "openai" and not self.base_url:
+            raise invalid("backend `openai` needs `base_url` (the server's /v1 URL, or a list of replicas)",
+                          hint="e.g. base_url: http://127.0.0.1:8000/v1")
+        if self.kind == "hf" and self.base_url:
+            raise invalid("`base_url` is for `kind: openai`; `hf` runs in this process", at=("base_url",))
+        return self
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(u.rstrip("/") for u in self.base_url)
+
+    def describe(self) -> dict[str, Any]:
+        """What the run record keeps (the key's variable name, never its value)."""
+        return self.model_dump(mode="json")
+
+
 # ---------------------------------------------------------------- variants
 
 class Variant(Located):
@@ -62,6 +104,9 @@ class Variant(Located):
     allow_pickle: bool = Field(False, description="permit adapter_model.bin (pickle can run code)")
     allow_template_mismatch: bool = Field(
         False, description="acknowledge evaluating with a chat template other than the one trained with")
+    backend: BackendConfig | None = Field(None, description="where this variant runs (default: the suite's `backend`)")
+    served_name: str | None = Field(None, min_length=1, description="the model name a server lists this variant "
+                                                                   "under (default: the variant's name)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Variant:
@@ -329,6 +374,8 @@ class Suite(Shape):
     reference: str | None = Field(None, description="variant every comparison is made against (default: base, "
                                                     "else the first variant)")
     seed: int = 0
+    backend: BackendConfig = Field(default_factory=BackendConfig, description="where variants run (default: hf, "
+                                                                             "in this process)")
     variants: tuple[Variant, ...] = Field(min_length=1, strict=False)
     tasks: tuple[AnyTask, ...] = Field(strict=False)
     gates: tuple[Gate, ...] = Field((), strict=False)
@@ -343,6 +390,11 @@ class Suite(Shape):
         for i, n in enumerate(names):
             if names.index(n) != i:
                 raise invalid(f"duplicate variant name '{n}'", at=("variants", i, "name"))
+        for i, v in enumerate(self.variants):
+            flag = "quantize" if v.quantize else "merge" if v.merge else None
+            if flag and self.backend_of(v).kind != "hf":
+                raise invalid(f"`{flag}` runs in this process: give variant '{v.name}' `backend: {{kind: hf}}`",
+                              at=("variants", i, flag))
         reference = self.reference or ("base" if "base" in names else names[0])
         if reference not in names:
             raise invalid(f"unknown variant '{reference}'{did_you_mean(reference, names)}", at=("reference",))
@@ -411,6 +463,9 @@ class Suite(Shape):
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
+
+    def backend_of(self, v: Variant) -> BackendConfig:
+        return v.backend or self.backend
 
 
 def _unique_ids(gates: list[Gate]) -> tuple[Gate, ...]:

@@ -1,8 +1,7 @@
 """The judge endpoint: any OpenAI-compatible server, through the `openai` client.
 
 The judge is treated as the noisy, failing, costly part it is:
-- retries with exponential backoff (and Retry-After) on 429, 5xx, timeouts and connection errors,
-  our own loop (the client's max_retries is 0) so every attempt is counted;
+- retries with backoff on 429, 5xx, timeouts and connection errors (`evalkit.endpoint`);
 - bounded concurrency (a thread pool of `concurrency` workers);
 - a verdict's completions are cached as soon as it is valid, keyed on the endpoint's identity
   (base URL plus what GET /models says it serves: id, root, parent, content fingerprint), the full
@@ -11,67 +10,38 @@ The judge is treated as the noisy, failing, costly part it is:
 - an unparseable verdict is re-asked, then recorded as invalid and not cached: a rerun asks again;
 - every request carries a seed derived from the request itself, so a seed-honouring endpoint gives
   the same verdicts on any machine at temperature > 0 (a three-call probe says whether it does).
-The API key is read from the environment when the client is built, kept only inside the openai
-client (never serialized), and redacted from any error text we surface.
+The API key is handled as `evalkit.endpoint` says: read from the environment, never written.
 """
 from __future__ import annotations
 
-import contextlib
-import difflib
-import os
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from evalkit.cache import Cache, judge_key
-from evalkit.errors import ConfigError, missing_extra
+from evalkit.endpoint import Endpoint, EndpointAuthError, EndpointSettings, endpoint_identity
 from evalkit.judge.verdicts import Verdict, VerdictError, parse_verdict, reask_messages, request_schema
-from evalkit.shape import Shape, invalid
 from evalkit.types import stable_hash
 
-# what a GET /models entry says about the model it serves; `created` and vLLM's `permission`
-# (a fresh random id per call) vary between calls, so they are not part of the identity
-IDENTITY_FIELDS = ("id", "owned_by", "root", "parent", "fingerprint", "meta")
 SEED_POLICY = ("per request: sha256(messages, sample, attempt, model, temperature, "
                "max_tokens, response_format), first 8 hex digits masked to 31 bits")
 PROBE = ({"role": "user", "content": "Write ten random words."},)
 
 
-class JudgeConfig(Shape):
-    """The suite's `judge:` mapping: an OpenAI-compatible endpoint. Holds the NAME of the key's
-    environment variable, never the key."""
-
-    extra_keys: ClassVar[tuple[str, ...]] = ("api_key",)  # refused below with a message of its own
+class JudgeConfig(EndpointSettings):
+    """The suite's `judge:` mapping: an OpenAI-compatible endpoint and how to ask it."""
 
     base_url: str = Field(pattern=r"^https?://")
     model: str = Field(min_length=1)
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                                    description="the environment variable holding the API key")
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(256, ge=1)
-    timeout: float = Field(60.0, gt=0)
-    concurrency: int = Field(4, ge=1, le=64)
-    retries: int = Field(5, ge=0, le=20, description="transport retries per completion (429, 5xx, timeout, "
-                                                     "connection)")
     invalid_retries: int = Field(2, ge=0, le=10, description="re-asks after an unparseable verdict")
-    backoff: float = Field(1.0, ge=0, description="first backoff in seconds, doubled per retry (with jitter)")
-    max_backoff: float = Field(30.0, ge=0)
     response_format: Literal["none", "json_object", "json_schema"] = Field(
         "none", description="also send OpenAI's response_format (json_object / json_schema)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_key(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and "api_key" in data:
-            # checked first, and the message never echoes the value
-            raise invalid("an API key must not be written in the suite", at=("api_key",),
-                          hint="export it as an environment variable and name it: api_key_env: JUDGE_API_KEY")
-        return data
 
     def describe(self) -> dict[str, Any]:
         """What the run record keeps about the judge (the variable's name, not its value)."""
@@ -83,100 +53,27 @@ class JudgeConfig(Shape):
                 "response_format": self.response_format}
 
 
-class JudgeAuthError(ConfigError):
-    """The endpoint refused the key: fatal, every further call would fail the same way."""
-
-
-def endpoint_identity(base_url: str, entry: Mapping[str, Any]) -> dict[str, Any]:
-    """Who answers: the URL and the identifying fields of the model's GET /models entry. Without a
-    `fingerprint` (a content hash, as `evalkit serve` lists) only URL and name are known."""
-    return {"base_url": base_url.rstrip("/"),
-            **{k: entry[k] for k in IDENTITY_FIELDS if entry.get(k) not in (None, "", [], {})}}
-
-
-def _read_key(cfg: JudgeConfig) -> str | None:
-    if not cfg.api_key_env:
-        return None
-    key = os.environ.get(cfg.api_key_env)
-    if not key:
-        raise ConfigError(f"environment variable {cfg.api_key_env} is not set (judge api_key_env for {cfg.base_url})",
-                          hint=f"export {cfg.api_key_env}=... before running")
-    return key
-
-
-def _openai_module():
-    try:
-        import openai
-    except ImportError:
-        raise missing_extra("openai", "judge") from None
-    return openai
-
-
 class JudgeClient:
     def __init__(self, cfg: JudgeConfig, cache: Cache | None = None, *,
                  log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
                  identity: Mapping[str, Any] | None = None):
-        self.cfg, self.cache, self.log, self._sleep = cfg, cache, log, sleep
-        self._key = _read_key(cfg)
-        openai = _openai_module()
-        self._openai = openai
-        # local servers (vLLM, llama.cpp, evalkit serve) often need no key, but the client wants one
-        self._client = openai.OpenAI(base_url=cfg.base_url, api_key=self._key or "none",
-                                     timeout=cfg.timeout, max_retries=0)
+        self.cfg, self.cache, self.log = cfg, cache, log
         self._lock, self._identity_lock = threading.Lock(), threading.Lock()
+        self.endpoint = Endpoint(cfg.base_url, cfg, what="judge endpoint", sleep=sleep, count=self._count)
+        self._openai, self._client = self.endpoint.openai, self.endpoint.client
         self._identity = dict(identity) if identity is not None else None
         self.stats = {"calls": 0, "cached": 0, "requests": 0, "retries": 0, "errors": 0, "probe_calls": 0}
-
-    def __getstate__(self):  # never pickled along with the key inside the openai client
-        raise TypeError("JudgeClient holds a secret and cannot be serialized")
 
     def _count(self, **add: int) -> None:
         with self._lock:
             for k, v in add.items():
                 self.stats[k] += v
 
-    def redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
-
-    # ---------------------------------------------------------- one request, with retries
+    def with_retries(self, fn: Callable[[], Any], *, retries: int | None = None) -> Any:
+        return self.endpoint.with_retries(fn, retries=retries)
 
     def _describe_error(self, e: Exception) -> str:
-        status = getattr(e, "status_code", None)
-        head = f"HTTP {status}" if status else type(e).__name__
-        return self.redact(f"{head}: {e}".splitlines()[0])[:300]
-
-    def _delay(self, e: Exception, attempt: int) -> float:
-        delay = min(self.cfg.max_backoff, self.cfg.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
-        response = getattr(e, "response", None)
-        retry_after = response.headers.get("retry-after") if response is not None else None
-        if retry_after:
-            with contextlib.suppress(ValueError):  # an HTTP date: keep our own backoff
-                delay = max(delay, float(retry_after))
-        return min(delay, self.cfg.max_backoff)
-
-    def with_retries(self, fn: Callable[[], Any], *, retries: int | None = None) -> Any:
-        """Run one HTTP request, retrying what may pass on a second try; auth errors are fatal."""
-        o = self._openai
-        retries = self.cfg.retries if retries is None else retries
-        for attempt in range(retries + 1):
-            self._count(requests=1)
-            try:
-                return fn()
-            except (o.AuthenticationError, o.PermissionDeniedError) as e:
-                raise JudgeAuthError(f"judge endpoint {self.cfg.base_url} refused the API key "
-                                     f"({self._describe_error(e)})",
-                                     hint=f"check the key in ${self.cfg.api_key_env}" if self.cfg.api_key_env
-                                     else "the endpoint needs a key: set judge.api_key_env") from None
-            except (o.RateLimitError, o.InternalServerError, o.APITimeoutError, o.APIConnectionError) as e:
-                last = e
-            except o.APIStatusError as e:
-                if e.status_code < 500 and e.status_code not in (408, 409):
-                    raise
-                last = e
-            if attempt < retries:
-                self._count(retries=1)
-                self._sleep(self._delay(last, attempt))
-        raise last
+        return self.endpoint.describe_error(e)
 
     # ---------------------------------------------------------- completions and verdicts
 
@@ -227,7 +124,7 @@ class JudgeClient:
         for attempt in range(self.cfg.invalid_retries + 1):
             try:
                 raw, hit, key = self.complete(asked, sample=sample, attempt=attempt, schema=schema)
-            except JudgeAuthError:
+            except EndpointAuthError:
                 raise
             except self._openai.OpenAIError as e:
                 self._count(errors=1)
@@ -271,14 +168,7 @@ class JudgeClient:
         Raises ConfigError when the endpoint does not list the model."""
         with self._identity_lock:
             if self._identity is None:
-                entries = self.with_retries(lambda: self._client.models.list(), retries=min(self.cfg.retries, 2))
-                listed = {m.id: m.model_dump() for m in entries}
-                if self.cfg.model not in listed:
-                    close = difflib.get_close_matches(self.cfg.model, listed, n=1)
-                    raise ConfigError(f"model '{self.cfg.model}' is not listed by the judge endpoint "
-                                      f"{self.cfg.base_url} (available: {', '.join(listed) or 'none'})",
-                                      hint=f"did you mean '{close[0]}'?" if close else None)
-                self._identity = endpoint_identity(self.cfg.base_url, listed[self.cfg.model])
+                self._identity = endpoint_identity(self.cfg.base_url, self.endpoint.entry(self.cfg.model))
             return self._identity
 
     def probe_seeds(self) -> str:
@@ -296,7 +186,7 @@ class JudgeClient:
             for seed in (1, 1, 2):
                 replies.append(self._create(PROBE, seed, max_tokens=16))
                 self._count(probe_calls=1)
-        except JudgeAuthError:
+        except EndpointAuthError:
             raise
         except self._openai.OpenAIError as e:
             return f"failed: {self._describe_error(e)}"
@@ -311,25 +201,12 @@ def preflight(cfg: JudgeConfig) -> dict[str, Any]:
     """Endpoint reachable, key present and accepted, model listed: else ConfigError (exit 4).
     Costs one GET /models, no completion. Returns the endpoint's identity (see `endpoint_identity`)."""
     client = JudgeClient(cfg, None, log=lambda _: None)  # raises if the key's variable is unset
-    o = client._openai
-    try:
-        return client.identity
-    except JudgeAuthError:
-        raise
-    except (o.APIConnectionError, o.APITimeoutError) as e:
-        raise ConfigError(f"judge endpoint unreachable at {cfg.base_url} ({client._describe_error(e)})",
-                          hint="is the server running? (`evalkit serve ...` for a local judge)") from None
-    except o.NotFoundError:
-        raise ConfigError(f"judge endpoint {cfg.base_url} has no /models route",
-                          hint="base_url usually ends in /v1, e.g. http://127.0.0.1:8000/v1") from None
-    except o.OpenAIError as e:
-        raise ConfigError(f"judge endpoint {cfg.base_url} failed the preflight check "
-                          f"({client._describe_error(e)})") from None
+    client.endpoint.check_reachable()
+    return client.identity
 
 
 __all__ = [
     "SEED_POLICY",
-    "JudgeAuthError",
     "JudgeClient",
     "JudgeConfig",
     "endpoint_identity",

@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from evalkit.backends.hf import render_prompt, special_tokens_for_text
+from evalkit.backends.base import render_prompt, special_tokens_for_text
 from evalkit.serve import protocol as api
 from evalkit.serve.engine import BASE, Delta, Engine, Event, Failed, Finished, Job, PromptLogprobs, TokenLogprob
 from evalkit.serve.guided import GrammarError, Grammars
@@ -71,6 +71,7 @@ class Api:
 
         routes = [
             route("GET", "/health", self.health), route("GET", "/v1/health", self.health),
+            route("GET", "/version", self.version),
             route("GET", "/v1/models", self.models), route("GET", "/v1/models/{name:path}", self.model),
             route("POST", "/v1/completions", self.completions), route("POST", "/v1/chat/completions", self.chat),
             # vLLM's tokenizer endpoints: lm-eval's API clients tokenize through them
@@ -172,6 +173,11 @@ class Api:
         if not self.engine.alive:
             return JSONResponse(ApiError(503, "the engine is not running").body, 503)
         return JSONResponse({"status": "ok", "queued": self.engine.queued})
+
+    async def version(self, request: Request) -> Response:
+        from evalkit import __version__
+
+        return JSONResponse({"version": f"evalkit {__version__}"})
 
     def _model_entry(self, name: str) -> dict[str, Any]:
         e = self.engine

@@ -2,10 +2,10 @@
 
 lm-eval builds the prompts and scores the answers from task configs generated here (lm-eval's
 own MMLU template, one task per subject as lm-eval's `mmlu` group has, data passed in memory:
-nothing is written to lm-eval's task folder and nothing is downloaded). The model side is
-evalkit's already-loaded base with the variant's adapter active, wrapped as an lm-eval `LM`:
-no variant reloads the model, and the four " A"/" B"/" C"/" D" requests of a question share
-ONE forward pass that computes only the last position's logits (`logits_to_keep=1`).
+nothing is written to lm-eval's task folder and nothing is downloaded). The model side is the
+variant's backend, wrapped as an lm-eval `LM` with HFLM's tokenization: in process, the four
+" A"/" B"/" C"/" D" requests of a question share ONE forward pass computing only the last
+position's logits; on a server, they are prompt logprobs of the token ids evalkit sends.
 
 Per-question answers are cached (variant fingerprint, question id and content, n_shot, prompt
 config), written as each batch finishes: a second run reuses the base's answers, and an
@@ -18,9 +18,10 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evalkit import compat
+from evalkit.backends.base import Backend
 from evalkit.cache import canary_key
 from evalkit.config.suite import MmluTask
 from evalkit.errors import ConfigError, missing_extra
@@ -32,6 +33,8 @@ from evalkit.types import Score, stable_hash
 DOC_TO_TEXT = ("{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
                "D. {{choices[3]}}\nAnswer:")
 TASK_PREFIX = "evalkit_mmlu_"
+
+
 def plan(task: MmluTask, suite_seed: int = 0, base_dir: Path | None = None,
          log: Callable[[str], None] | None = None) -> tuple[CanarySlice, str]:
     """The questions this canary asks (and the few-shot pool), and where they came from."""
@@ -107,137 +110,106 @@ OnQuestion = Callable[[dict[str, Any], str, list[float], float], None]  # doc, p
 
 
 @functools.cache
-def _canary_lm_class():
-    """lm-eval's HFLM around an already-loaded model, with a fast path for one-token continuations.
+def _backend_lm_class() -> type:
+    """lm-eval's `TemplateLM` (its tokenization: `_encode_pair`, empty contexts) over an evalkit
+    backend, defined on first use so that importing this module does not import lm-eval."""
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.utils import has_bos_prefix
 
-    Subclassing HFLM keeps its tokenization (_encode_pair, BOS handling, truncation) exactly, so
-    answers match `simple_evaluate(model="hf")`; only the forward pass is replaced
-    (`_FastChoices`, through the private hook `evalkit.compat.hflm_class` checks).
-    """
+    class BackendLM(TemplateLM):
+        """An lm-eval `LM` whose scoring is a backend's `loglikelihood`, for one variant.
+
+        Tokenization is HFLM's (`tok_encode` below mirrors it: the tokenizer's own special
+        tokens, none when the text already starts with BOS), so per-question answers match
+        `simple_evaluate(model="hf")`; the scoring runs wherever the variant runs, and each
+        question is handed to `on_question` as soon as all its choices are scored."""
+
+        def __init__(self, backend: Backend, variant: str, tokenizer: Any, *, batch_size: int = 8,
+                     on_question: OnQuestion | None = None, progress: bool = True, desc: str = "canary"):
+            super().__init__()
+            self.backend, self.variant, self.tokenizer = backend, variant, tokenizer
+            self.batch_size, self.on_question, self.progress, self.desc = batch_size, on_question, progress, desc
+            self._meta: list[tuple[dict, int, str]] | None = None  # per request: doc, choice index, context
+            self._partial: dict[str, dict[int, float]] = {}
+
+        @property
+        def eot_token_id(self) -> int:
+            return self.tokenizer.eos_token_id
+
+        @property
+        def prefix_token_id(self) -> int:
+            bos = self.tokenizer.bos_token_id
+            return bos if bos is not None else self.tokenizer.eos_token_id
+
+        @property
+        def max_length(self) -> int:
+            return self.backend.max_length
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+            special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+            if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+                special = {"add_special_tokens": False}
+            return self.tokenizer.encode(string, **special)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            # TemplateLM tokenizes `requests` in order, so index i below is requests[i]
+            self._meta = [(r.doc, r.idx, r.args[0]) for r in requests]
+            self._partial = {}
+            try:
+                return super().loglikelihood(requests, disable_tqdm=True)
+            finally:
+                self._meta = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any):
+            """((context, continuation), context tokens, continuation tokens) per request ->
+            (loglikelihood, is_greedy) per request, scored by the backend."""
+            from tqdm.auto import tqdm
+
+            results: list[tuple[float, bool] | None] = [None] * len(requests)
+            bar = tqdm(total=len(requests), desc=self.desc, unit="choice", disable=not self.progress, leave=False)
+            t0 = time.perf_counter()
+
+            def on_done(indices: list[int], scores: list[tuple[float, bool]]) -> None:
+                nonlocal t0
+                for i, r in zip(indices, scores):
+                    results[i] = r
+                now = time.perf_counter()
+                self._report(indices, results, now - t0)
+                t0 = now
+                bar.update(len(indices))
+
+            self.backend.loglikelihood(self.variant, [(r[1], r[2]) for r in requests], on_done,
+                                       batch_size=self.batch_size)
+            bar.close()
+            return results
+
+        def _report(self, indices: list[int], results: list, seconds: float) -> None:
+            """Hand each question to `on_question` once all its choices are scored (for caching)."""
+            if self.on_question is None or self._meta is None or not indices:
+                return
+            docs = {self._meta[i][0]["id"] for i in indices}
+            for i in indices:
+                doc, idx, context = self._meta[i]
+                got = self._partial.setdefault(doc["id"], {})
+                got[idx] = results[i][0]
+                if len(got) == len(doc["choices"]):
+                    self.on_question(doc, context, [got[k] for k in range(len(got))], seconds / len(docs))
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("evalkit's canary scores multiple-choice loglikelihoods only")
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("evalkit's canary scores multiple-choice loglikelihoods only")
+
+    return BackendLM
+
+
+def canary_lm(backend: Backend, variant: str, tokenizer: Any, *, batch_size: int = 8,
+              on_question: OnQuestion | None = None, progress: bool = False, desc: str = "canary"):
+    """An lm-eval `LM` scoring through `backend` as `variant`."""
     _lm_eval()
-    return type("CanaryLM", (_FastChoices, compat.hflm_class()), {})
-
-
-if TYPE_CHECKING:  # a mixin placed before lm-eval's HFLM (see _canary_lm_class), which mypy sees as Any
-    from lm_eval.models.huggingface import HFLM as _HFLMMixin
-else:
-    _HFLMMixin = object
-
-
-class _FastChoices(_HFLMMixin):
-    """The part of the canary's LM that is evalkit's own (mixed in before HFLM): requests whose
-    continuation is one token and that share a context (the " A"/" B"/" C"/" D" of a question)
-    share one forward pass computing only the last position's logits; each question is handed to
-    `on_question` as soon as all its choices are scored."""
-
-    def __init__(self, model, tokenizer, *, batch_size: int = 8, on_question: OnQuestion | None = None,
-                 progress: bool = True, desc: str = "canary"):
-        super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        self.on_question, self.progress, self.desc = on_question, progress, desc
-        self.forward_passes = 0
-        self._meta: list[tuple[dict, int, str]] | None = None  # per request: doc, choice index, context
-        self._partial: dict[str, dict[int, float]] = {}
-
-    def loglikelihood(self, requests, disable_tqdm: bool = False):
-        # HFLM tokenizes `requests` in order, so index i below is requests[i]
-        self._meta = [(r.doc, r.idx, r.args[0]) for r in requests]
-        self._partial = {}
-        try:
-            return super().loglikelihood(requests, disable_tqdm=True)
-        finally:
-            self._meta = None
-
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        """HFLM's private hook (see evalkit.compat.hflm_class): ((context, continuation),
-        context tokens, continuation tokens) per request -> (loglikelihood, is_greedy) per request."""
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
-        rest = [i for i in range(len(requests)) if len(requests[i][2]) != 1]
-        if rest:  # multi-token continuations: HFLM's own full computation
-            t0 = time.perf_counter()
-            full = compat.hflm_loglikelihood_tokens(self, [requests[i] for i in rest], disable_tqdm, override_bs)
-            for i, r in zip(rest, full):
-                results[i] = r
-            self._report(rest, results, time.perf_counter() - t0)
-        self._score_one_token([i for i in range(len(requests)) if len(requests[i][2]) == 1], requests, results)
-        return results
-
-    def _score_one_token(self, single: list[int], requests, results: list) -> None:
-        """Fill `results` for the one-token requests `single`: one forward per context, batched."""
-        from tqdm.auto import tqdm
-
-        # requests sharing a context share one forward pass; HFLM left-truncates to max_length tokens, and so do we
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i in single:
-            groups.setdefault(tuple(requests[i][1][-self.max_length:]), []).append(i)
-        contexts = sorted(groups, key=len, reverse=True)
-        bar = tqdm(total=len(contexts), desc=self.desc, unit="question", disable=not self.progress, leave=False)
-        for batch in _length_batches(contexts, self.batch_size):
-            t0 = time.perf_counter()
-            logprobs = self._last_logprobs(batch)
-            greedy = logprobs.argmax(-1)
-            done = []
-            for row, ctx in enumerate(batch):
-                for i in groups[ctx]:
-                    tok = requests[i][2][0]
-                    results[i] = (float(logprobs[row, tok]), bool(greedy[row] == tok))
-                    done.append(i)
-            self._report(done, results, time.perf_counter() - t0)
-            bar.update(len(batch))
-        bar.close()
-
-    def _last_logprobs(self, contexts: list[tuple[int, ...]]):
-        """Log-probabilities of the next token after each context: one left-padded batch, logits
-        for the last position only. Positions come from the mask, so padding changes nothing."""
-        import torch
-        import torch.nn.functional as F
-
-        width = max(len(c) for c in contexts)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(contexts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(contexts), width), dtype=torch.long)
-        for row, c in enumerate(contexts):
-            ids[row, width - len(c):] = torch.tensor(c, dtype=torch.long)
-            mask[row, width - len(c):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.inference_mode():
-            out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                             position_ids=positions.to(self.device), logits_to_keep=1, use_cache=False)
-        self.forward_passes += 1
-        return F.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
-
-    def _report(self, indices: list[int], results: list, seconds: float) -> None:
-        """Hand each question to `on_question` as soon as all its choices are scored (for caching)."""
-        if self.on_question is None or self._meta is None or not indices:
-            return
-        docs = {self._meta[i][0]["id"] for i in indices}
-        for i in indices:
-            doc, idx, context = self._meta[i]
-            got = self._partial.setdefault(doc["id"], {})
-            got[idx] = results[i][0]
-            if len(got) == len(doc["choices"]):
-                self.on_question(doc, context, [got[k] for k in range(len(got))], seconds / len(docs))
-
-
-def _length_batches(contexts: Sequence[tuple[int, ...]], size: int, min_fill: float = 0.9):
-    """Batches of up to `size` contexts (sorted longest first) whose lengths stay within `min_fill`
-    of the batch's longest, so padding wastes at most ~10% of a forward pass; fixed-size batches
-    waste about as much again on MMLU's long tail (law, history: 5x the median prompt)."""
-    batch: list[tuple[int, ...]] = []
-    for c in contexts:
-        if batch and (len(batch) == size or len(c) < min_fill * len(batch[0])):
-            yield batch
-            batch = []
-        batch.append(c)
-    if batch:
-        yield batch
-
-
-def canary_lm(model, tokenizer, *, batch_size: int = 8, on_question: OnQuestion | None = None,
-              progress: bool = False, desc: str = "canary"):
-    """An lm-eval `LM` over an already-loaded model (the caller makes the right adapter active)."""
-    # quiet: HFLM warns that a pre-loaded model skips its loading options, which is the point here
-    return _quiet(_canary_lm_class())(model, tokenizer, batch_size=batch_size, on_question=on_question,
-                                      progress=progress, desc=desc)
+    return _backend_lm_class()(backend, variant, tokenizer, batch_size=batch_size, on_question=on_question,
+                               progress=progress, desc=desc)
 
 
 def simple_evaluate(model: Any, configs: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
@@ -309,14 +281,12 @@ def run(ctx, task: MmluTask) -> TaskResult:
                 ctx.cache.put(keys[doc["id"]], _record(lls, prompt, doc["answer"], seconds))
 
             t0 = time.perf_counter()
-            with lv.active() as model:
-                lm = canary_lm(model, ctx.tokenizer, batch_size=task.batch_size, on_question=on_question,
-                               progress=ctx.progress, desc=f"{task.name} [{lv.name}]")
-                fresh = records_from_results(simple_evaluate(lm, task_configs(todo, sl.fewshot, n_shot),
-                                                             device=str(lm.device)))
+            lm = canary_lm(lv.backend, lv.name, ctx.tokenizer, batch_size=task.batch_size, on_question=on_question,
+                           progress=ctx.progress, desc=f"{task.name} [{lv.name}]")
+            fresh = records_from_results(simple_evaluate(lm, task_configs(todo, sl.fewshot, n_shot)))
             wall = time.perf_counter() - t0
             records.update(fresh)
-            ctx._count(lv.name, cases=len(todo), seconds=wall)
+            ctx.count(lv.name, cases=len(todo), seconds=wall)
             ctx.log(f"canary [{lv.name}]: {len(todo)} questions through lm-eval in {wall:.1f} s "
                     f"({wall / len(todo):.3f} s/question)"
                     + (f", {len(cached)} reused from cache" if cached else ""))

@@ -1,0 +1,216 @@
+"""Backends: variants run on a real OpenAI-compatible server (evalkit serve over HTTP, through the
+`openai` backend) give what the in-process `hf` reference gives; faults are survived or stop the
+run with finished work kept; replicas share the work; what is served, not the URL, keys the cache."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fault_proxy import FaultProxy
+from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
+
+from evalkit.cli import main
+from evalkit.serve.server import make_server
+
+pytest.importorskip("openai")
+SUBJECTS = ["anatomy", "virology"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """A 64-wide model gains nothing from threads; on 2 busy cores spinning threads only slow it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("backend-adapters")
+    return {"lora": make_adapter(tiny_model_dir, root / "lora", seed=3, scale_b=40),
+            "other": make_adapter(tiny_model_dir, root / "other", seed=4, scale_b=40)}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapters):
+    srv = make_server(str(tiny_model_dir), {"lora": adapters["lora"], "other": adapters["other"]}, port=0,
+                      log=lambda _: None)
+    srv.start()
+    yield srv
+    srv.close()
+
+
+def suite(tmp_path: Path, base: Path, adapter: Path, *, backend: dict | None = None, canary: bool = True,
+          variants: list[dict] | None = None, name: str = "suite.yml") -> Path:
+    write_jsonl(tmp_path / "data.jsonl", EXTRACT_ROWS)
+    tasks: list[dict] = [{"name": "extract", "data": "data.jsonl", "scorers": ["exact_match", "json_valid"],
+                          "max_new_tokens": 8, "stop": ["}"]}]
+    if canary:
+        tasks.append({"name": "canary", "kind": "mmlu", "per_subject": 2, "subjects": SUBJECTS, "n_shot": 1})
+    doc: dict = {"name": "backends", "base": {"path": str(base)},
+                 "variants": variants or [{"name": "base"}, {"name": "lora", "adapter": str(adapter)}],
+                 "tasks": tasks}
+    if backend:
+        doc["backend"] = backend
+    return write_suite(tmp_path / name, doc)
+
+
+def run(capsys, path: Path, out: Path, *extra: str) -> tuple[int, str]:
+    code = main(["run", str(path), "--out", str(out), "-q", *extra])
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
+
+
+def samples(run_dir: Path) -> dict[tuple[str, str, str], dict]:
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    return {(r["task"], r["variant"], r["case_id"]): r for r in rows}
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def assert_same(ours: dict, ref: dict) -> None:
+    """Generation outputs identical; canary answers identical, loglikelihoods within fp32 noise."""
+    assert set(ours) == set(ref)
+    for key, r in ref.items():
+        o = ours[key]
+        assert (o["output"], o["prompt"]) == (r["output"], r["prompt"]), key
+        assert {k: v["value"] for k, v in o["scores"].items()} == {k: v["value"] for k, v in r["scores"].items()}, key
+        if key[0] == "canary":
+            assert o["meta"]["loglikelihoods"] == pytest.approx(r["meta"]["loglikelihoods"], abs=1e-4), key
+
+
+def test_openai_backend_against_evalkit_serve_equals_hf(capsys, tmp_path, tiny_model_dir, adapters, server):
+    """Point 2 on the tiny model: the extract task's greedy outputs and the canary's per-question
+    answers through evalkit serve (token ids over HTTP, prompt logprobs) equal the hf reference."""
+    code, text = run(capsys, suite(tmp_path, tiny_model_dir, adapters["lora"]), tmp_path / "hf", "--no-cache")
+    assert code == 0, text
+    before = dict(server.counts)
+    remote = suite(tmp_path, tiny_model_dir, adapters["lora"], name="remote.yml",
+                   backend={"kind": "openai", "base_url": server.url, "concurrency": 4})
+    cache = str(tmp_path / "cache.sqlite")
+    code, text = run(capsys, remote, tmp_path / "remote", "--cache", cache)
+    assert code == 0, text
+    assert_same(samples(tmp_path / "remote"), samples(tmp_path / "hf"))
+    asked = server.counts["completions"] - before["completions"]
+    # 2 variants x (6 cases + 4 canary questions, one request each) + 1 probe request per variant
+    assert asked == 2 * (6 + 4) + 2, asked
+
+    rec = {v["name"]: v for v in results(tmp_path / "remote")["variants"]}
+    lora = rec["lora"]["backend"]
+    assert lora["engine"] == "openai" and lora["endpoints"] == [server.url] and lora["served_name"] == "lora"
+    assert lora["served"]["served"]["fingerprint"] == server.engine.fingerprints["lora"]
+    assert lora["served"]["served"]["parent"] == "base" and lora["server_version"].startswith("evalkit ")
+    assert results(tmp_path / "hf")["variants"][1]["backend"] == {
+        "engine": "hf", "endpoints": [], "served_name": None, "served": None, "server_version": None}
+
+    # a rerun is answered by the cache: only the identity probes reach the server
+    before = server.counts["completions"]
+    code, text = run(capsys, remote, tmp_path / "again", "--cache", cache)
+    assert code == 0 and server.counts["completions"] - before == 2, text
+    assert all(s["cached"] for s in samples(tmp_path / "again").values())
+
+
+def test_the_cache_keys_what_is_served_not_the_url(capsys, tmp_path, tiny_model_dir, adapters, server):
+    """Another adapter served under the variant's name (same URL, same name) is asked afresh."""
+    cache = str(tmp_path / "cache.sqlite")
+    backend = {"kind": "openai", "base_url": server.url}
+    first = suite(tmp_path, tiny_model_dir, adapters["lora"], backend=backend, canary=False)
+    code, text = run(capsys, first, tmp_path / "r1", "--cache", cache)
+    assert code == 0, text
+    swapped = suite(tmp_path, tiny_model_dir, adapters["lora"], backend=backend, canary=False, name="swapped.yml",
+                    variants=[{"name": "base"}, {"name": "lora", "served_name": "other"}])
+    before = server.counts["completions"]
+    code, text = run(capsys, swapped, tmp_path / "r2", "--cache", cache)
+    assert code == 0, text
+    assert server.counts["completions"] - before == 2 + 6  # two probes, and lora's 6 cases again; base cached
+    fresh = samples(tmp_path / "r2")
+    assert not any(s["cached"] for k, s in fresh.items() if k[1] == "lora")
+    assert all(s["cached"] for k, s in fresh.items() if k[1] == "base")
+
+
+def test_replicas_share_the_work(capsys, tmp_path, tiny_model_dir, adapters, server):
+    """Two servers over the same model: the work is split between them, the results are the one
+    reference's, and a replica whose identity differs would be refused (same entry checked)."""
+    second = make_server(engine=server.engine, port=0, log=lambda _: None)
+    second.start()
+    try:
+        path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False,
+                     backend={"kind": "openai", "base_url": [server.url, second.url], "concurrency": 2})
+        before = (server.counts["completions"], second.counts["completions"])
+        code, text = run(capsys, path, tmp_path / "rep", "--no-cache")
+        assert code == 0, text
+        a, b = server.counts["completions"] - before[0], second.counts["completions"] - before[1]
+        assert a + b == 12 + 2 * 2 and a > 2 and b > 2, (a, b)  # each replica answered probes and work
+        code, text = run(capsys, suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, name="hf.yml"),
+                         tmp_path / "hf", "--no-cache")
+        assert_same(samples(tmp_path / "rep"), samples(tmp_path / "hf"))
+    finally:
+        second.close()
+
+
+def test_faults_are_survived_and_a_dead_endpoint_keeps_finished_work(capsys, tmp_path, tiny_model_dir, adapters,
+                                                                     server):
+    """Point 5: 429, 500, a timeout, a dropped connection and a garbled body are retried and the run
+    ends 0 with the reference's outputs; a server that stays down ends the run with exit 2, what
+    finished is cached, and the rerun asks only for the rest."""
+    cache = str(tmp_path / "cache.sqlite")
+    ref_path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, name="hf.yml")
+    assert run(capsys, ref_path, tmp_path / "hf", "--no-cache")[0] == 0
+    with FaultProxy(server.url, faults=["429", "500", "slow", "drop", "garbage"], slow_s=2.0) as proxy:
+        backend = {"kind": "openai", "base_url": proxy.url, "concurrency": 1, "timeout": 1.0, "backoff": 0.01}
+        path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, backend=backend)
+        code, text = run(capsys, path, tmp_path / "faulty", "--cache", cache)
+        assert code == 0, text
+        assert sum(proxy.counts[f] for f in ("429", "500", "slow", "drop", "garbage")) == 5
+        assert_same(samples(tmp_path / "faulty"), samples(tmp_path / "hf"))
+
+    with FaultProxy(server.url, slow_s=0) as proxy:
+        backend = {"kind": "openai", "base_url": proxy.url, "concurrency": 1, "retries": 2, "backoff": 0.01}
+        path = suite(tmp_path, tiny_model_dir, adapters["other"], canary=False, backend=backend, name="down.yml",
+                     variants=[{"name": "base"}, {"name": "lora2", "served_name": "other"}])
+        calls = {"n": 0}
+        real = proxy.next_fault
+
+        def break_after_three() -> str | None:  # the probes and three cases pass, then the server is down
+            calls["n"] += 1
+            proxy.down = calls["n"] > 2 + 3
+            return real()
+
+        proxy.next_fault = break_after_three  # type: ignore[method-assign]
+        code, text = run(capsys, path, tmp_path / "down", "--cache", cache)
+        assert code == 2, text
+        assert "failed after 2 retries (HTTP 500" in text and "3 of 6 requests finished and are cached" in text, text
+        proxy.down, proxy.next_fault = False, real  # type: ignore[method-assign]
+        forwarded = proxy.counts["forwarded"]
+        code, text = run(capsys, path, tmp_path / "resumed", "--cache", cache)
+        assert code == 0, text
+        assert proxy.counts["forwarded"] - forwarded == 2 + 3  # the probes, and the three cases left
+        assert sum(s["cached"] for s in samples(tmp_path / "resumed").values()) == 6 + 3
+
+
+def test_backend_config_errors_are_located(capsys, tmp_path, tiny_model_dir, adapters, server):
+    path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False,
+                 backend={"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "retries": 0})
+    code, text = run(capsys, path, tmp_path / "x")
+    assert code == 4 and "suite.yml:" in text and "backend: backend endpoint unreachable at http://127.0.0.1:9/v1" \
+        in text, text
+
+    path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, backend={"kind": "openai", "base_url": server.url},
+                 variants=[{"name": "base"}, {"name": "lora", "served_name": "lorra"}])
+    code, text = run(capsys, path, tmp_path / "x")
+    assert code == 4 and "variant 'lora': model 'lorra' is not listed" in text and "did you mean 'lora'" in text, text
+
+    path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, backend={"kind": "openai", "base_url": server.url},
+                 variants=[{"name": "base"}, {"name": "lora", "adapter": str(adapters["lora"]), "quantize": "nf4"}])
+    code, text = run(capsys, path, tmp_path / "x")
+    assert code == 4 and "variants[1].quantize: `quantize` runs in this process" in text, text
+
+    path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, backend={"kind": "openai"})
+    code, text = run(capsys, path, tmp_path / "x")
+    assert code == 4 and "backend: backend `openai` needs `base_url`" in text, text
