@@ -8,10 +8,14 @@ consumes the next scripted fault, if any:
   "drop"    closes the connection without a reply
   "garbage" a 200 whose body is not JSON
 With `down = True`, every completion request gets a 500 (a server that stays broken).
+With `contaminate = (victim, culprit)`, a completion for model `victim` is answered by `culprit`
+whenever a `culprit` request is in flight too (checked after holding each request `hold_s`, so a
+burst is all in flight together): the mixed-traffic bug a server can have.
 `counts` has the completion requests forwarded ("forwarded") and the faults served.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.error
@@ -29,6 +33,9 @@ class FaultProxy(ThreadingHTTPServer):
         self.upstream = upstream.removesuffix("/v1").rstrip("/")
         self.faults: deque[str] = deque(faults)
         self.slow_s, self.down = slow_s, False
+        self.contaminate: tuple[str, str] | None = None
+        self.hold_s = 0.2
+        self.in_flight: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -76,6 +83,27 @@ class _Handler(BaseHTTPRequestHandler):
         except urllib.error.HTTPError as e:
             return e.code, e.read(), {}
 
+    def _contaminated(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        victim, culprit = self.server.contaminate  # type: ignore[misc]
+        request = json.loads(body)
+        model = request.get("model")
+        with self.server._lock:
+            self.server.in_flight[model] += 1
+        try:
+            time.sleep(self.server.hold_s)
+            with self.server._lock:
+                mixed = model == victim and self.server.in_flight[culprit] > 0
+            if mixed:
+                self.server.counts["contaminated"] += 1
+                request["model"] = culprit
+            status, data, headers = self._forward(json.dumps(request).encode())
+            if mixed:  # the reply still names the model asked for, as the real bug's does
+                data = data.replace(f'"model":"{culprit}"'.encode(), f'"model":"{victim}"'.encode())
+            return status, data, headers
+        finally:
+            with self.server._lock:
+                self.server.in_flight[model] -= 1
+
     def do_GET(self) -> None:
         self._reply(*self._forward(None))
 
@@ -96,6 +124,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(200, b"<html>not json</html>")
         if self.path.startswith("/v1/completions"):
             self.server.counts["forwarded"] += 1
+            if self.server.contaminate:
+                return self._reply(*self._contaminated(body))
         status, data, headers = self._forward(body)
         if fault == "slow":
             time.sleep(self.server.slow_s)

@@ -10,6 +10,7 @@ import pytest
 from fault_proxy import FaultProxy
 from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
+from evalkit.backends.remote import PROBES
 from evalkit.cli import main
 from evalkit.serve.server import make_server
 
@@ -59,6 +60,12 @@ def suite(tmp_path: Path, base: Path, adapter: Path, *, backend: dict | None = N
     return write_suite(tmp_path / name, doc)
 
 
+def probe_requests(variants: int = 2) -> int:
+    """What a run asks each replica before any work: every variant's probes alone (its identity),
+    then all of them at once (the mixed-traffic probe)."""
+    return len(PROBES) * variants * (2 if variants > 1 else 1)
+
+
 def run(capsys, path: Path, out: Path, *extra: str) -> tuple[int, str]:
     code = main(["run", str(path), "--out", str(out), "-q", *extra])
     cap = capsys.readouterr()
@@ -98,8 +105,8 @@ def test_openai_backend_against_evalkit_serve_equals_hf(capsys, tmp_path, tiny_m
     assert code == 0, text
     assert_same(samples(tmp_path / "remote"), samples(tmp_path / "hf"))
     asked = server.counts["completions"] - before["completions"]
-    # 2 variants x (6 cases + 4 canary questions, one request each) + 1 probe request per variant
-    assert asked == 2 * (6 + 4) + 2, asked
+    # 2 variants x (6 cases + 4 canary questions x 4 choices, one request each), and the probes
+    assert asked == 2 * (6 + 4 * 4) + probe_requests(), asked
 
     rec = {v["name"]: v for v in results(tmp_path / "remote")["variants"]}
     lora = rec["lora"]["backend"]
@@ -107,12 +114,16 @@ def test_openai_backend_against_evalkit_serve_equals_hf(capsys, tmp_path, tiny_m
     assert lora["served"]["served"]["fingerprint"] == server.engine.fingerprints["lora"]
     assert lora["served"]["served"]["parent"] == "base" and lora["server_version"].startswith("evalkit ")
     assert results(tmp_path / "hf")["variants"][1]["backend"] == {
-        "engine": "hf", "endpoints": [], "served_name": None, "served": None, "server_version": None}
+        "engine": "hf", "endpoints": [], "served_name": None, "served": None, "server_version": None,
+        "mixed_traffic": None}
 
-    # a rerun is answered by the cache: only the identity probes reach the server
+    assert rec["lora"]["backend"]["mixed_traffic"] == {"probe": "passed", "differing": 0,
+                                                       "asked": 2 * len(PROBES), "isolated": False}
+
+    # a rerun is answered by the cache: only the probes reach the server
     before = server.counts["completions"]
     code, text = run(capsys, remote, tmp_path / "again", "--cache", cache)
-    assert code == 0 and server.counts["completions"] - before == 2, text
+    assert code == 0 and server.counts["completions"] - before == probe_requests(), text
     assert all(s["cached"] for s in samples(tmp_path / "again").values())
 
 
@@ -128,7 +139,7 @@ def test_the_cache_keys_what_is_served_not_the_url(capsys, tmp_path, tiny_model_
     before = server.counts["completions"]
     code, text = run(capsys, swapped, tmp_path / "r2", "--cache", cache)
     assert code == 0, text
-    assert server.counts["completions"] - before == 2 + 6  # two probes, and lora's 6 cases again; base cached
+    assert server.counts["completions"] - before == probe_requests() + 6  # lora's 6 cases again; base cached
     fresh = samples(tmp_path / "r2")
     assert not any(s["cached"] for k, s in fresh.items() if k[1] == "lora")
     assert all(s["cached"] for k, s in fresh.items() if k[1] == "base")
@@ -146,7 +157,8 @@ def test_replicas_share_the_work(capsys, tmp_path, tiny_model_dir, adapters, ser
         code, text = run(capsys, path, tmp_path / "rep", "--no-cache")
         assert code == 0, text
         a, b = server.counts["completions"] - before[0], second.counts["completions"] - before[1]
-        assert a + b == 12 + 2 * 2 and a > 2 and b > 2, (a, b)  # each replica answered probes and work
+        p = probe_requests()
+        assert a + b == 12 + 2 * p and a > p and b > p, (a, b)  # each replica answered its probes and work
         code, text = run(capsys, suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, name="hf.yml"),
                          tmp_path / "hf", "--no-cache")
         assert_same(samples(tmp_path / "rep"), samples(tmp_path / "hf"))
@@ -179,7 +191,7 @@ def test_faults_are_survived_and_a_dead_endpoint_keeps_finished_work(capsys, tmp
 
         def break_after_three() -> str | None:  # the probes and three cases pass, then the server is down
             calls["n"] += 1
-            proxy.down = calls["n"] > 2 + 3
+            proxy.down = calls["n"] > probe_requests() + 3
             return real()
 
         proxy.next_fault = break_after_three  # type: ignore[method-assign]
@@ -190,8 +202,30 @@ def test_faults_are_survived_and_a_dead_endpoint_keeps_finished_work(capsys, tmp
         forwarded = proxy.counts["forwarded"]
         code, text = run(capsys, path, tmp_path / "resumed", "--cache", cache)
         assert code == 0, text
-        assert proxy.counts["forwarded"] - forwarded == 2 + 3  # the probes, and the three cases left
+        assert proxy.counts["forwarded"] - forwarded == probe_requests() + 3  # the probes, and three cases left
         assert sum(s["cached"] for s in samples(tmp_path / "resumed").values()) == 6 + 3
+
+
+def test_a_server_that_mixes_models_up_is_caught_and_then_sent_one_variant_at_a_time(
+        capsys, tmp_path, tiny_model_dir, adapters, server):
+    """Point 4's companion probe: a server that answers base requests with the adapter whenever
+    adapter requests are in flight too (vLLM CPU's reported bug, emulated by the proxy in front of
+    evalkit serve) fails the mixed-traffic probe; the run then never has two variants in flight,
+    and its outputs are the reference's."""
+    code, text = run(capsys, suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, name="hf.yml"),
+                     tmp_path / "hf", "--no-cache")
+    assert code == 0, text
+    with FaultProxy(server.url) as proxy:
+        proxy.contaminate = ("base", "lora")
+        path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False,
+                     backend={"kind": "openai", "base_url": proxy.url, "concurrency": 4})
+        code, text = run(capsys, path, tmp_path / "mixed", "--no-cache")
+        assert code == 0, text
+        assert proxy.counts["contaminated"] >= 1  # the probe's burst hit the bug, the work never did
+        assert "probe answers changed when the variants' requests were in flight together" in text, text
+        mixing = results(tmp_path / "mixed")["variants"][0]["backend"]["mixed_traffic"]
+        assert mixing["probe"] == "failed" and mixing["isolated"] and mixing["differing"] >= 1, mixing
+        assert_same(samples(tmp_path / "mixed"), samples(tmp_path / "hf"))
 
 
 def test_backend_config_errors_are_located(capsys, tmp_path, tiny_model_dir, adapters, server):

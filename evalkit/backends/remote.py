@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from evalkit.backends.base import Capabilities, Job, OnOutputs, OnScores, Prompt, TokenPair
@@ -54,6 +55,9 @@ class OpenAIBackend:
         self.endpoints = [Endpoint(url, cfg, what="backend endpoint", sleep=sleep, count=self._count)
                           for url in cfg.urls]
         self._identities: dict[str, dict[str, Any]] = {}
+        self._answers: dict[tuple[str, str], list[tuple[str, list[float]]]] = {}  # (url, variant) -> alone
+        self.isolated = False  # one variant's requests in flight at a time (the mixed-traffic probe failed)
+        self.mixing: dict[str, Any] = {}
 
     def _count(self, **add: int) -> None:
         with self._lock:
@@ -63,7 +67,8 @@ class OpenAIBackend:
     # ---------------------------------------------------------- what is served
 
     def check(self) -> None:
-        """Before any work: every replica reachable, and each lists every served name."""
+        """Before any work: every replica reachable and listing every served name, what each name
+        serves (`identity`), and whether the server keeps models apart under mixed traffic."""
         for ep in self.endpoints:
             ep.check_reachable()
             for variant, name in self.served.items():
@@ -73,37 +78,71 @@ class OpenAIBackend:
                     e.message = f"variant '{variant}': {e.message}"
                     e.args = (e.format(),)
                     raise
+        for variant in self.served:
+            self.identity(variant)
+        self._check_mixing()
 
     def identity(self, variant: str) -> dict[str, Any]:
         """The served model's GET /models entry (id, root, parent, fingerprint, as the server gives
         them: the same on every replica, or the run is refused) and a probe fingerprint: the greedy
-        tokens of fixed probe prompts, so other weights behind the same name get other keys."""
+        answers to fixed probe prompts, so other weights behind the same name get other keys."""
         if variant not in self._identities:
             name = self.served[variant]
             entries = [served_identity(ep.entry(name)) for ep in self.endpoints]
             if any(e != entries[0] for e in entries):
                 raise ConfigError(f"variant '{variant}': the replicas serve different models under '{name}': "
                                   + "; ".join(f"{ep.base_url}: {e}" for ep, e in zip(self.endpoints, entries)))
-            probes = [self._probe(ep, name) for ep in self.endpoints]
+            for ep in self.endpoints:
+                self._answers[(ep.base_url, variant)] = [self._complete_probe(ep, name, ids)
+                                                         for ids in self._probe_ids()]
+            probes = [stable_hash([t for t, _ in self._answers[(ep.base_url, variant)]]) for ep in self.endpoints]
             if any(p != probes[0] for p in probes):
                 raise ConfigError(f"variant '{variant}': the replicas answer the probe prompts differently under "
                                   f"'{name}' ({', '.join(ep.base_url for ep in self.endpoints)})")
             self._identities[variant] = {"engine": "openai", "served": entries[0], "probe": probes[0]}
         return self._identities[variant]
 
+    def _check_mixing(self) -> None:
+        """The mixed-traffic probe: every variant's probe prompts sent at once, as a run sends them,
+        must get the answers each got alone. A server that lets one model's requests leak into
+        another's batch (vLLM CPU has answered base requests with a LoRA applied) fails it; then
+        only one variant's requests are ever in flight at a time."""
+        if len(self.served) < 2:
+            self.mixing = {"probe": "not needed: one model served", "isolated": False}
+            return
+        jobs = [(variant, k) for k in range(len(PROBES)) for variant in self.served]  # interleaved
+        ids = self._probe_ids()
+        differing, asked = [], 0
+        for ep in self.endpoints:
+            with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="mixing-probe") as pool:
+                answers = list(pool.map(lambda job, ep=ep: self._complete_probe(ep, self.served[job[0]], ids[job[1]]),
+                                        jobs))
+            asked += len(jobs)
+            differing += [(ep.base_url, job) for job, got in zip(jobs, answers)
+                          if not _same_answer(got, self._answers[(ep.base_url, job[0])][job[1]])]
+        self.isolated = bool(differing)
+        self.mixing = {"probe": "failed" if differing else "passed", "differing": len(differing), "asked": asked,
+                       "isolated": self.isolated}
+        if differing:
+            which = sorted({job[0] for _, job in differing})
+            self.log(f"WARNING: backend {', '.join(self.cfg.urls)}: {len(differing)} of {asked} probe answers changed "
+                     f"when the variants' requests were in flight together (variants {', '.join(which)}): the "
+                     "server mixes models up under concurrent traffic; sending one variant at a time")
+
     def record(self, variant: str) -> BackendRecord:
         return BackendRecord(engine="openai", endpoints=self.cfg.urls, served_name=self.served[variant],
-                             served=self.identity(variant), server_version=self.endpoints[0].server_version())
+                             served=self.identity(variant), server_version=self.endpoints[0].server_version(),
+                             mixed_traffic=self.mixing or None)
 
-    def _probe(self, ep: Endpoint, name: str) -> str:
-        ids = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROBES]
+    def _probe_ids(self) -> list[list[int]]:
+        return [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROBES]
+
+    def _complete_probe(self, ep: Endpoint, name: str, ids: list[int]) -> tuple[str, list[float]]:
         response = ep.with_retries(lambda: ep.client.completions.create(
-            model=name, prompt=ids, max_tokens=PROBE_TOKENS, temperature=0, echo=True, logprobs=1))
-        picks = []
-        for choice in sorted(response.choices, key=lambda c: c.index):
-            tops = choice.logprobs.top_logprobs if choice.logprobs else None
-            picks.append([choice.text, [max(t, key=t.get) if t else None for t in (tops or [])]])
-        return stable_hash(picks)
+            model=name, prompt=ids, max_tokens=PROBE_TOKENS, temperature=0, logprobs=1))
+        choice = _one_choice(response, ep)
+        logprobs = choice.logprobs.token_logprobs if choice.logprobs and choice.logprobs.token_logprobs else []
+        return choice.text or "", [float(x) for x in logprobs if x is not None]
 
     @property
     def max_length(self) -> int:
@@ -130,36 +169,28 @@ class OpenAIBackend:
                           latency_s=time.perf_counter() - t0)
 
         ordered = sorted(jobs, key=lambda job: (job[0], job[1]))  # adapter-major: LoRA slots stay warm
-        self._run(ordered, complete, lambda done: on_done([(job[0], job[1], out) for job, out in done]))
+        groups = [[j for j in ordered if j[0] == name] for name in dict.fromkeys(j[0] for j in ordered)]
+        for group in groups if self.isolated else [ordered]:
+            self._run(group, complete, lambda done: on_done([(job[0], job[1], out) for job, out in done]))
 
     def loglikelihood(self, variant: str, requests: Sequence[TokenPair], on_done: OnScores, *,
                       batch_size: int = 8) -> None:
-        """Requests sharing a context (a question's choices) go in one request, as a batch of
-        token-id prompts; each is left-truncated to leave room for the one generated token."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (context, _) in enumerate(requests):
-            groups.setdefault(tuple(context), []).append(i)
+        """One request per (context, continuation), left-truncated to leave room for the one
+        generated token; the continuation's logprobs are the last ones of the echoed prompt. (One
+        prompt per request: vLLM CPU's engine dies on several prompt-logprob sequences at once.)"""
         limit = self.max_length - 1
 
-        def score(ep: Endpoint, job: tuple[tuple[int, ...], list[int]]) -> list[tuple[float, bool]]:
-            _, members = job
-            sent = [(list(requests[i][0]) + list(requests[i][1]))[-limit:] for i in members]
+        def score(ep: Endpoint, i: int) -> tuple[float, bool]:
+            sent = (list(requests[i][0]) + list(requests[i][1]))[-limit:]
             response = ep.with_retries(lambda: ep.client.completions.create(
                 model=self.served[variant], prompt=sent, max_tokens=1, temperature=0, echo=True, logprobs=1))
-            choices = sorted(response.choices, key=lambda c: c.index)
-            if len(choices) != len(sent):
-                raise _garbage(ep, f"{len(choices)} choices for {len(sent)} prompts")
-            return [_continuation_score(ep, c, len(s), len(requests[i][1]))
-                    for c, s, i in zip(choices, sent, members)]
+            return _continuation_score(ep, _one_choice(response, ep), len(sent), len(requests[i][1]))
 
-        def deliver(done: list[tuple[tuple[tuple[int, ...], list[int]], list[tuple[float, bool]]]]) -> None:
-            for (_, members), scores in done:
-                on_done(members, scores)
-
-        self._run(list(groups.items()), score, deliver)
+        self._run(list(range(len(requests))), score, lambda done: on_done([i for i, _ in done], [r for _, r in done]),
+                  concurrency=self.cfg.loglikelihood_concurrency or self.cfg.concurrency)
 
     def _run(self, work: list[Any], call: Callable[[Endpoint, Any], Any],
-             deliver: Callable[[list[tuple[Any, Any]]], None]) -> None:
+             deliver: Callable[[list[tuple[Any, Any]]], None], *, concurrency: int | None = None) -> None:
         """Run `call(endpoint, item)` for every item on `concurrency` workers per replica; results
         are delivered on this thread as they finish. A replica whose request failed after its
         retries is retired and the item goes back to the queue; with none left, the workers
@@ -194,7 +225,7 @@ class OpenAIBackend:
                     return
 
         threads = [threading.Thread(target=worker, args=(ep,), daemon=True, name=f"backend-{n}")
-                   for ep in self.endpoints for n in range(self.cfg.concurrency)]
+                   for ep in self.endpoints for n in range(concurrency or self.cfg.concurrency)]
         for t in threads:
             t.start()
         finished, error = 0, None
@@ -236,6 +267,11 @@ class OpenAIBackend:
     def close(self) -> None:
         for ep in self.endpoints:
             ep.client.close()
+
+
+def _same_answer(a: tuple[str, list[float]], b: tuple[str, list[float]], tolerance: float = 1e-3) -> bool:
+    """The same greedy text, and token logprobs within batch-composition noise (fp32: ~1e-5)."""
+    return a[0] == b[0] and all(abs(x - y) <= tolerance for x, y in zip(a[1], b[1]))
 
 
 def _garbage(ep: Endpoint, what: str) -> EvalkitError:

@@ -67,6 +67,9 @@ class BackendConfig(EndpointSettings):
                                                    "minItems": 1}]})] = Field((), strict=False)
     timeout: float = Field(300.0, gt=0, description="seconds per request")
     concurrency: int = Field(8, ge=1, le=256, description="requests in flight at once, per replica")
+    loglikelihood_concurrency: int | None = Field(
+        None, ge=1, le=256, description="prompt-logprob requests in flight at once, per replica (default: "
+                                        "`concurrency`; vLLM's CPU build needs 1)")
 
     @model_validator(mode="after")
     def _urls(self) -> BackendConfig:
