@@ -90,6 +90,8 @@ class BackendRecord:
         "what the server said it serves: its GET /models entry (id, root, parent, fingerprint) and the "
         "hash of its greedy answers to fixed probe prompts (the variant's cache identity)"))
     server_version: str | None = field(default=None, metadata=doc("GET /version, when the server has it"))
+    fallback: str | None = field(default=None, metadata=doc(
+        "why a variant meant for a server ran in process instead (`fallback: hf`)"))
     mixed_traffic: Mapping[str, Any] | None = field(default=None, metadata=doc(
         "the mixed-traffic probe: whether answers changed with every variant in flight together, and whether "
         "the run then sent one variant at a time (isolated)"))

@@ -20,9 +20,10 @@ from typing import Any
 from evalkit import __version__
 from evalkit.backends.hf import HFBackend
 from evalkit.backends.remote import OpenAIBackend
+from evalkit.backends.vllm import VllmBackend, VllmServer, adapter_rank, unservable
 from evalkit.cache import Cache
 from evalkit.config import load_suite
-from evalkit.config.suite import BackendConfig, Suite, Task
+from evalkit.config.suite import BackendConfig, Suite, Task, Variant
 from evalkit.context import RunContext, RunVariant, served_fingerprint, template_hash, variant_fingerprint
 from evalkit.errors import ConfigError, ExitCode, ModelError, NothingToEvaluate, YamlPath
 from evalkit.gates import Scores, evaluate_gates, gate_targets
@@ -73,6 +74,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
     with _locate_errors(suite, ("base",)):
         resolved = resolve_base(suite.base, suite.dir)
     cache = Cache((cache_path or cache_root() / "results.sqlite") if use_cache else None)
+    ctx: RunContext | None = None
     try:
         ctx = _load_variants(suite, resolved, infos, cache, log, progress)
         checks = _pre_checks(ctx, infos, log)
@@ -84,6 +86,8 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
         checks += _post_checks(ctx, results, log)
         record, samples = _assemble(suite, ctx, infos, results, checks, started)
     finally:
+        for backend in ctx.backends if ctx is not None else ():
+            backend.close()  # a server evalkit started stops here, however the run ended
         cache.close()
     run_dir = Path(out) if out else default_run_dir(suite)
     record = RunRecord.from_json(record.to_json())  # as results.json holds it (NaN as null): what a later read sees
@@ -156,7 +160,7 @@ def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, Adapte
     ctx = RunContext(suite=suite, base=resolved, tokenizer=tokenizer, variants=[], cache=cache, log=log,
                      progress=progress, hf=hf)
     template = template_hash(tokenizer)
-    remote = _remote_backends(suite, tokenizer, log)
+    remote = _remote_backends(suite, resolved, tokenizer, infos, hf, log)
     for v in suite.variants:
         info = infos.get(v.name)
         backend = remote.get(v.name)
@@ -171,24 +175,53 @@ def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, Adapte
     return ctx
 
 
-def _remote_backends(suite: Suite, tokenizer: Any, log: Log) -> dict[str, OpenAIBackend]:
-    """One `openai` backend per distinct backend config, serving its variants under their served
-    names; every replica is checked reachable and listing them before any work."""
-    by_config: dict[str, tuple[BackendConfig, dict[str, str], list[int]]] = {}
-    for i, v in enumerate(suite.variants):
+def _remote_backends(suite: Suite, resolved: ResolvedBase, tokenizer: Any, infos: dict[str, AdapterInfo],
+                     hf: HFBackend, log: Log) -> dict[str, OpenAIBackend]:
+    """One server backend per distinct backend config, serving its variants under their served
+    names, checked (started, for `vllm`) before any work. A variant vLLM cannot serve is refused
+    here, before anything starts, or left to `hf` under `fallback: hf`."""
+    groups: dict[str, tuple[BackendConfig, list[Variant]]] = {}
+    for v in suite.variants:
         cfg = suite.backend_of(v)
-        if cfg.kind == "openai":
-            entry = by_config.setdefault(cfg.model_dump_json(), (cfg, {}, []))
-            entry[1][v.name] = v.served_name or v.name
-            entry[2].append(i)
+        if cfg.kind == "hf":
+            continue
+        if cfg.kind == "vllm" and (reason := unservable(v, infos.get(v.name))):
+            if cfg.fallback != "hf":
+                raise suite.error(suite.variant_path(v.name) if not v.is_base else ("variants", suite.variants.index(v)),
+                                  f"variant '{v.name}' cannot run on vLLM: {reason}",
+                                  hint="set `fallback: hf` on the backend to run such variants in process")
+            log(f"variant {v.name}: runs in process (fallback: hf): {reason}")
+            hf.fallbacks[v.name] = f"vllm: {reason}"
+            continue
+        groups.setdefault(cfg.model_dump_json(), (cfg, []))[1].append(v)
     out: dict[str, OpenAIBackend] = {}
-    for cfg, served, indices in by_config.values():
-        where: YamlPath = ("variants", indices[0], "backend") if suite.variants[indices[0]].backend else ("backend",)
-        with _locate_errors(suite, where):
-            backend = OpenAIBackend(cfg, served, tokenizer, log=log)
-            backend.check()
-        out.update(dict.fromkeys(served, backend))
+    try:
+        for cfg, variants in groups.values():
+            first = variants[0]
+            where: YamlPath = ("variants", suite.variants.index(first), "backend") if first.backend else ("backend",)
+            served = {v.name: v.served_name or v.name for v in variants}
+            with _locate_errors(suite, where):
+                backend = _server_backend(cfg, served, variants, resolved, tokenizer, infos, log)
+                out.update(dict.fromkeys(served, backend))  # closed below if a later check fails
+                backend.check()
+    except BaseException:
+        for backend in {id(b): b for b in out.values()}.values():
+            backend.close()
+        raise
     return out
+
+
+def _server_backend(cfg: BackendConfig, served: dict[str, str], variants: list[Variant], resolved: ResolvedBase,
+                    tokenizer: Any, infos: dict[str, AdapterInfo], log: Log) -> OpenAIBackend:
+    if cfg.kind == "openai":
+        return OpenAIBackend(cfg, served, tokenizer, log=log)
+    server = None
+    if cfg.launches:
+        adapters = {served[v.name]: infos[v.name].path for v in variants if v.name in infos}
+        server = VllmServer(cfg, resolved.path, [served[v.name] for v in variants if v.name not in infos], adapters,
+                            [adapter_rank(infos[v.name]) for v in variants if v.name in infos],
+                            cache_root() / "logs", log=log)
+    return VllmBackend(cfg, served, tokenizer, server=server, log=log)
 
 
 def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> list[CheckRecord]:

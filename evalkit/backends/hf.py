@@ -160,6 +160,7 @@ class HFBackend:
         self.models: dict[str, Any] = {}  # "full" | "nf4" | "int8" -> the one shared instance of each
         self.stats: dict[str, dict[str, Any]] = {}  # per variant: peak memory
         self.forward_passes = 0  # loglikelihood forwards (the canary's batching is tested on it)
+        self.fallbacks: dict[str, str] = {}  # variant -> why it runs here rather than on its server
         self._loaded = False
 
     @classmethod
@@ -181,7 +182,7 @@ class HFBackend:
         return {"engine": "hf"}  # the variant fingerprint (content hashes) says the rest
 
     def record(self, variant: str) -> BackendRecord:
-        return BackendRecord(engine="hf")
+        return BackendRecord(engine="hf", fallback=self.fallbacks.get(variant))
 
     @property
     def max_length(self) -> int:

@@ -99,7 +99,7 @@ class OpenAIBackend:
             if any(p != probes[0] for p in probes):
                 raise ConfigError(f"variant '{variant}': the replicas answer the probe prompts differently under "
                                   f"'{name}' ({', '.join(ep.base_url for ep in self.endpoints)})")
-            self._identities[variant] = {"engine": "openai", "served": entries[0], "probe": probes[0]}
+            self._identities[variant] = {"served": entries[0], "probe": probes[0]}
         return self._identities[variant]
 
     def _check_mixing(self) -> None:

@@ -57,10 +57,12 @@ def _one_or_many(value: Any) -> Any:
 
 class BackendConfig(EndpointSettings):
     """Where variants run: `hf` in this process (the default and the reference: the only one that
-    quantizes, merges and gives full logits), or `openai`: any OpenAI-compatible server (vLLM,
-    SGLang, TGI, evalkit serve), one `base_url` or a list of replicas."""
+    quantizes, merges and gives full logits); `openai`, any OpenAI-compatible server (vLLM, SGLang,
+    TGI, evalkit serve), one `base_url` or a list of replicas; or `vllm`, a vLLM server evalkit
+    starts for the run (base, every adapter as a LoRA module) and stops, or, given `base_url`,
+    one already running."""
 
-    kind: Literal["hf", "openai"] = "hf"
+    kind: Literal["hf", "openai", "vllm"] = "hf"
     base_url: Annotated[tuple[Annotated[str, Field(pattern=URL)], ...], BeforeValidator(_one_or_many),
                         WithJsonSchema({"oneOf": [{"type": "string", "pattern": URL},
                                                   {"type": "array", "items": {"type": "string", "pattern": URL},
@@ -69,7 +71,29 @@ class BackendConfig(EndpointSettings):
     concurrency: int = Field(8, ge=1, le=256, description="requests in flight at once, per replica")
     loglikelihood_concurrency: int | None = Field(
         None, ge=1, le=256, description="prompt-logprob requests in flight at once, per replica (default: "
-                                        "`concurrency`; vLLM's CPU build needs 1)")
+                                        "`concurrency`; 1 for `vllm`, whose CPU build dies on more)")
+    # kind: vllm
+    command: Annotated[tuple[str, ...], Field(min_length=1, strict=False)] = Field(
+        ("python3", "-m", "vllm.entrypoints.openai.api_server"),
+        description="starts vLLM's OpenAI server (its environment's interpreter: vLLM often lives in its own); "
+                    "evalkit appends the model, port and LoRA options, then `engine_args`")
+    engine_args: tuple[str, ...] = Field((), strict=False, description="vLLM engine arguments, e.g. "
+                                                                      "[--tensor-parallel-size, '2']")
+    env: dict[str, str] = Field(default_factory=dict, description="environment for the server, e.g. "
+                                                                  "VLLM_CPU_KVCACHE_SPACE")
+    startup_timeout: float = Field(600.0, gt=0, description="seconds to wait for the server to list its models")
+    fallback: Literal["hf"] | None = Field(None, description="run on `hf` the variants vLLM cannot serve (DoRA, "
+                                                             "modules_to_save, quantized, merged) instead of "
+                                                             "refusing the suite")
+
+    @field_validator("command")
+    @classmethod
+    def _program(cls, command: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        """A relative program path (`.vllm/bin/python`) is the suite folder's; a bare name is looked up on PATH."""
+        program = command[0]
+        if "/" in program and not Path(program).expanduser().is_absolute():
+            return (str(resolve(info, program)), *command[1:])
+        return command
 
     @model_validator(mode="after")
     def _urls(self) -> BackendConfig:
@@ -77,16 +101,22 @@ class BackendConfig(EndpointSettings):
             raise invalid("backend `openai` needs `base_url` (the server's /v1 URL, or a list of replicas)",
                           hint="e.g. base_url: http://127.0.0.1:8000/v1")
         if self.kind == "hf" and self.base_url:
-            raise invalid("`base_url` is for `kind: openai`; `hf` runs in this process", at=("base_url",))
+            raise invalid("`base_url` is for `kind: openai` or `vllm`; `hf` runs in this process", at=("base_url",))
         return self
 
     @property
     def urls(self) -> tuple[str, ...]:
         return tuple(u.rstrip("/") for u in self.base_url)
 
-    def describe(self) -> dict[str, Any]:
-        """What the run record keeps (the key's variable name, never its value)."""
-        return self.model_dump(mode="json")
+    @property
+    def launches(self) -> bool:
+        """evalkit starts the server (kind vllm without a base_url to connect to)."""
+        return self.kind == "vllm" and not self.base_url
+
+    @property
+    def in_process(self) -> bool:
+        """Variants that only the hf backend runs (quantized, merged) may use this backend's fallback."""
+        return self.kind == "hf" or self.fallback == "hf"
 
 
 # ---------------------------------------------------------------- variants
@@ -395,9 +425,9 @@ class Suite(Shape):
                 raise invalid(f"duplicate variant name '{n}'", at=("variants", i, "name"))
         for i, v in enumerate(self.variants):
             flag = "quantize" if v.quantize else "merge" if v.merge else None
-            if flag and self.backend_of(v).kind != "hf":
+            if flag and not self.backend_of(v).in_process:
                 raise invalid(f"`{flag}` runs in this process: give variant '{v.name}' `backend: {{kind: hf}}`",
-                              at=("variants", i, flag))
+                              at=("variants", i, flag), hint="or, under `kind: vllm`, `fallback: hf`")
         reference = self.reference or ("base" if "base" in names else names[0])
         if reference not in names:
             raise invalid(f"unknown variant '{reference}'{did_you_mean(reference, names)}", at=("reference",))
