@@ -1,4 +1,5 @@
-"""Checks that catch silent failures no score shows: the inert adapter, the lossy merge, leakage.
+"""Checks that catch silent failures no score shows: the inert adapter, the lossy merge, leakage,
+a server that does not serve what it says.
 
 Each returns `CheckRecord`s (name, variant, passed, message, details); gates with `check:` read
 them, and a hard failure (an adapter that changes nothing) raises before any scoring.
@@ -7,15 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from evalkit.backends.base import PROBES
 from evalkit.cache import adapter_active_key
 from evalkit.config.suite import CasesTask
 from evalkit.record import CheckRecord
 from evalkit.types import Case
 
-PROBES = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning",
-          "Q: What is 17 * 3?\nA:")
 # fp32 noise between two code paths on the same weights is ~1e-5; a live adapter moves logits far more
 ACTIVE_TOLERANCE = 1e-4
+# a server against the in-process fp32 reference: ~1e-5 in fp32, up to a few 1e-2 in bf16 on a GPU
+PARITY_TOLERANCE = 0.05
+PARITY_MIN_TOP1 = 0.95
 
 
 def _case_prompts(ctx, limit: int) -> list[str]:
@@ -32,6 +35,11 @@ def _probe_prompts(ctx, limit: int = 4) -> list[str]:
     return list(PROBES) + _case_prompts(ctx, limit)
 
 
+def _ids(ctx, texts: list[str]) -> list[list[int]]:
+    """Token ids of already-rendered texts (their special tokens are in the text)."""
+    return [list(ctx.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
 def _diff(a, b) -> tuple[float, float]:
     """(max abs logit difference, top-1 agreement) over every position of every prompt."""
     import torch
@@ -41,37 +49,131 @@ def _diff(a, b) -> tuple[float, float]:
     return max_abs, float(agree.mean())
 
 
+def _logprob_diff(a: list[tuple[list[float], list[str]]], b: list[tuple[list[float], list[str]]]) -> tuple[float, float]:
+    """(max abs difference of the prompt tokens' logprobs, agreement of the top-1 tokens) over every
+    position of every prompt, from `prompt_logprobs` of two backends (or two models)."""
+    diffs = [abs(x - y) for (la, _), (lb, _) in zip(a, b) for x, y in zip(la, lb)]
+    agree = [x == y for (_, ta), (_, tb) in zip(a, b) for x, y in zip(ta, tb)]
+    return max(diffs, default=0.0), sum(agree) / len(agree) if agree else 1.0
+
+
 def adapter_active(ctx, log) -> list[CheckRecord]:
-    """Every adapter variant must move the logits beyond numerical noise; otherwise it is inert
-    (zero B matrices, wrong target modules, a loader that dropped it) and scoring it is a lie.
-    A passed check is cached under the variant's fingerprint, so a rerun loads no model for it."""
-    adapters = [lv for lv in ctx.variants if lv.info is not None and lv.backend.capabilities.full_logits]
-    if not adapters:
-        return []
-    prompts = _probe_prompts(ctx, limit=2)
+    """Every adapter variant must move the model beyond numerical noise; otherwise it is inert (zero
+    B matrices, wrong target modules, a loader that dropped it) and scoring it is a lie. In process,
+    the logits with and without the adapter are compared, and an inert adapter stops the run (the
+    files are broken). On a server, the served adapter's prompt logprobs are compared with those of
+    the model it is served on (its `parent`), and an inert one fails the check (the deployment is
+    broken). A passed check is cached under the variant's fingerprint: a rerun computes nothing."""
+    texts = _probe_prompts(ctx, limit=2)
+    prompts = _ids(ctx, texts)
     records = []
     references: dict[int, list] = {}  # variants on the same weights share their adapters-off logits
-    for lv in adapters:
-        key = adapter_active_key(lv.fingerprint, prompts, ACTIVE_TOLERANCE)
+    for lv in ctx.variants:
+        remote = not lv.backend.capabilities.full_logits
+        parent = lv.backend.parent(lv.name) if remote else None
+        if (lv.info is None and not remote) or (remote and parent is None):
+            continue
+        what = "max |logprob diff| vs the served base" if remote else "max |logit diff| vs base"
+        field = "max_abs_logprob_diff" if remote else "max_abs_logit_diff"
+        key = adapter_active_key(lv.fingerprint, texts, ACTIVE_TOLERANCE)
         found = ctx.cache.get(key, count=False)
         if found is None:
             backend = lv.backend
-            ref = backend.reference_of(lv.name)
-            if ref not in references:
-                references[ref] = backend.logits(lv.name, prompts, adapters_off=True)
-            max_abs, agree = _diff(backend.logits(lv.name, prompts), references[ref])
+            if remote:
+                max_abs, agree = _logprob_diff(backend.prompt_logprobs(backend.served[lv.name], prompts),
+                                               backend.prompt_logprobs(parent, prompts))
+            else:
+                ref = backend.reference_of(lv.name)
+                if ref not in references:
+                    references[ref] = backend.logits(lv.name, prompts, adapters_off=True)
+                max_abs, agree = _diff(backend.logits(lv.name, prompts), references[ref])
+            found = {field: max_abs, "top1_agreement": agree}
             if max_abs <= ACTIVE_TOLERANCE:
-                raise ctx.suite.error(ctx.suite.variant_path(lv.name), (
-                    f"adapter of variant '{lv.name}' ({lv.info.path}) changes nothing: max |logit diff| vs base "
-                    f"{max_abs:.2e} <= {ACTIVE_TOLERANCE:g} on {len(prompts)} probe prompts (zero B matrices, "
-                    "wrong target_modules, or weights that did not load?)"))
-            found = {"max_abs_logit_diff": max_abs, "top1_agreement": agree}
+                where = f"served as '{backend.served[lv.name]}' on '{parent}'" if remote else f"({lv.info.path})"
+                msg = (f"adapter of variant '{lv.name}' {where} changes nothing: {what} {max_abs:.2e} <= "
+                       f"{ACTIVE_TOLERANCE:g} on {len(prompts)} probe prompts")
+                if not remote:
+                    raise ctx.suite.error(ctx.suite.variant_path(lv.name),
+                                          msg + " (zero B matrices, wrong target_modules, or weights that did not load?)")
+                log(f"FAIL: adapter_active: {msg} (the server serves an inert adapter)")
+                records.append(CheckRecord(name="adapter_active", variant=lv.name, passed=False, message=msg,
+                                           details=found))
+                continue
             ctx.cache.put(key, found)
         records.append(CheckRecord(name="adapter_active", variant=lv.name, passed=True,
-                                   message=f"max |logit diff| vs base {found['max_abs_logit_diff']:.3g}, "
+                                   message=f"{what} {found[field]:.3g}, "
                                            f"top-1 agreement {found['top1_agreement']:.1%}",
                                    details=found))
     return records
+
+
+def backend_parity(ctx, log) -> list[CheckRecord]:
+    """Each variant a server serves, against the same variant in process (`hf`, the reference) on
+    the probe prompts and the first task cases: the prompt tokens' logprobs and the top-1 token at
+    every position, and the greedy continuations of the probes. It fails, with numbers, when the
+    server serves the adapter inert, serves another adapter or model, or drifts beyond tolerance.
+    It runs when a gate asks for it: the reference loads the model in process."""
+    if not any(g.check == "backend_parity" for g in ctx.suite.gates):
+        return []
+    texts = _probe_prompts(ctx, limit=2)
+    prompts = _ids(ctx, texts)
+    records = []
+    for lv in ctx.variants:
+        if ctx.suite.backend_of(lv.variant).kind == "hf":
+            continue
+        if lv.backend.capabilities.full_logits:
+            records.append(CheckRecord(name="backend_parity", variant=lv.name, passed=True,
+                                       message="runs in process (fallback: hf): it is the reference"))
+            continue
+        tol = _tolerance(ctx, "backend_parity", lv.name, "max_abs_logprob_diff", PARITY_TOLERANCE)
+        min_agree = _tolerance(ctx, "backend_parity", lv.name, "min_top1_agreement", PARITY_MIN_TOP1)
+        served = lv.backend.served[lv.name]
+        reference = ctx.reference(lv)
+        max_abs, agree = _logprob_diff(lv.backend.prompt_logprobs(served, prompts),
+                                       ctx.hf.prompt_logprobs(reference, prompts))
+        greedy = _greedy_agreement(ctx, lv, reference)
+        passed = max_abs <= tol and agree >= min_agree
+        msg = (f"served '{served}' vs in process: max |logprob diff| {max_abs:.3g} "
+               f"({'<=' if max_abs <= tol else '>'} {tol:g}), top-1 agreement {agree:.1%} "
+               f"({'>=' if agree >= min_agree else '<'} {min_agree:.0%}) over {len(prompts)} prompts; "
+               f"greedy continuations {greedy[0]}/{greedy[1]} identical")
+        if not passed:
+            msg += "; " + _parity_diagnosis(ctx, lv, prompts)
+        log(("" if passed else "FAIL: ") + f"backend_parity [{lv.name}]: {msg}")
+        records.append(CheckRecord(name="backend_parity", variant=lv.name, passed=passed, message=msg, details={
+            "served_name": served, "max_abs_logprob_diff": max_abs, "top1_agreement": agree, "tolerance": tol,
+            "min_top1_agreement": min_agree, "greedy_identical": greedy[0], "greedy_compared": greedy[1],
+            "n_prompts": len(prompts)}))
+    return records
+
+
+def _greedy_agreement(ctx, lv, reference: str) -> tuple[int, int]:
+    """How many of the probes' greedy continuations (as the identity probe got them) the in-process
+    reference continues identically."""
+    from evalkit.backends.base import Prompt
+    from evalkit.backends.remote import PROBE_TOKENS
+    from evalkit.config.suite import GenerationConfig
+
+    served = lv.backend.probe_texts(lv.name)
+    local: dict[int, str] = {}
+    prompts = [Prompt(t, tuple(ids)) for t, ids in zip(PROBES, _ids(ctx, list(PROBES)))]
+    ctx.hf.generate([(reference, i) for i in range(len(prompts))], prompts,
+                    GenerationConfig(max_new_tokens=PROBE_TOKENS, batch_size=1),
+                    lambda rows: local.update({i: o.text for _, i, o in rows}))
+    return sum(served[i] == local[i] for i in range(len(prompts))), len(prompts)
+
+
+def _parity_diagnosis(ctx, lv, prompts: list[list[int]]) -> str:
+    """What the served model looks like when it is not the reference: inert (its parent's answers),
+    or something else."""
+    parent = lv.backend.parent(lv.name)
+    if lv.info is not None and parent is not None:
+        to_parent, _ = _logprob_diff(lv.backend.prompt_logprobs(lv.backend.served[lv.name], prompts),
+                                     lv.backend.prompt_logprobs(parent, prompts))
+        if to_parent <= ACTIVE_TOLERANCE:
+            return (f"the served adapter is inert: it answers as its base '{parent}' "
+                    f"(max |logprob diff| {to_parent:.2e})")
+    return "the server serves another adapter or model under this name, or computes it differently"
 
 
 def leakage(ctx, log) -> list[CheckRecord]:
@@ -126,8 +228,8 @@ def merge_equivalence(ctx, results, log) -> list[CheckRecord]:
         min_agree = _tolerance(ctx, "merge_equivalence", lv.name, "min_top1_agreement", 0.99)
         twin = _unmerged_twin(ctx, lv)
         if twin.name not in twin_logits:
-            twin_logits[twin.name] = twin.backend.logits(twin.name, probes + cases)
-        a, b = lv.backend.logits(lv.name, probes + cases), twin_logits[twin.name]
+            twin_logits[twin.name] = twin.backend.logits(twin.name, _ids(ctx, probes + cases))
+        a, b = lv.backend.logits(lv.name, _ids(ctx, probes + cases)), twin_logits[twin.name]
         max_abs, agree = _diff(a, b)
         per_set = {"probes": _diff(a[:len(probes)], b[:len(probes)])}
         if cases:

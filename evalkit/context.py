@@ -85,6 +85,14 @@ class RunContext:
         """A variant's cost counters: the run's (cases, tokens, seconds) and its backend's (memory)."""
         return {**self.stats.get(lv.name, {}), **lv.backend.stats.get(lv.name, {})}
 
+    def reference(self, lv: RunVariant) -> str:
+        """The variant as the in-process reference runs it (for the parity checks): declared on the
+        hf backend under its own name, loaded with the rest."""
+        assert self.hf is not None
+        if lv.name not in self.hf.slots:
+            self.hf.add(lv.variant, lv.info)
+        return lv.name
+
     def count(self, name: str, **add: float) -> None:
         bucket = self.stats.setdefault(name, {})
         for k, v in add.items():

@@ -41,8 +41,12 @@ class Scores:
 
 
 # The variants a check without `variant:` covers: merge_equivalence compares merged variants with
-# their unmerged twins; the others look at every adapter (one the check could not run for fails).
-CHECK_APPLIES: dict[str, Callable[[Variant], bool]] = {"merge_equivalence": lambda v: v.merge}
+# their unmerged twins; backend_parity every variant a server serves, base included (a server can
+# serve the wrong base); the others look at every adapter (one the check could not run for fails).
+CHECK_APPLIES: dict[str, Callable[[Suite, Variant], bool]] = {
+    "merge_equivalence": lambda suite, v: v.merge,
+    "backend_parity": lambda suite, v: suite.backend_of(v).kind != "hf",
+}
 
 
 def gate_targets(gate: Gate, suite: Suite) -> list[str]:
@@ -50,8 +54,8 @@ def gate_targets(gate: Gate, suite: Suite) -> list[str]:
     the gate's check, if any, applies to."""
     if gate.variant:
         return [gate.variant]
-    applies = CHECK_APPLIES.get(gate.check or "", lambda v: True)
-    return [v.name for v in suite.variants if not v.is_base and v.name != gate.vs and applies(v)]
+    applies = CHECK_APPLIES.get(gate.check or "", lambda suite, v: not v.is_base)
+    return [v.name for v in suite.variants if v.name != gate.vs and applies(suite, v)]
 
 
 def exact(x: float) -> Fraction:

@@ -230,10 +230,9 @@ def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> lis
         if lv.info is None:
             continue
         checks.append(_template_parity(ctx, lv, log))
-    from evalkit.checks import adapter_active
+    from evalkit.checks import adapter_active, backend_parity
 
-    checks += adapter_active(ctx, log)
-    return checks
+    return checks + adapter_active(ctx, log) + backend_parity(ctx, log)
 
 
 def _template_parity(ctx: RunContext, lv: RunVariant, log: Log) -> CheckRecord:

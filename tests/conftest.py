@@ -70,6 +70,19 @@ def tiny_model_dir(tmp_path_factory, embedded_model_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules on the tiny model (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    a 64-wide model gains nothing from threads, and on a busy 2-core box two spinning threads
+    make each decode step ~5x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_terminal_summary(terminalreporter):
     """A skipped vLLM test is a gap in what was checked: say so where nobody can miss it."""
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if "vllm" in getattr(r, "keywords", {})]

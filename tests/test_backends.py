@@ -10,7 +10,7 @@ import pytest
 from fault_proxy import FaultProxy
 from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
-from evalkit.backends.remote import PROBES
+from evalkit.backends.base import PROBES
 from evalkit.cli import main
 from evalkit.serve.server import make_server
 
@@ -18,35 +18,27 @@ pytest.importorskip("openai")
 SUBJECTS = ["anatomy", "virology"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A 64-wide model gains nothing from threads; on 2 busy cores spinning threads only slow it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("backend-adapters")
     return {"lora": make_adapter(tiny_model_dir, root / "lora", seed=3, scale_b=40),
-            "other": make_adapter(tiny_model_dir, root / "other", seed=4, scale_b=40)}
+            "other": make_adapter(tiny_model_dir, root / "other", seed=4, scale_b=40),
+            "zero": make_adapter(tiny_model_dir, root / "zero", zero_b=True)}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapters):
-    srv = make_server(str(tiny_model_dir), {"lora": adapters["lora"], "other": adapters["other"]}, port=0,
-                      log=lambda _: None)
+    srv = make_server(str(tiny_model_dir), adapters, port=0, log=lambda _: None)
     srv.start()
     yield srv
     srv.close()
 
 
 def suite(tmp_path: Path, base: Path, adapter: Path, *, backend: dict | None = None, canary: bool = True,
-          variants: list[dict] | None = None, name: str = "suite.yml") -> Path:
+          variants: list[dict] | None = None, name: str = "suite.yml", gates: list[dict] | None = None) -> Path:
     write_jsonl(tmp_path / "data.jsonl", EXTRACT_ROWS)
     tasks: list[dict] = [{"name": "extract", "data": "data.jsonl", "scorers": ["exact_match", "json_valid"],
                           "max_new_tokens": 8, "stop": ["}"]}]
@@ -57,6 +49,8 @@ def suite(tmp_path: Path, base: Path, adapter: Path, *, backend: dict | None = N
                  "tasks": tasks}
     if backend:
         doc["backend"] = backend
+    if gates:
+        doc["gates"] = gates
     return write_suite(tmp_path / name, doc)
 
 
@@ -64,6 +58,12 @@ def probe_requests(variants: int = 2) -> int:
     """What a run asks each replica before any work: every variant's probes alone (its identity),
     then all of them at once (the mixed-traffic probe)."""
     return len(PROBES) * variants * (2 if variants > 1 else 1)
+
+
+def active_requests(adapters: int = 1) -> int:
+    """adapter_active on a server, the first time (a pass is cached): the prompt logprobs of each
+    adapter and of its base on the probes and the first two cases."""
+    return 2 * (len(PROBES) + 2) * adapters
 
 
 def run(capsys, path: Path, out: Path, *extra: str) -> tuple[int, str]:
@@ -105,8 +105,8 @@ def test_openai_backend_against_evalkit_serve_equals_hf(capsys, tmp_path, tiny_m
     assert code == 0, text
     assert_same(samples(tmp_path / "remote"), samples(tmp_path / "hf"))
     asked = server.counts["completions"] - before["completions"]
-    # 2 variants x (6 cases + 4 canary questions x 4 choices, one request each), and the probes
-    assert asked == 2 * (6 + 4 * 4) + probe_requests(), asked
+    # 2 variants x (6 cases + 4 canary questions x 4 choices, one request each), probes, adapter_active
+    assert asked == 2 * (6 + 4 * 4) + probe_requests() + active_requests(), asked
 
     rec = {v["name"]: v for v in results(tmp_path / "remote")["variants"]}
     lora = rec["lora"]["backend"]
@@ -115,7 +115,7 @@ def test_openai_backend_against_evalkit_serve_equals_hf(capsys, tmp_path, tiny_m
     assert lora["served"]["served"]["parent"] == "base" and lora["server_version"].startswith("evalkit ")
     assert results(tmp_path / "hf")["variants"][1]["backend"] == {
         "engine": "hf", "endpoints": [], "served_name": None, "served": None, "server_version": None,
-        "mixed_traffic": None}
+        "fallback": None, "mixed_traffic": None}
 
     assert rec["lora"]["backend"]["mixed_traffic"] == {"probe": "passed", "differing": 0,
                                                        "asked": 2 * len(PROBES), "isolated": False}
@@ -139,7 +139,8 @@ def test_the_cache_keys_what_is_served_not_the_url(capsys, tmp_path, tiny_model_
     before = server.counts["completions"]
     code, text = run(capsys, swapped, tmp_path / "r2", "--cache", cache)
     assert code == 0, text
-    assert server.counts["completions"] - before == probe_requests() + 6  # lora's 6 cases again; base cached
+    # lora's 6 cases again (and adapter_active: another model); base cached
+    assert server.counts["completions"] - before == probe_requests() + active_requests() + 6
     fresh = samples(tmp_path / "r2")
     assert not any(s["cached"] for k, s in fresh.items() if k[1] == "lora")
     assert all(s["cached"] for k, s in fresh.items() if k[1] == "base")
@@ -158,7 +159,7 @@ def test_replicas_share_the_work(capsys, tmp_path, tiny_model_dir, adapters, ser
         assert code == 0, text
         a, b = server.counts["completions"] - before[0], second.counts["completions"] - before[1]
         p = probe_requests()
-        assert a + b == 12 + 2 * p and a > p and b > p, (a, b)  # each replica answered its probes and work
+        assert a + b == 12 + 2 * p + active_requests() and a > p and b > p, (a, b)  # each did probes and work
         code, text = run(capsys, suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, name="hf.yml"),
                          tmp_path / "hf", "--no-cache")
         assert_same(samples(tmp_path / "rep"), samples(tmp_path / "hf"))
@@ -191,7 +192,7 @@ def test_faults_are_survived_and_a_dead_endpoint_keeps_finished_work(capsys, tmp
 
         def break_after_three() -> str | None:  # the probes and three cases pass, then the server is down
             calls["n"] += 1
-            proxy.down = calls["n"] > probe_requests() + 3
+            proxy.down = calls["n"] > probe_requests() + active_requests() + 3
             return real()
 
         proxy.next_fault = break_after_three  # type: ignore[method-assign]
@@ -226,6 +227,37 @@ def test_a_server_that_mixes_models_up_is_caught_and_then_sent_one_variant_at_a_
         mixing = results(tmp_path / "mixed")["variants"][0]["backend"]["mixed_traffic"]
         assert mixing["probe"] == "failed" and mixing["isolated"] and mixing["differing"] >= 1, mixing
         assert_same(samples(tmp_path / "mixed"), samples(tmp_path / "hf"))
+
+
+def test_backend_parity_catches_an_inert_or_another_adapter_with_numbers(capsys, tmp_path, tiny_model_dir, adapters,
+                                                                        server):
+    """Point 4: with the adapter's files local, the server serving under the variant's name the
+    right adapter passes; an inert copy (zero B) or another adapter fails, with numbers and a
+    diagnosis; adapter_active, served adapter vs served base, fails the inert one."""
+    lora = str(adapters["lora"])
+    variants = [{"name": "base"}, {"name": "right", "adapter": lora, "served_name": "lora"},
+                {"name": "inert", "adapter": lora, "served_name": "zero"},
+                {"name": "swapped", "adapter": lora, "served_name": "other"}]
+    path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, variants=variants,
+                 backend={"kind": "openai", "base_url": server.url},
+                 gates=[{"check": "backend_parity"}, {"check": "adapter_active"}])
+    code, text = run(capsys, path, tmp_path / "parity", "--no-cache")
+    assert code == 1, text
+    checks = {(c["name"], c["variant"]): c for c in results(tmp_path / "parity")["checks"]}
+    parity = {v: checks[("backend_parity", v)] for v in ("base", "right", "inert", "swapped")}
+    assert parity["base"]["passed"] and parity["right"]["passed"], parity
+    assert parity["right"]["details"]["max_abs_logprob_diff"] < 1e-4
+    assert parity["right"]["details"]["top1_agreement"] == 1.0 and "greedy continuations 4/4 identical" in \
+        parity["right"]["message"]
+    inert, swapped = parity["inert"], parity["swapped"]
+    assert not inert["passed"] and "the served adapter is inert: it answers as its base 'base'" in inert["message"]
+    assert not swapped["passed"] and "another adapter or model" in swapped["message"]
+    for c in (inert, swapped):
+        assert c["details"]["max_abs_logprob_diff"] > 0.05 and "max |logprob diff|" in c["message"], c
+    assert not checks[("adapter_active", "inert")]["passed"] and checks[("adapter_active", "right")]["passed"]
+    assert "changes nothing" in checks[("adapter_active", "inert")]["message"]
+    failed = {g["id"] for g in results(tmp_path / "parity")["gates"] if not g["passed"]}
+    assert failed == {"backend_parity[inert]", "backend_parity[swapped]", "adapter_active[inert]"}, failed
 
 
 def test_backend_config_errors_are_located(capsys, tmp_path, tiny_model_dir, adapters, server):

@@ -21,16 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCORERS = ["exact_match", "json_valid", "rouge_l"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A 64-wide model gains nothing from threads, and on a busy 2-core box two spinning threads
-    make each decode step ~5x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

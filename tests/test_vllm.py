@@ -31,13 +31,16 @@ def adapters(tmp_path_factory, embedded_model_dir):
             "dora": make_adapter(embedded_model_dir, root / "dora", seed=2, r=8, use_dora=True)}
 
 
-def suite(tmp_path: Path, base: Path, variants: list[dict], backend: dict | None, name: str) -> Path:
+def suite(tmp_path: Path, base: Path, variants: list[dict], backend: dict | None, name: str,
+          gates: list[dict] | None = None) -> Path:
     doc: dict = {"name": name, "base": {"path": str(base)}, "variants": variants, "tasks": [
         {"name": "extract", "data": str(REPO / "suites/data/extract_test.jsonl"), "limit": CASES,
          "scorers": ["exact_match", "json_valid"], "max_new_tokens": 48, "batch_size": CASES},
         {"name": "canary", "kind": "mmlu", "per_subject": 1, "subjects": SUBJECTS}]}
     if backend:
         doc["backend"] = backend
+    if gates:
+        doc["gates"] = gates
     return write_suite(tmp_path / f"{name}.yml", doc)
 
 
@@ -66,8 +69,8 @@ def test_vllm_started_by_evalkit_gives_the_hf_answers(capsys, tmp_path, embedded
                 {"name": "dora", "adapter": str(adapters["dora"])}]
     code, text = run(capsys, suite(tmp_path, embedded_model_dir, variants, None, "hf"), tmp_path / "hf")
     assert code == 0, text
-    code, text = run(capsys, suite(tmp_path, embedded_model_dir, variants, vllm_backend(fallback="hf"), "vllm"),
-                     tmp_path / "vllm")
+    code, text = run(capsys, suite(tmp_path, embedded_model_dir, variants, vllm_backend(fallback="hf"), "vllm",
+                                   gates=[{"check": "backend_parity"}, {"check": "adapter_active"}]), tmp_path / "vllm")
     assert code == 0, text
     assert "variant dora: runs in process (fallback: hf): vLLM does not serve DoRA adapters" in text
     ref, ours = samples(tmp_path / "hf"), samples(tmp_path / "vllm")
@@ -85,6 +88,13 @@ def test_vllm_started_by_evalkit_gives_the_hf_answers(capsys, tmp_path, embedded
     assert backends["lora"]["engine"] == "vllm" and backends["lora"]["server_version"]
     assert backends["lora"]["served"]["served"]["parent"] == "base"
     assert backends["dora"] == {**backends["dora"], "engine": "hf", "fallback": "vllm: vLLM does not serve DoRA adapters"}
+    checks = {(c["name"], c["variant"]): c for c in record["checks"]}
+    for name in ("base", "lora"):
+        parity = checks[("backend_parity", name)]
+        print(f"backend_parity {name}: {parity['message']}")
+        assert parity["passed"] and parity["details"]["max_abs_logprob_diff"] < 1e-3, parity
+    assert checks[("backend_parity", "dora")]["message"].startswith("runs in process (fallback: hf)")
+    assert checks[("adapter_active", "lora")]["passed"]
     mixing = backends["base"]["mixed_traffic"]
     print("mixed-traffic probe on vLLM CPU:", mixing)
     assert mixing["probe"] in ("passed", "failed") and mixing["isolated"] == (mixing["probe"] == "failed")

@@ -31,6 +31,11 @@ class Capabilities:
     full_logits: bool  # logits over the whole vocabulary at every position (merge_equivalence)
 
 
+# fixed probe prompts: what identifies a served model, and what the checks compare models on
+PROBES = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning",
+          "Q: What is 17 * 3?\nA:")
+
+
 def render_prompt(tokenizer, case: Case) -> str:
     """The exact text sent to the model: the tokenizer's chat template for chats, raw otherwise."""
     if case.messages:

@@ -176,7 +176,17 @@ class HFBackend:
         return backend
 
     def add(self, variant: Variant, info: AdapterInfo | None) -> None:
-        self.slots[variant.name] = _Slot(variant, info, variant.name if info and not variant.merge else None)
+        """Declare a variant; once the models are loaded, it is attached (or merged) at once."""
+        slot = _Slot(variant, info, variant.name if info and not variant.merge else None)
+        self.slots[variant.name] = slot
+        if self._loaded:
+            from evalkit.models.adapters import check_fits_base
+
+            with self.locate(variant.name):
+                if info is not None and self.base is not None:
+                    full = self.models["full"]
+                    check_fits_base(info, full.get_base_model() if hasattr(full, "get_base_model") else full, self.base)
+                self._bind(slot)
 
     def identity(self, variant: str) -> dict[str, Any]:
         return {"engine": "hf"}  # the variant fingerprint (content hashes) says the rest
@@ -214,19 +224,32 @@ class HFBackend:
             assert slot.info is not None
             with self.locate(slot.name):
                 check_fits_base(slot.info, self.models["full"], self.base)
-        merged = {}
-        for slot in adapters:
-            assert slot.info is not None
+        for slot in adapters:  # plain adapters first: the first one wraps the base in a PeftModel
             with self.locate(slot.name):
-                if slot.variant.merge:
-                    merged[slot.name] = self._merged(slot.variant, slot.info)
-                else:
-                    self.attach(slot.variant.quantize, slot.name, slot.info)
-        for slot in self.slots.values():  # bound after attaching: the first adapter wraps the base in a PeftModel
-            slot.model = merged.get(slot.name) or self.model_for(slot.variant.quantize)
+                if not slot.variant.merge:
+                    self._bind(slot)
+        for slot in self.slots.values():
+            if slot.model is None:
+                with self.locate(slot.name):
+                    self._bind(slot)
         for m in self.models.values():
             m.eval()
         self._loaded = True
+
+    def _bind(self, slot: _Slot) -> None:
+        """Give a declared variant its module: the shared base of its precision with its adapter
+        attached by name, or a merged copy of its own. Every slot on a shared base is rebound, as
+        attaching the first adapter wraps that base in a PeftModel."""
+        if slot.info is not None and slot.variant.merge:
+            slot.model = self._merged(slot.variant, slot.info)
+            slot.model.eval()
+            return
+        if slot.info is not None:
+            self.attach(slot.variant.quantize, slot.name, slot.info)
+        shared = self.model_for(slot.variant.quantize)
+        for other in self.slots.values():
+            if other.variant.quantize == slot.variant.quantize and not other.variant.merge:
+                other.model = shared
 
     def model_for(self, quantize: str | None) -> Any:
         """The shared base instance for a precision, loaded on first use (once per run)."""
@@ -362,8 +385,8 @@ class HFBackend:
         self.forward_passes += 1
         return F.log_softmax(out.logits[:, -keep:, :].float(), dim=-1).cpu()
 
-    def logits(self, variant: str, texts: Sequence[str], *, adapters_off: bool = False) -> list[Any]:
-        """Full-sequence logits per text, one at a time (no padding to muddy a comparison). With
+    def logits(self, variant: str, prompts: Sequence[Sequence[int]], *, adapters_off: bool = False) -> list[Any]:
+        """Full-sequence logits per prompt, one at a time (no padding to muddy a comparison). With
         `adapters_off`, the weights the variant's adapter sits on: its model with adapters disabled,
         or for a merged copy the base of the precision it was merged from."""
         import torch
@@ -375,9 +398,20 @@ class HFBackend:
         out = []
         with slot.active(adapters_off=adapters_off) as model, torch.inference_mode():
             device = next(model.parameters()).device
-            for text in texts:
-                ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
-                out.append(model(**ids).logits[0].float().cpu())
+            for ids in prompts:
+                out.append(model(input_ids=_tensor(ids).unsqueeze(0).to(device)).logits[0].float().cpu())
+        return out
+
+    def prompt_logprobs(self, variant: str, prompts: Sequence[Sequence[int]]) -> list[tuple[list[float], list[str]]]:
+        """Per prompt, each token's logprob given those before it (from the second token on) and the
+        top-1 token at that position, rendered as servers render it (the token decoded alone)."""
+        import torch.nn.functional as F
+
+        out = []
+        for ids, logits in zip(prompts, self.logits(variant, prompts)):
+            lp = F.log_softmax(logits[:-1], dim=-1)
+            picked = lp.gather(-1, _tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+            out.append(([float(x) for x in picked], [self.tokenizer.decode([int(t)]) for t in lp.argmax(-1)]))
         return out
 
     def reference_of(self, variant: str) -> int:

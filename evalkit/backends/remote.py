@@ -14,6 +14,7 @@ finished kept.
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from evalkit.backends.base import Capabilities, Job, OnOutputs, OnScores, Prompt, TokenPair
+from evalkit.backends.base import PROBES, Capabilities, Job, OnOutputs, OnScores, Prompt, TokenPair
 from evalkit.backends.hf import truncate_at_stop
 from evalkit.config.suite import BackendConfig, GenerationConfig
 from evalkit.endpoint import Endpoint, EndpointAuthError, served_identity
@@ -30,9 +31,6 @@ from evalkit.record import BackendRecord
 from evalkit.types import Output, stable_hash
 
 DEFAULT_MAX_LENGTH = 2048  # when the server's model entry gives no max_model_len
-# fixed probes whose greedy tokens identify what is served (cache keys; parity checks)
-PROBES = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning",
-          "Q: What is 17 * 3?\nA:")
 PROBE_TOKENS = 8
 
 
@@ -128,6 +126,33 @@ class OpenAIBackend:
             self.log(f"WARNING: backend {', '.join(self.cfg.urls)}: {len(differing)} of {asked} probe answers changed "
                      f"when the variants' requests were in flight together (variants {', '.join(which)}): the "
                      "server mixes models up under concurrent traffic; sending one variant at a time")
+
+    def probe_texts(self, variant: str) -> list[str]:
+        """The greedy continuations of the probes as the first replica gave them (`identity`)."""
+        self.identity(variant)
+        return [text for text, _ in self._answers[(self.endpoints[0].base_url, variant)]]
+
+    def parent(self, variant: str) -> str | None:
+        """The served name of the model an adapter sits on, as GET /models says (`parent`)."""
+        parent = self.identity(variant)["served"].get("parent")
+        return str(parent) if parent else None
+
+    def prompt_logprobs(self, name: str, prompts: Sequence[Sequence[int]]) -> list[tuple[list[float], list[str]]]:
+        """Per prompt, each token's logprob given those before it (from the second token on) and the
+        top-1 token there, from the first replica serving `name`, one request at a time."""
+        ep = self.endpoints[0]
+        out = []
+        for ids in prompts:
+            response = ep.with_retries(functools.partial(ep.client.completions.create, model=name, prompt=list(ids),
+                                                         max_tokens=1, temperature=0, echo=True, logprobs=1))
+            lp = _one_choice(response, ep).logprobs
+            n = len(ids)
+            if lp is None or not lp.token_logprobs or len(lp.token_logprobs) < n or any(
+                    x is None for x in lp.token_logprobs[1:n]):
+                raise _no_prompt_logprobs(ep)
+            tops = (lp.top_logprobs or [None] * n)[1:n]
+            out.append(([float(x) for x in lp.token_logprobs[1:n]], [max(t, key=t.get) if t else "" for t in tops]))
+        return out
 
     def record(self, variant: str) -> BackendRecord:
         return BackendRecord(engine="openai", endpoints=self.cfg.urls, served_name=self.served[variant],
@@ -274,6 +299,12 @@ def _same_answer(a: tuple[str, list[float]], b: tuple[str, list[float]], toleran
     return a[0] == b[0] and all(abs(x - y) <= tolerance for x, y in zip(a[1], b[1]))
 
 
+def _no_prompt_logprobs(ep: Endpoint) -> ConfigError:
+    return ConfigError(f"backend endpoint {ep.base_url} returned no prompt logprobs (`echo` with `logprobs`), which "
+                       "loglikelihood tasks (the MMLU canary) and the backend checks need",
+                       hint="vLLM, SGLang and evalkit serve return them; run such tasks on `backend: hf`")
+
+
 def _garbage(ep: Endpoint, what: str) -> EvalkitError:
     return EndpointFailed(f"backend endpoint {ep.base_url} answered with an unusable completion: {what}")
 
@@ -289,9 +320,7 @@ def _continuation_score(ep: Endpoint, choice: Any, n_sent: int, n_cont: int) -> 
     """(sum of the continuation's prompt logprobs, whether each was the top token) from an echo."""
     lp = choice.logprobs
     if lp is None or not lp.token_logprobs or len(lp.token_logprobs) < n_sent:
-        raise ConfigError(f"backend endpoint {ep.base_url} returned no prompt logprobs (`echo` with `logprobs`), "
-                          "which loglikelihood tasks (the MMLU canary) need",
-                          hint="vLLM, SGLang and evalkit serve return them; run such tasks on `backend: hf`")
+        raise _no_prompt_logprobs(ep)
     picked = lp.token_logprobs[n_sent - n_cont:n_sent]
     tops = (lp.top_logprobs or [None] * n_sent)[n_sent - n_cont:n_sent]
     if any(x is None for x in picked):

@@ -359,7 +359,7 @@ class Gate(Located):
     """`metric: task.metric` with min/max, max_drop vs a reference, or max_invalid; or a named `check`."""
 
     metric: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+$")
-    check: Literal["merge_equivalence", "adapter_active", "no_leakage"] | None = None
+    check: Literal["merge_equivalence", "adapter_active", "no_leakage", "backend_parity"] | None = None
     variant: str | None = Field(None, description="the variant gated (default: every non-base variant)")
     min: float | None = None
     max: float | None = None
@@ -370,6 +370,7 @@ class Gate(Located):
         None, gt=0.5, lt=1, description="one-sided level of the bound the gate tests (min: lower bound, "
                                         "max/max_drop/max_invalid: upper bound); none: point estimates")
     max_abs_logit_diff: float | None = Field(None, ge=0)
+    max_abs_logprob_diff: float | None = Field(None, ge=0, description="backend_parity: served vs in process")
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
     name: str | None = Field(None, description="the gate's id in reports, JUnit and pytest")
 
