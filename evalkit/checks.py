@@ -68,6 +68,7 @@ def adapter_active(ctx, log) -> list[CheckRecord]:
     prompts = _ids(ctx, texts)
     records = []
     references: dict[int, list] = {}  # variants on the same weights share their adapters-off logits
+    served_refs: dict[tuple[int, str | None], list] = {}  # adapters served on one base share its logprobs
     for lv in ctx.variants:
         remote = not lv.backend.capabilities.full_logits
         parent = lv.backend.parent(lv.name) if remote else None
@@ -80,8 +81,11 @@ def adapter_active(ctx, log) -> list[CheckRecord]:
         if found is None:
             backend = lv.backend
             if remote:
+                ref_key = id(backend), parent
+                if ref_key not in served_refs:
+                    served_refs[ref_key] = backend.prompt_logprobs(parent, prompts)
                 max_abs, agree = _logprob_diff(backend.prompt_logprobs(backend.served[lv.name], prompts),
-                                               backend.prompt_logprobs(parent, prompts))
+                                               served_refs[ref_key])
             else:
                 ref = backend.reference_of(lv.name)
                 if ref not in references:

@@ -287,6 +287,24 @@ class HFBackend:
             base = base.dequantize()
         return attach_adapter(base, v.name, info).merge_and_unload()
 
+    def shared_model(self, quantize: str | None, adapters: Mapping[str, AdapterInfo]) -> Any:
+        """The base of one precision with each adapter attached by name, every one checked against
+        the bare base first: what `evalkit serve` serves."""
+        from evalkit.models.adapters import check_fits_base
+
+        assert self.base is not None
+        with self.locate(None):
+            model = self.model_for(quantize)
+        for name, info in adapters.items():  # on the bare base: attaching wraps it and renames its modules
+            with self.locate(name):
+                check_fits_base(info, model, self.base)
+        for name, info in adapters.items():
+            with self.locate(name):
+                model = self.attach(quantize, name, info)
+            self.log(f"adapter '{name}' <- {info.path}")
+        model.eval()
+        return model
+
     def add_twin(self, name: str) -> Variant:
         """An unmerged twin of a merged variant, attached to the shared base of its precision (not
         scored). peft injects the adapter into that base in place, so call it only after scoring."""

@@ -13,9 +13,10 @@ from typing import Any
 
 import uvicorn
 
+from evalkit.backends.hf import HFBackend
 from evalkit.errors import ConfigError
-from evalkit.models.adapters import AdapterInfo, attach_adapter, check_fits_base, inspect_adapter
-from evalkit.models.base import BaseSpec, ResolvedBase, load_base, resolve_base
+from evalkit.models.adapters import AdapterInfo, inspect_adapter
+from evalkit.models.base import BaseSpec, ResolvedBase, load_tokenizer, resolve_base
 from evalkit.serve.app import Api
 from evalkit.serve.engine import BASE, Engine
 from evalkit.serve.protocol import Limits
@@ -39,19 +40,14 @@ def _resolve(base: BaseSpec | ResolvedBase | str) -> ResolvedBase:
 
 def load_engine(base: BaseSpec | ResolvedBase | str, adapters: Mapping[str, str | Path], *,
                 quantize: str | None = None, log: Callable[[str], None] = print, **engine_options: Any) -> Engine:
-    """Load the base once and attach each adapter by name (checked against the base first)."""
+    """The base loaded once, each adapter attached by name (the hf backend owns the loading), and
+    the engine that serves them."""
     if BASE in adapters:
         raise ConfigError(f"'{BASE}' names the model without adapters; give the adapter another name")
     infos = {name: inspect_adapter(Path(path)) for name, path in adapters.items()}  # fail before loading
     resolved = _resolve(base)
-    log(f"evalkit serve: loading {resolved.spec.ref}")
-    model, tokenizer = load_base(resolved, quantize=quantize)
-    for info in infos.values():  # on the bare base: attaching wraps it and renames its modules
-        check_fits_base(info, model, resolved)
-    for name, info in infos.items():
-        model = attach_adapter(model, name, info)
-        log(f"evalkit serve: adapter '{name}' <- {info.path}")
-    model.eval()
+    hf = HFBackend(resolved, load_tokenizer(resolved), log=lambda message: log(f"evalkit serve: {message}"))
+    model, tokenizer = hf.shared_model(quantize, infos), hf.tokenizer
     mixable = {name: info.config.get("peft_type", "LORA") == "LORA" and not info.is_dora for name, info in infos.items()}
     roots = {BASE: str(resolved.spec.ref), **{name: str(info.path) for name, info in infos.items()}}
     return Engine(model, tokenizer, mixable, fingerprints=_fingerprints(resolved, infos, quantize), roots=roots,
