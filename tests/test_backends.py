@@ -260,6 +260,22 @@ def test_backend_parity_catches_an_inert_or_another_adapter_with_numbers(capsys,
     assert failed == {"backend_parity[inert]", "backend_parity[swapped]", "adapter_active[inert]"}, failed
 
 
+def test_vllm_kind_with_a_base_url_connects_instead_of_starting_one(capsys, tmp_path, tiny_model_dir, adapters,
+                                                                  server):
+    """`kind: vllm` with `base_url` talks to a server already running (here evalkit serve): nothing
+    is started, vLLM's refusals still apply, and the record names the engine."""
+    path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False,
+                 backend={"kind": "vllm", "base_url": server.url})
+    code, text = run(capsys, path, tmp_path / "connected", "--no-cache")
+    assert code == 0 and "starting vLLM" not in text, text
+    assert {v["backend"]["engine"] for v in results(tmp_path / "connected")["variants"]} == {"vllm"}
+    merged = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False, name="merged.yml",
+                   backend={"kind": "vllm", "base_url": server.url},
+                   variants=[{"name": "base"}, {"name": "lora", "adapter": str(adapters["lora"]), "merge": True}])
+    code, text = run(capsys, merged, tmp_path / "x", "--no-cache")
+    assert code == 4 and "variants[1].merge: `merge` runs in this process" in text and "fallback: hf" in text, text
+
+
 def test_backend_config_errors_are_located(capsys, tmp_path, tiny_model_dir, adapters, server):
     path = suite(tmp_path, tiny_model_dir, adapters["lora"], canary=False,
                  backend={"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "retries": 0})
