@@ -22,14 +22,15 @@ import urllib.error
 import urllib.request
 from collections import Counter, deque
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from judge_fault_server import LocalServer
 
 
-class FaultProxy(ThreadingHTTPServer):
-    daemon_threads = True
+class FaultProxy(LocalServer):
 
     def __init__(self, upstream: str, faults: Iterable[str] = (), slow_s: float = 1.0):
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.upstream = upstream.removesuffix("/v1").rstrip("/")
         self.faults: deque[str] = deque(faults)
         self.slow_s, self.down = slow_s, False
@@ -38,7 +39,6 @@ class FaultProxy(ThreadingHTTPServer):
         self.in_flight: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
@@ -49,14 +49,6 @@ class FaultProxy(ThreadingHTTPServer):
             if self.down:
                 return "500"
             return self.faults.popleft() if self.faults else None
-
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -50,19 +50,33 @@ def verdict(messages: list[dict], state: Counter) -> str:
     return "```json\n" + json.dumps({"score": score, "reason": f"fake {score}"}) + "\n```"
 
 
-class FaultServer(ThreadingHTTPServer):
+class LocalServer(ThreadingHTTPServer):
+    """A stdlib HTTP server on 127.0.0.1 (a free port), serving from a thread inside `with`."""
+
     daemon_threads = True
 
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        super().__init__(("127.0.0.1", 0), handler)
+
+    def __enter__(self):
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class FaultServer(LocalServer):
     def __init__(self, *, key: str | None = None, models: Iterable[str] = ("judge",),
                  faults: Iterable[str] = (), slow_s: float = 1.0):
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.key, self.models, self.slow_s = key, list(models), slow_s
         self.faults: deque[str] = deque(faults)
         self.counts: Counter = Counter()  # "chat", "models", "401", and one per fault served
         self.bodies: list[dict] = []  # every chat request, as sent
         self.state: Counter = Counter()
         self.lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -75,15 +89,6 @@ class FaultServer(ThreadingHTTPServer):
     def next_fault(self) -> str | None:
         with self.lock:
             return self.faults.popleft() if self.faults else None
-
-    def __enter__(self) -> FaultServer:
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
