@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
+import sys
 import time
+from pathlib import Path
 
 import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import sequential_then_together
 
 from evalkit.models.base import BaseSpec, resolve_base
 from evalkit.serve.server import make_server
@@ -32,20 +36,7 @@ def main() -> None:
         client.chat.completions.create(model="base", max_tokens=args.max_tokens, messages=[
             {"role": "user", "content": f"Write a short sentence about the number {i}."}])
 
-    ask(-1)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(args.requests):
-        ask(i)
-    sequential = time.perf_counter() - t0
-    batches = srv.engine.stats["batches"]
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(args.requests)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    concurrent = time.perf_counter() - t0
-    used = srv.engine.stats["batches"] - batches
+    sequential, concurrent, used = sequential_then_together(srv.engine, ask, args.requests)
     single = statistics.median(_timed(lambda: client.completions.create(model="base", prompt="Hi", max_tokens=1))
                                for _ in range(5))
     srv.close()

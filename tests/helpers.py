@@ -62,3 +62,31 @@ def suite_of(path: Path, tasks=(), gates=(), variants=None, base=None, seed: int
     for i, t in enumerate(suite.tasks):
         t._index = i
     return suite
+
+
+def sequential_then_together(engine, ask, n: int) -> tuple[float, float, int]:
+    """`evalkit serve` batching, measured: seconds for `ask(0)`..`ask(n-1)` one after another, then
+    for all n at once (started on a barrier, so they arrive together), and the batches the engine
+    ran for the burst. One warm-up `ask(-1)` first. Shared by the serve test and bench_serve."""
+    import threading
+    import time
+
+    ask(-1)
+    t0 = time.perf_counter()
+    for i in range(n):
+        ask(i)
+    sequential = time.perf_counter() - t0
+    start = threading.Barrier(n)
+
+    def together(i: int) -> None:
+        start.wait()
+        ask(i)
+
+    batches = engine.stats["batches"]
+    threads = [threading.Thread(target=together, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sequential, time.perf_counter() - t0, engine.stats["batches"] - batches

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import make_adapter, suite_of, variant, write_jsonl
+from helpers import make_adapter, sequential_then_together, suite_of, variant, write_jsonl
 
 from evalkit.errors import ConfigError
 from evalkit.serve.cli import serve_main
@@ -530,28 +530,12 @@ def test_concurrent_requests_share_batches_at_least_4x_faster(embedded_model_dir
     srv = make_server(str(embedded_model_dir), {}, port=0, log=lambda _: None)
     srv.start()
     c = client(srv.url)
-    start = threading.Barrier(16)
 
-    def ask(i: int, together: bool = False) -> None:
-        if together:
-            start.wait()
+    def ask(i: int) -> None:
         c.chat.completions.create(model="base", max_tokens=16, messages=[
             {"role": "user", "content": f"Write a short sentence about the number {i}."}])
     try:
-        ask(-1)
-        t0 = time.perf_counter()
-        for i in range(16):
-            ask(i)
-        sequential = time.perf_counter() - t0
-        batches = srv.engine.stats["batches"]
-        threads = [threading.Thread(target=ask, args=(i, True)) for i in range(16)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        concurrent = time.perf_counter() - t0
-        batches = srv.engine.stats["batches"] - batches
+        sequential, concurrent, batches = sequential_then_together(srv.engine, ask, 16)
     finally:
         srv.close()
     assert sequential / concurrent >= 4, (sequential, concurrent, f"{batches} batches")
