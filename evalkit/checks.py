@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evalkit.backends.base import PROBES
+from evalkit.backends.base import PROBES, token_ids
 from evalkit.cache import adapter_active_key
 from evalkit.config.suite import CasesTask
 from evalkit.record import CheckRecord
@@ -33,11 +33,6 @@ def _case_prompts(ctx, limit: int) -> list[str]:
 
 def _probe_prompts(ctx, limit: int = 4) -> list[str]:
     return list(PROBES) + _case_prompts(ctx, limit)
-
-
-def _ids(ctx, texts: list[str]) -> list[list[int]]:
-    """Token ids of already-rendered texts (their special tokens are in the text)."""
-    return [list(ctx.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
 def _diff(a, b) -> tuple[float, float]:
@@ -65,7 +60,7 @@ def adapter_active(ctx, log) -> list[CheckRecord]:
     the model it is served on (its `parent`), and an inert one fails the check (the deployment is
     broken). A passed check is cached under the variant's fingerprint: a rerun computes nothing."""
     texts = _probe_prompts(ctx, limit=2)
-    prompts = _ids(ctx, texts)
+    prompts = token_ids(ctx.tokenizer, texts)
     records = []
     references: dict[int, list] = {}  # variants on the same weights share their adapters-off logits
     served_refs: dict[tuple[int, str | None], list] = {}  # adapters served on one base share its logprobs
@@ -120,7 +115,7 @@ def backend_parity(ctx, log) -> list[CheckRecord]:
     if not any(g.check == "backend_parity" for g in ctx.suite.gates):
         return []
     texts = _probe_prompts(ctx, limit=2)
-    prompts = _ids(ctx, texts)
+    prompts = token_ids(ctx.tokenizer, texts)
     records = []
     for lv in ctx.variants:
         if ctx.suite.backend_of(lv.variant).kind == "hf":
@@ -160,7 +155,7 @@ def _greedy_agreement(ctx, lv, reference: str) -> tuple[int, int]:
 
     served = lv.backend.probe_texts(lv.name)
     local: dict[int, str] = {}
-    prompts = [Prompt(t, tuple(ids)) for t, ids in zip(PROBES, _ids(ctx, list(PROBES)))]
+    prompts = [Prompt(t, tuple(ids)) for t, ids in zip(PROBES, token_ids(ctx.tokenizer, list(PROBES)))]
     ctx.hf.generate([(reference, i) for i in range(len(prompts))], prompts,
                     GenerationConfig(max_new_tokens=PROBE_TOKENS, batch_size=1),
                     lambda rows: local.update({i: o.text for _, i, o in rows}))
@@ -232,8 +227,8 @@ def merge_equivalence(ctx, results, log) -> list[CheckRecord]:
         min_agree = _tolerance(ctx, "merge_equivalence", lv.name, "min_top1_agreement", 0.99)
         twin = _unmerged_twin(ctx, lv)
         if twin.name not in twin_logits:
-            twin_logits[twin.name] = twin.backend.logits(twin.name, _ids(ctx, probes + cases))
-        a, b = lv.backend.logits(lv.name, _ids(ctx, probes + cases)), twin_logits[twin.name]
+            twin_logits[twin.name] = twin.backend.logits(twin.name, token_ids(ctx.tokenizer, probes + cases))
+        a, b = lv.backend.logits(lv.name, token_ids(ctx.tokenizer, probes + cases)), twin_logits[twin.name]
         max_abs, agree = _diff(a, b)
         per_set = {"probes": _diff(a[:len(probes)], b[:len(probes)])}
         if cases:

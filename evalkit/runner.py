@@ -168,8 +168,7 @@ def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, Adapte
             hf.add(v, info)
             ctx.variants.append(RunVariant(v, info, variant_fingerprint(resolved, v, info, template), hf))
             continue
-        with _locate_errors(suite, ("variants", suite.variants.index(v), "backend") if v.backend else ("backend",)):
-            served = backend.identity(v.name)
+        served = backend.identity(v.name)  # asked by its check, before any work
         log(f"variant {v.name}: served as '{backend.served[v.name]}' by {', '.join(backend.cfg.urls)}")
         ctx.variants.append(RunVariant(v, info, served_fingerprint(resolved, served, template), backend))
     return ctx
@@ -197,10 +196,8 @@ def _remote_backends(suite: Suite, resolved: ResolvedBase, tokenizer: Any, infos
     out: dict[str, OpenAIBackend] = {}
     try:
         for cfg, variants in groups.values():
-            first = variants[0]
-            where: YamlPath = ("variants", suite.variants.index(first), "backend") if first.backend else ("backend",)
             served = {v.name: v.served_name or v.name for v in variants}
-            with _locate_errors(suite, where):
+            with _locate_errors(suite, suite.backend_path(variants[0])):
                 backend = _server_backend(cfg, served, variants, resolved, tokenizer, infos, log)
                 out.update(dict.fromkeys(served, backend))  # closed below if a later check fails
                 backend.check()

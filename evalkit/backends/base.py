@@ -27,7 +27,6 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Capabilities:
-    engine: str  # "hf", "openai", "vllm"
     full_logits: bool  # logits over the whole vocabulary at every position (merge_equivalence)
 
 
@@ -55,6 +54,11 @@ def special_tokens_for_text(tokenizer) -> bool:
 def encode(tokenizer, text: str) -> Prompt:
     """A rendered prompt and the token ids every backend is sent."""
     return Prompt(text, tuple(tokenizer(text, add_special_tokens=special_tokens_for_text(tokenizer))["input_ids"]))
+
+
+def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of texts already as sent (probes, rendered prompts): no special tokens added."""
+    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
 Job = tuple[str, int]  # (variant name, prompt index)

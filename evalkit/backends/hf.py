@@ -150,7 +150,7 @@ class HFBackend:
     """Variants served in this process. `add` declares them; the models load on the first request
     (`load`), so a run the cache answers whole never loads one."""
 
-    capabilities = Capabilities(engine="hf", full_logits=True)
+    capabilities = Capabilities(full_logits=True)
 
     def __init__(self, base: ResolvedBase | None, tokenizer: Any, *, log: Callable[[str], None] = print,
                  locate: Locate | None = None):
@@ -312,8 +312,7 @@ class HFBackend:
         assert merged.info is not None and merged.variant.merge
         twin = Variant(name=f"{name}~unmerged", adapter=merged.variant.adapter, quantize=merged.variant.quantize)
         self.load()
-        model = self.attach(twin.quantize, twin.name, merged.info)
-        self.slots[twin.name] = _Slot(twin, merged.info, twin.name, model)
+        self.add(twin, merged.info)
         return twin
 
     def device(self) -> str:

@@ -22,10 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from evalkit.backends.base import PROBES, Capabilities, Job, OnOutputs, OnScores, Prompt, TokenPair
+from evalkit.backends.base import PROBES, Capabilities, Job, OnOutputs, OnScores, Prompt, TokenPair, token_ids
 from evalkit.backends.hf import truncate_at_stop
 from evalkit.config.suite import BackendConfig, GenerationConfig
-from evalkit.endpoint import Endpoint, EndpointAuthError, served_identity
+from evalkit.endpoint import Endpoint, served_identity
 from evalkit.errors import ConfigError, EvalkitError, ExitCode
 from evalkit.record import BackendRecord
 from evalkit.types import Output, stable_hash
@@ -41,26 +41,20 @@ class EndpointFailed(EvalkitError):
 
 
 class OpenAIBackend:
-    capabilities = Capabilities(engine="openai", full_logits=False)
+    capabilities = Capabilities(full_logits=False)
+    engine = "openai"  # what results.json names
 
     def __init__(self, cfg: BackendConfig, served: Mapping[str, str], tokenizer: Any, *,
                  log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep):
         """`served`: variant name -> the model name the server lists it under."""
         self.cfg, self.served, self.tokenizer, self.log = cfg, dict(served), tokenizer, log
         self.stats: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-        self.counts = {"requests": 0, "retries": 0}
-        self.endpoints = [Endpoint(url, cfg, what="backend endpoint", sleep=sleep, count=self._count)
-                          for url in cfg.urls]
+        self.endpoints = [Endpoint(url, cfg, what="backend endpoint", sleep=sleep) for url in cfg.urls]
+        self._probe_prompts = token_ids(tokenizer, PROBES)
         self._identities: dict[str, dict[str, Any]] = {}
         self._answers: dict[tuple[str, str], list[tuple[str, list[float]]]] = {}  # (url, variant) -> alone
         self.isolated = False  # one variant's requests in flight at a time (the mixed-traffic probe failed)
         self.mixing: dict[str, Any] = {}
-
-    def _count(self, **add: int) -> None:
-        with self._lock:
-            for k, v in add.items():
-                self.counts[k] = self.counts.get(k, 0) + v
 
     # ---------------------------------------------------------- what is served
 
@@ -92,7 +86,7 @@ class OpenAIBackend:
                                   + "; ".join(f"{ep.base_url}: {e}" for ep, e in zip(self.endpoints, entries)))
             for ep in self.endpoints:
                 self._answers[(ep.base_url, variant)] = [self._complete_probe(ep, name, ids)
-                                                         for ids in self._probe_ids()]
+                                                         for ids in self._probe_prompts]
             probes = [stable_hash([t for t, _ in self._answers[(ep.base_url, variant)]]) for ep in self.endpoints]
             if any(p != probes[0] for p in probes):
                 raise ConfigError(f"variant '{variant}': the replicas answer the probe prompts differently under "
@@ -109,7 +103,7 @@ class OpenAIBackend:
             self.mixing = {"probe": "not needed: one model served", "isolated": False}
             return
         jobs = [(variant, k) for k in range(len(PROBES)) for variant in self.served]  # interleaved
-        ids = self._probe_ids()
+        ids = self._probe_prompts
         differing, asked = [], 0
         for ep in self.endpoints:
             with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="mixing-probe") as pool:
@@ -155,12 +149,14 @@ class OpenAIBackend:
         return out
 
     def record(self, variant: str) -> BackendRecord:
-        return BackendRecord(engine="openai", endpoints=self.cfg.urls, served_name=self.served[variant],
-                             served=self.identity(variant), server_version=self.endpoints[0].server_version(),
+        return BackendRecord(engine=self.engine, endpoints=self.cfg.urls, served_name=self.served[variant],
+                             served=self.identity(variant), server_version=self._server_version,
                              mixed_traffic=self.mixing or None)
 
-    def _probe_ids(self) -> list[list[int]]:
-        return [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROBES]
+    @functools.cached_property
+    def _server_version(self) -> str | None:
+        """GET /version, once per backend (not once per variant)."""
+        return self.endpoints[0].server_version()
 
     def _complete_probe(self, ep: Endpoint, name: str, ids: list[int]) -> tuple[str, list[float]]:
         response = ep.with_retries(lambda: ep.client.completions.create(
@@ -270,21 +266,13 @@ class OpenAIBackend:
                              f"{item.describe_error(value)}; its work goes to the other replicas")
                 else:
                     stop.set()
-                    if error is None:
-                        error = value
-        except BaseException:
-            stop.set()
-            raise
+                    error = error or value
         finally:
             stop.set()
-        if error is None and finished < len(work):
-            error = RuntimeError("workers stopped early")
-        if error is not None:
-            if isinstance(error, EvalkitError):
-                raise error
-            ep, e = error if isinstance(error, tuple) else (self.endpoints[0], error)
-            if isinstance(e, EndpointAuthError):
-                raise e
+        if isinstance(error, EvalkitError):  # a refused key, a garbled answer: as it is
+            raise error
+        if error is not None or finished < len(work):
+            ep, e = error or (self.endpoints[0], RuntimeError("the workers stopped early"))
             raise EndpointFailed(f"backend endpoint {ep.base_url} failed after {self.cfg.retries} retries "
                                  f"({ep.describe_error(e)}); {finished} of {len(work)} requests finished and are "
                                  "cached: rerun to resume")

@@ -32,7 +32,6 @@ from evalkit.backends.remote import OpenAIBackend
 from evalkit.config.suite import BackendConfig, Variant
 from evalkit.errors import ConfigError
 from evalkit.models.adapters import AdapterInfo
-from evalkit.record import BackendRecord
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's choices for --max-lora-rank
 
@@ -160,6 +159,8 @@ class VllmBackend(OpenAIBackend):
     """The `openai` backend on a vLLM server it starts (or connects to), one prompt-logprob request
     at a time unless told otherwise (vLLM's CPU build dies on more)."""
 
+    engine = "vllm"
+
     def __init__(self, cfg: BackendConfig, served: Mapping[str, str], tokenizer: Any, *,
                  server: VllmServer | None = None, log: Callable[[str], None] = print):
         update: dict[str, Any] = {"loglikelihood_concurrency": cfg.loglikelihood_concurrency or 1}
@@ -172,9 +173,6 @@ class VllmBackend(OpenAIBackend):
         if self.server is not None:
             self.server.start()
         super().check()
-
-    def record(self, variant: str) -> BackendRecord:
-        return BackendRecord(**{**super().record(variant).__dict__, "engine": "vllm"})
 
     def close(self) -> None:
         try:

@@ -501,6 +501,10 @@ class Suite(Shape):
     def backend_of(self, v: Variant) -> BackendConfig:
         return v.backend or self.backend
 
+    def backend_path(self, v: Variant) -> YamlPath:
+        """Where the backend a variant runs on is written: its own `backend:`, else the suite's."""
+        return ("variants", self.variants.index(v), "backend") if v.backend else ("backend",)
+
 
 def _unique_ids(gates: list[Gate]) -> tuple[Gate, ...]:
     """Gate ids (with the variant) name JUnit cases and pytest items, so two gates whose ids would
