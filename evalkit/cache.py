@@ -74,9 +74,14 @@ def generation_key(model: str, gen: GenerationConfig, prompt: str) -> str:
     return Cache.key("generate", model=model, gen=gen.key(), prompt=prompt)
 
 
-def canary_key(model: str, question: str, content: str, n_shot: int, prompt: str) -> str:
-    """One MMLU answer: the variant, the question (id and content), the shots and prompt config."""
-    return Cache.key("mmlu", model=model, question=question, content=content, n_shot=n_shot, prompt=prompt)
+def loglikelihood_key(model: str, context: Sequence[int], continuation: Sequence[int]) -> str:
+    """One loglikelihood request (an lm-eval canary's): the variant and the exact token ids scored."""
+    return Cache.key("loglikelihood", model=model, context=list(context), continuation=list(continuation))
+
+
+def drift_key(model: str, passage: Sequence[int], top_k: int) -> str:
+    """One passage's next-token distributions (the drift canary's reference), kept as top-k."""
+    return Cache.key("drift", model=model, passage=list(passage), top_k=top_k)
 
 
 def adapter_active_key(model: str, prompts: Sequence[str], tolerance: float) -> str:

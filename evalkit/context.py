@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from evalkit.backends.base import Backend, Job, Prompt, encode, render_prompt
+from evalkit.backends.base import Backend, Job, Prompt, TokenPair, encode, render_prompt
 from evalkit.backends.hf import HFBackend
-from evalkit.cache import Cache, generation_key
+from evalkit.cache import Cache, generation_key, loglikelihood_key
 from evalkit.config.suite import GenerationConfig, Suite, Variant
 from evalkit.models.adapters import AdapterInfo
 from evalkit.models.base import ResolvedBase
@@ -47,16 +47,90 @@ def served_fingerprint(base: ResolvedBase, served: dict[str, Any], template_hash
     return stable_hash({"base": base.sha256, "served": served, "chat_template": template_hash})
 
 
-@dataclass
-class RunContext:
-    suite: Suite
-    base: ResolvedBase
-    tokenizer: Any
-    variants: list[RunVariant]
+@dataclass(kw_only=True)
+class Requests:
+    """The one way results reach a task: the cache first, the variant's backend for the rest, each
+    finished result cached at once (an interrupted run resumes where it stopped)."""
+
     cache: Cache
     log: Callable[[str], None] = print
     progress: bool = True
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-variant cost counters
+
+    def count(self, name: str, **add: float) -> None:
+        bucket = self.stats.setdefault(name, {})
+        for k, v in add.items():
+            bucket[k] = bucket.get(k, 0.0) + v
+
+    def generate_prompts(self, lvs: Sequence[RunVariant], prompts: Sequence[Prompt], gen: GenerationConfig, *,
+                         desc: str = "") -> dict[str, list[tuple[Output, bool]]]:
+        """Outputs of several variants for every prompt: (output, was_cached) pairs by variant name.
+        Cached outputs are reused and only misses go to the variants' backends; each finished output
+        is cached at once, so an interrupted run resumes where it stopped."""
+        keys = {lv.name: [generation_key(lv.fingerprint, gen, p.text) for p in prompts] for lv in lvs}
+        results: dict[str, list[tuple[Output, bool] | None]] = {}
+        jobs: dict[int, list[Job]] = {}  # backend -> (variant, case index) still to generate
+        for lv in lvs:
+            found = [self.cache.get(k) for k in keys[lv.name]]
+            results[lv.name] = [None if f is None else (Output(**f), True) for f in found]
+            jobs.setdefault(id(lv.backend), []).extend((lv.name, i) for i, f in enumerate(found) if f is None)
+        backends = {id(lv.backend): lv.backend for lv in lvs}
+        for bid, todo in jobs.items():
+            if not todo:
+                continue
+            label = ",".join(dict.fromkeys(name for name, _ in todo))
+            bar = _progress(len(todo), f"{desc or 'generate'} [{label}]", self.progress, self.log)
+
+            def on_done(rows: list[tuple[str, int, Output]], bar=bar) -> None:
+                self.cache.put_many({keys[name][i]: o.__dict__ for name, i, o in rows})
+                for name, i, o in rows:
+                    results[name][i] = (o, False)
+                    self.count(name, cases=1, output_tokens=o.n_output_tokens, seconds=o.latency_s)
+                bar.update(len(rows))
+
+            backends[bid].generate(todo, prompts, gen, on_done)
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, lv: RunVariant, requests: Sequence[TokenPair], *, batch_size: int = 8,
+                      desc: str = "") -> list[tuple[tuple[float, bool], bool]]:
+        """(loglikelihood of the continuation, is it the greedy one) per (context ids, continuation
+        ids) request, with whether it came from the cache. Misses go to the variant's backend and
+        are cached as each batch finishes."""
+        keys = [loglikelihood_key(lv.fingerprint, c, x) for c, x in requests]
+        found = [self.cache.get(k) for k in keys]
+        results: list[tuple[tuple[float, bool], bool] | None] = [
+            None if f is None else ((float(f[0]), bool(f[1])), True) for f in found]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            bar = _progress(len(todo), f"{desc or 'loglikelihood'} [{lv.name}]", self.progress, self.log,
+                            unit="request")
+            t0 = time.perf_counter()
+
+            def scored(indices: list[int], scores: list[tuple[float, bool]]) -> None:
+                nonlocal t0
+                real = [todo[i] for i in indices]
+                self.cache.put_many({keys[j]: [s[0], s[1]] for j, s in zip(real, scores)})
+                for j, s in zip(real, scores):
+                    results[j] = (s, False)
+                now = time.perf_counter()
+                self.count(lv.name, seconds=now - t0)
+                t0 = now
+                bar.update(len(indices))
+
+            lv.backend.loglikelihood(lv.name, [requests[i] for i in todo], scored, batch_size=batch_size)
+            bar.close()
+        return results  # type: ignore[return-value]
+
+
+@dataclass(kw_only=True)
+class RunContext(Requests):
+    """The run's suite, base and variants, for task kinds and checks."""
+
+    suite: Suite
+    base: ResolvedBase
+    tokenizer: Any
+    variants: list[RunVariant]
     hf: HFBackend | None = None  # the in-process backend, when a variant runs on it
 
     @property
@@ -93,11 +167,6 @@ class RunContext:
             self.hf.add(lv.variant, lv.info)
         return lv.name
 
-    def count(self, name: str, **add: float) -> None:
-        bucket = self.stats.setdefault(name, {})
-        for k, v in add.items():
-            bucket[k] = bucket.get(k, 0.0) + v
-
     def generate(self, lv: RunVariant, cases: Sequence[Case], gen: GenerationConfig, *,
                  desc: str = "") -> list[tuple[Output, bool]]:
         """Outputs of one variant for every case: (output, was_cached) pairs."""
@@ -105,50 +174,24 @@ class RunContext:
 
     def generate_many(self, lvs: Sequence[RunVariant], cases: Sequence[Case], gen: GenerationConfig, *,
                       desc: str = "") -> dict[str, list[tuple[Output, bool]]]:
-        """Outputs of several variants for every case, by variant name. Cached outputs are reused
-        and only misses go to the variants' backends; each finished output is cached at once, so an
-        interrupted run resumes where it stopped."""
-        prompts = [self.render(c) for c in cases]
-        keys = {lv.name: [generation_key(lv.fingerprint, gen, p.text) for p in prompts] for lv in lvs}
-        results: dict[str, list[tuple[Output, bool] | None]] = {}
-        jobs: dict[int, list[Job]] = {}  # backend -> (variant, case index) still to generate
-        for lv in lvs:
-            found = [self.cache.get(k) for k in keys[lv.name]]
-            results[lv.name] = [None if f is None else (Output(**f), True) for f in found]
-            jobs.setdefault(id(lv.backend), []).extend((lv.name, i) for i, f in enumerate(found) if f is None)
-        backends = {id(lv.backend): lv.backend for lv in lvs}
-        for bid, todo in jobs.items():
-            if not todo:
-                continue
-            label = ",".join(dict.fromkeys(name for name, _ in todo))
-            bar = _progress(len(todo), f"{desc or 'generate'} [{label}]", self.progress, self.log)
+        """Outputs of several variants for every case, by variant name (cases rendered with the chat
+        template)."""
+        return self.generate_prompts(lvs, [self.render(c) for c in cases], gen, desc=desc)
 
-            def on_done(rows: list[tuple[str, int, Output]], bar=bar) -> None:
-                self.cache.put_many({keys[name][i]: o.__dict__ for name, i, o in rows})
-                for name, i, o in rows:
-                    results[name][i] = (o, False)
-                    self.count(name, cases=1, output_tokens=o.n_output_tokens, seconds=o.latency_s)
-                bar.update(len(rows))
-
-            backends[bid].generate(todo, prompts, gen, on_done)
-            bar.close()
-        return results  # type: ignore[return-value]
-
-
-def _progress(total: int, desc: str, bars: bool, log: Callable[[str], Any] | None = None):
+def _progress(total: int, desc: str, bars: bool, log: Callable[[str], Any] | None = None, unit: str = "case"):
     """A progress bar on a terminal; elsewhere (CI logs) a line now and then, and one at the end."""
     if bars or log is None:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit="case", disable=not bars, leave=False)
-    return _ProgressLines(total, desc, log)
+        return tqdm(total=total, desc=desc, unit=unit, disable=not bars, leave=False)
+    return _ProgressLines(total, desc, log, unit)
 
 
 class _ProgressLines:
     EVERY_S = 20.0
 
-    def __init__(self, total: int, desc: str, log: Callable[[str], Any]):
-        self.total, self.desc, self.log, self.n = total, desc, log, 0
+    def __init__(self, total: int, desc: str, log: Callable[[str], Any], unit: str = "case"):
+        self.total, self.desc, self.log, self.n, self.unit = total, desc, log, 0, unit
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int = 1) -> None:
@@ -156,8 +199,8 @@ class _ProgressLines:
         now = time.perf_counter()
         if now - self.last >= self.EVERY_S and self.n < self.total:
             self.last = now
-            self.log(f"{self.desc}: {self.n}/{self.total} cases ({now - self.start:.0f} s)")
+            self.log(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({now - self.start:.0f} s)")
 
     def close(self) -> None:
         if self.total:
-            self.log(f"{self.desc}: {self.n}/{self.total} cases in {time.perf_counter() - self.start:.1f} s")
+            self.log(f"{self.desc}: {self.n}/{self.total} {self.unit}s in {time.perf_counter() - self.start:.1f} s")

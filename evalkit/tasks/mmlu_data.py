@@ -266,7 +266,7 @@ def _points_up(margin: float) -> str:
     return f"{math.ceil(round(1000 * margin, 6)) / 10:.1f}"
 
 
-def _can_clear(n: int, discordance: float, confidence: float, power: float) -> tuple[str, float | None]:
+def can_clear(n: int, discordance: float, confidence: float, power: float) -> tuple[str, float | None]:
     """What n questions can do, in words, and the margin in points (None: no margin below 100)."""
     margin, exact = clearable_margin(n, discordance, confidence, power)
     if margin > 0.999:
@@ -288,7 +288,7 @@ def plan_slice(loaded: Loaded, *, subjects: Sequence[str] | None = None, per_sub
     info['power_note']."""
     chosen, orders, capacity = _subject_orders(loaded, subjects, n_shot, seed)
     if detect_drop is not None:
-        counts, notes, sizing = _size_for_drop(detect_drop, capacity, confidence, power, discordance)
+        counts, notes, sizing = size_for_drop(detect_drop, capacity, confidence, power, discordance)
     else:
         counts, notes, sizing = _size_per_subject(5 if per_subject is None else per_subject, chosen, capacity,
                                                   confidence, power, discordance)
@@ -320,10 +320,11 @@ def _subject_orders(loaded: Loaded, subjects: Sequence[str] | None, n_shot: int,
     return chosen, orders, capacity
 
 
-def _size_for_drop(detect_drop: float, capacity: Mapping[str, int], confidence: float, power: float,
-                   discordance: float) -> tuple[dict[str, int], list[str], dict[str, Any]]:
-    """(questions per subject, notes, info) for `detect_drop`: the sample size, or every question
-    the subjects have when that is fewer (then the note says what they can clear)."""
+def size_for_drop(detect_drop: float, capacity: Mapping[str, int], confidence: float, power: float,
+                  discordance: float, unit: str = "questions") -> tuple[dict[str, int], list[str], dict[str, Any]]:
+    """(questions per subject, or documents per lm-eval task, notes, info) for `detect_drop`: the
+    sample size, or every question the subjects have when that is fewer (then the note says what
+    they can clear)."""
     if not 0 < detect_drop < 100:
         raise ConfigError(f"detect_drop must be between 0 and 100 points, got {detect_drop:g}",
                           path="detect_drop")
@@ -333,14 +334,15 @@ def _size_for_drop(detect_drop: float, capacity: Mapping[str, int], confidence: 
     how = f"{'exact' if exact else 'normal approximation'}, assuming {discordance:.0%} of answers change"
     gate = f"`max_drop: {detect_drop:g}` at {confidence:.0%} with {power:.0%} power"
     if needed is not None and total == needed:
-        note = (f"detect_drop {detect_drop:g}: {needed} questions, the fewest at which an adapter with no "
+        note = (f"detect_drop {detect_drop:g}: {needed} {unit}, the fewest at which an adapter with no "
                 f"true drop clears {gate} ({how})")
         clears: float | None = detect_drop
     else:
-        wanted = f"{needed} questions" if needed is not None else f"more than {MAX_QUESTIONS} questions"
-        words, clears = _can_clear(total, discordance, confidence, power)
+        wanted = f"{needed} {unit}" if needed is not None else f"more than {MAX_QUESTIONS} {unit}"
+        words, clears = can_clear(total, discordance, confidence, power)
         note = (f"detect_drop {detect_drop:g}: {wanted} needed for an adapter with no true drop to clear "
-                f"{gate} ({how}); the chosen subjects have {total}, all taken: with them " + words)
+                f"{gate} ({how}); the chosen {'subjects' if unit == 'questions' else 'tasks'} have {total}, all taken: "
+                "with them " + words)
     return counts, [note], dict(detect_drop=detect_drop, confidence=confidence, power=power, discordance=discordance,
                                 needed=needed, clears_max_drop=clears)
 
@@ -355,7 +357,7 @@ def _size_per_subject(per_subject: int, chosen: Sequence[str], capacity: Mapping
     if capped:
         notes.append(f"{len(capped)} subject(s) have fewer than {per_subject} questions to spare and give "
                      f"all they have ({', '.join(capped[:3])}{', ...' if len(capped) > 3 else ''})")
-    words, margin = _can_clear(total, discordance, confidence, power)
+    words, margin = can_clear(total, discordance, confidence, power)
     notes.append(f"{total} question{'s' if total != 1 else ''}: {words}")
     return counts, notes, dict(per_subject=per_subject, confidence=confidence, power=power, discordance=discordance,
                                clears_max_drop=margin)

@@ -1,0 +1,229 @@
+"""Task kind `drift`: forgetting as it starts, before any benchmark answer flips.
+
+On neutral passages (MMLU question stems shipped offline, or the user's `data:`), each variant's
+next-token distributions are compared with the reference's (`vs:`, default the suite's
+reference) at every position. Per passage: the mean KL(reference || variant) in nats per token,
+the share of positions whose top-1 token agrees, and the perplexity ratio variant / reference on
+the passage's own tokens. Passages are the cases, so intervals and paired comparisons are over
+passages; `max:` on `kl` and `min:` on `top1_agreement` are the gates.
+
+The reference's distributions are computed once per passage and cached compactly: the top-k
+log-probabilities of each position and the rest of the vocabulary as ONE bucket (its total
+mass). KL is computed between those (k+1)-cell distributions: a lower bound of the full-vocabulary
+KL (merging cells never increases KL), exact when the vocabulary has at most k tokens; the
+tail bucket keeps every bit of mass the top k miss. Each variant's per-passage result is cached
+too, so a rerun loads no model. Distributions need every logit: in-process (`hf`) variants only.
+"""
+from __future__ import annotations
+
+import base64
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from evalkit.cache import Cache, drift_key
+from evalkit.config.suite import DriftTask
+from evalkit.errors import ConfigError
+from evalkit.fileio import iter_jsonl
+from evalkit.tasks.base import SampleResult, TaskResult
+from evalkit.types import Score
+
+if TYPE_CHECKING:
+    from evalkit.context import RunContext, RunVariant
+
+DEFAULT_PASSAGES = 64
+MIN_WORDS = 8  # MMLU stems shorter than this are mostly "Which of the following ...?" fragments
+METRICS = ("kl", "top1_agreement", "ppl_ratio")
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    text: str
+
+
+def passages(task: DriftTask, seed: int) -> tuple[list[Passage], str]:
+    """The passages scored, and where they came from."""
+    if task.data is not None:
+        out = []
+        for line, row in iter_jsonl(task.data):
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise ConfigError("each row needs a non-empty `text`", file=task.data, line=line)
+            out.append(Passage(str(row.get("id", f"{task.data.stem}:{line}")), row["text"]))
+            if task.limit is not None and len(out) >= task.limit:
+                break
+        if len({p.id for p in out}) != len(out):
+            raise ConfigError("duplicate passage id", file=task.data)
+        return out, str(task.data)
+    from evalkit.tasks.mmlu_data import load_questions
+
+    loaded = load_questions()
+    stems = [Passage(q.id, q.question.strip()) for q in loaded.questions if len(q.question.split()) >= MIN_WORDS]
+    chosen = random.Random(f"evalkit-drift:{seed}").sample(stems, min(task.limit or DEFAULT_PASSAGES, len(stems)))
+    return chosen, f"MMLU question stems ({loaded.source})"
+
+
+# ---------------------------------------------------------------- the reference, compactly
+
+def _pack(tensor: Any) -> str:
+    return base64.b64encode(tensor.contiguous().numpy().tobytes()).decode()
+
+
+def _unpack(text: str, dtype: Any, shape: tuple[int, ...]) -> Any:
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=dtype).reshape(shape).copy())
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A passage's reference distributions at its T-1 predicting positions: top-k log-probabilities
+    and token ids (descending), the log of the mass outside them, and the mean NLL of the passage."""
+
+    logprobs: Any  # [T-1, k] float32
+    ids: Any  # [T-1, k] int64
+    log_tail: Any  # [T-1] float32 (-inf when the top k hold everything)
+    nll: float
+
+    @classmethod
+    def of(cls, lp: Any, tokens: Sequence[int], top_k: int) -> Reference:
+        """From full log-probabilities [T, vocab] of the passage `tokens`."""
+        import torch
+
+        rows = lp[:-1]
+        k = min(top_k, rows.shape[-1])
+        top = rows.topk(k, dim=-1)
+        tail = rows.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+        nll = -rows.gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).mean()
+        return cls(top.values, top.indices, tail, float(nll))
+
+    def to_json(self) -> dict[str, Any]:
+        small = int(self.ids.max()) < 2 ** 16  # vocabularies under 65,536 tokens store 2-byte ids
+        return {"shape": list(self.logprobs.shape), "wide": not small, "nll": self.nll,
+                "logprobs": _pack(self.logprobs), "ids": _pack(self.ids.to(_id_dtype(not small))),
+                "log_tail": _pack(self.log_tail)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Reference:
+        import numpy as np
+        import torch
+
+        shape = tuple(d["shape"])
+        ids = _unpack(d["ids"], np.int32 if d["wide"] else np.uint16, shape)
+        return cls(_unpack(d["logprobs"], np.float32, shape), ids.to(torch.int64),
+                   _unpack(d["log_tail"], np.float32, shape[:1]), float(d["nll"]))
+
+
+def _id_dtype(wide: bool) -> Any:
+    import torch
+
+    return torch.int32 if wide else torch.uint16
+
+
+def compare(ref: Reference, lp: Any, tokens: Sequence[int]) -> dict[str, float]:
+    """One passage: mean KL(reference || variant) over positions (on the reference's top-k cells
+    plus the tail bucket), top-1 agreement, and the perplexity ratio variant / reference. The
+    variant's side is reduced exactly as `Reference.of` reduces the reference (same ops, same
+    dtype), so a variant identical to its reference scores 0, 100%, x1 exactly."""
+    import torch
+
+    rows = lp[:-1]
+    q_log = rows.gather(-1, ref.ids).double()
+    q_tail = rows.scatter(-1, ref.ids, float("-inf")).logsumexp(-1).double()
+    nll = -rows.gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).mean()
+    p_log, p_tail = ref.logprobs.double(), ref.log_tail.double()
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1)
+    kl = kl + torch.where(torch.isfinite(p_tail), p_tail.exp() * (p_tail - q_tail), torch.zeros_like(kl))
+    agree = (rows.argmax(-1) == ref.ids[:, 0]).double().mean()
+    return {"kl": float(kl.clamp(min=0).mean()), "top1_agreement": float(agree),
+            "ppl_ratio": math.exp(float(nll) - ref.nll)}
+
+
+# ---------------------------------------------------------------- the task kind
+
+def run(ctx: RunContext, task: DriftTask) -> TaskResult:
+    seed = ctx.suite.seed if task.seed is None else task.seed
+    found, source = passages(task, seed)
+    tokens = [list(ctx.tokenizer.encode(p.text))[:task.max_tokens] for p in found]
+    keep = [i for i, t in enumerate(tokens) if len(t) >= 2]  # one token predicts nothing
+    found, tokens = [found[i] for i in keep], [tokens[i] for i in keep]
+    if not found:
+        raise ConfigError("no passage has two tokens or more", path=task.where("data"))
+    ref = ctx.variant(task.vs or str(ctx.suite.reference))
+    for lv in ctx.variants:
+        if not lv.backend.capabilities.full_logits or lv.backend is not ctx.hf:
+            raise ConfigError(f"drift needs every logit of the next-token distributions; variant '{lv.name}' runs on "
+                              f"'{lv.backend.record(lv.name).engine}', which gives top log-probabilities only",
+                              path=task.where("kind"), hint="run the variants of a drift task on `backend: {kind: hf}`")
+    summaries = {lv.name: _summaries(ctx, task, lv, ref, tokens) for lv in ctx.variants}
+    samples = []
+    for lv in ctx.variants:
+        for p, ids, (values, cached) in zip(found, tokens, summaries[lv.name]):
+            samples.append(SampleResult(
+                task=task.name, variant=lv.name, case_id=p.id, prompt=p.text, output="", target=None,
+                scores={m: Score(values[m]) for m in METRICS}, cached=cached, meta={"tokens": len(ids)}))
+    result = TaskResult(samples=samples, binary=dict.fromkeys(METRICS, False), extras={
+        "vs": ref.name, "source": source, "passages": len(found), "top_k": task.top_k,
+        "max_tokens": task.max_tokens, "kl": "lower bound: the reference's top-k cells plus one tail bucket"})
+    for lv in ctx.variants:
+        if lv.name != ref.name:
+            ctx.log(headline(task.name, lv.name, ref.name, [v for v, _ in summaries[lv.name]]))
+    return result
+
+
+def headline(task: str, variant: str, vs: str, values: Sequence[dict[str, float]]) -> str:
+    n = len(values)
+    kl = sum(v["kl"] for v in values) / n
+    agree = sum(v["top1_agreement"] for v in values) / n
+    ratio = sum(v["ppl_ratio"] for v in values) / n
+    return (f"{task} {variant} vs {vs}: KL {kl:.4g} nats/token, top-1 agreement {100 * agree:.1f}%, "
+            f"perplexity x{ratio:.3f} ({n} passages)")
+
+
+def _summaries(ctx: RunContext, task: DriftTask, lv: RunVariant, ref: RunVariant,
+               tokens: list[list[int]]) -> list[tuple[dict[str, float], bool]]:
+    """(kl, top1_agreement, ppl_ratio) per passage, cached per (variant, reference, passage)."""
+    if lv.name == ref.name:
+        return [({"kl": 0.0, "top1_agreement": 1.0, "ppl_ratio": 1.0}, True) for _ in tokens]
+    keys = [Cache.key("drift-summary", model=lv.fingerprint, reference=ref.fingerprint, passage=t, top_k=task.top_k)
+            for t in tokens]
+    out: list[tuple[dict[str, float], bool] | None] = [
+        None if (f := ctx.cache.get(k)) is None else (f, True) for k in keys]
+    todo = [i for i, o in enumerate(out) if o is None]
+    if not todo:
+        return out  # type: ignore[return-value]
+    refs = _references(ctx, task, ref, [tokens[i] for i in todo])
+    assert ctx.hf is not None  # checked: every variant of a drift task runs in process
+
+    def on_each(j: int, lp: Any) -> None:
+        values = compare(refs[j], lp, tokens[todo[j]])
+        ctx.cache.put(keys[todo[j]], values)
+        out[todo[j]] = (values, False)
+
+    t0 = time.perf_counter()
+    ctx.hf.next_token_logprobs(lv.name, [tokens[i] for i in todo], on_each, batch_size=task.batch_size)
+    ctx.count(lv.name, seconds=time.perf_counter() - t0)
+    return out  # type: ignore[return-value]
+
+
+def _references(ctx: RunContext, task: DriftTask, ref: RunVariant, tokens: list[list[int]]) -> list[Reference]:
+    """The reference's compact distributions for these passages: from the cache, else computed
+    (one batched forward per passage) and cached."""
+    keys = [drift_key(ref.fingerprint, t, task.top_k) for t in tokens]
+    got: list[Reference | None] = [None if (f := ctx.cache.get(k, count=False)) is None else Reference.from_json(f)
+                                   for k in keys]
+    todo = [i for i, r in enumerate(got) if r is None]
+    if todo:
+        assert ctx.hf is not None
+
+        def on_each(j: int, lp: Any) -> None:
+            r = Reference.of(lp, tokens[todo[j]], task.top_k)
+            ctx.cache.put(keys[todo[j]], r.to_json())
+            got[todo[j]] = r
+
+        ctx.hf.next_token_logprobs(ref.name, [tokens[i] for i in todo], on_each, batch_size=task.batch_size)
+    return got  # type: ignore[return-value]
