@@ -67,6 +67,7 @@ test: setup browser vllm
 bench: setup
 	$(BIN)/python bench/bench_matrix.py
 	$(BIN)/python bench/bench_canary.py
+	$(BIN)/python bench/bench_drift.py
 	$(BIN)/python bench/bench_verdicts.py
 	$(BIN)/python bench/bench_serve.py
 

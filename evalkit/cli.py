@@ -40,9 +40,13 @@ def print_summary(record: RunRecord, run_dir: Path) -> None:
     width = max([14] + [len(v.name) for v in record.variants])
     print(f"\n{record.suite.name}: {len(record.variants)} variant(s) on base {record.base.ref}")
     for task in record.tasks:
-        print(f"\n  task {task.name} ({task.kind}, {task.n_cases} cases)   value % [95% CI]   "
-              f"delta vs {ref} (pts) [95% CI] p")
-        for m in [m for m in record.metrics if m.task == task.name]:
+        if task.kind == "drift":
+            print(f"\n  task {task.name} (drift, {task.n_cases} passages)   mean per passage [95% CI]")
+            _print_drift(record, task.name, task.extras.get("vs"), width)
+        else:
+            print(f"\n  task {task.name} ({task.kind}, {task.n_cases} cases)   value % [95% CI]   "
+                  f"delta vs {ref} (pts) [95% CI] p")
+        for m in [m for m in record.metrics if m.task == task.name and task.kind != "drift"]:
             c = cmp.get((m.task, m.metric, m.variant))
             delta = ""
             if c and c.delta is not None:
@@ -57,15 +61,9 @@ def print_summary(record: RunRecord, run_dir: Path) -> None:
         for c in ruled_out(record):
             if c.task == task.name:
                 print(f"    {excludes_line(c)}")
-        per_subject = task.extras.get("per_subject")  # the canary's (mmlu) extras
-        if per_subject:
-            print("    per-subject accuracy:")
-            subjects = sorted({s for v in per_subject.values() for s in v})
-            names = list(per_subject)
-            print("      " + f"{'subject':<36}" + "".join(f"{n[:12]:>13}" for n in names))
-            for s in subjects:
-                print("      " + f"{s[:36]:<36}" + "".join(
-                    f"{_fmt(per_subject[n].get(s, {}).get('accuracy')):>13}" for n in names))
+        for what, table in (("subject", task.extras.get("per_subject")), ("lm-eval task", task.extras.get("per_task"))):
+            if isinstance(table, dict) and table:
+                _print_changed(what, table, ref)
         judge = task.extras.get("judge")  # the judge task's extras
         if judge:
             print("    " + _judge_noise(judge))
@@ -74,14 +72,58 @@ def print_summary(record: RunRecord, run_dir: Path) -> None:
             print(f"\n  check {check.name}[{check.variant}] FAILED: {check.message}")
     if record.gates:
         print("\n  gates:")
-        for g in record.gates:
-            print(f"    {'PASS' if g.passed else 'FAIL'}  {g.id:<40} {g.message}")
+        _print_gates(record)
     if any(c.significant for c in record.comparisons):
         print(f"\n  * significant at 5% after Holm's adjustment over the run's "
               f"{len(record.comparisons)} comparisons")
     n_fail = sum(not g.passed for g in record.gates)
     verdict = "PASS" if record.verdict == "pass" else "FAIL"
     print(f"\n{verdict}: {len(record.gates) - n_fail} passed, {n_fail} failed   (run folder: {run_dir})")
+
+
+def _print_drift(record: RunRecord, task: str, vs: Any, width: int) -> None:
+    """One line per variant: mean KL from its reference (with its interval), top-1 agreement and
+    the perplexity ratio; a reference itself (0, 100%, x1 by definition) is left out."""
+    values = {(m.metric, m.variant): m for m in record.metrics if m.task == task}
+    labels = vs if isinstance(vs, dict) else {}
+    for v in dict.fromkeys(m.variant for m in record.metrics if m.task == task):
+        kl, agree, ratio = (values.get((k, v)) for k in ("kl", "top1_agreement", "ppl_ratio"))
+        label = labels.get(v, "?")
+        if label in ("itself", v) or kl is None:
+            continue
+        print(f"    {v:<{width}} KL {_fmt(kl.value, False)} [{_fmt(kl.low, False)}, {_fmt(kl.high, False)}] "
+              f"nats/token vs {label}   top-1 agreement {_fmt(agree.value if agree else None).strip()}%   "
+              f"perplexity x{fmt_number(ratio.value if ratio else None, '.3f')}")
+
+
+def _print_changed(what: str, table: dict[str, Any], ref: str) -> None:
+    """A canary's breakdown (per subject, per lm-eval task), only the rows where some variant's value
+    differs from the reference's: the whole table is in report.html."""
+    def value(cell: Any) -> Any:
+        return cell.get("value", cell.get("accuracy")) if isinstance(cell, dict) else None
+
+    names = [n for n in table if isinstance(table[n], dict)]
+    rows = sorted({r for n in names for r in table[n]})
+    changed = [r for r in rows if any(value(table[n].get(r)) != value(table.get(ref, {}).get(r)) for n in names)]
+    print(f"    {what}s where a variant differs from {ref}: {len(changed)} of {len(rows)} (all in report.html)")
+    if changed:
+        print("      " + f"{what:<36}" + "".join(f"{n[:12]:>13}" for n in names))
+    for r in changed:
+        print("      " + f"{r[:36]:<36}" + "".join(f"{_fmt(value(table[n].get(r))):>13}" for n in names))
+
+
+def _print_gates(record: RunRecord) -> None:
+    """A failing gate with its whole message; the passing results of a gate on one line, with the
+    variants they cover (each message is in report.html, summary.md and junit.xml)."""
+    passed: dict[str, list[str]] = {}
+    for g in record.gates:
+        if g.passed:
+            passed.setdefault(g.id.removesuffix(f"[{g.variant}]"), []).append(g.variant)
+    for gate, variants in passed.items():
+        print(f"    PASS  {gate:<40} {', '.join(variants)}")
+    for g in record.gates:
+        if not g.passed:
+            print(f"    FAIL  {g.id:<40} {g.message}")
 
 
 def _judge_noise(j: dict[str, Any]) -> str:

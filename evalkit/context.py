@@ -104,7 +104,7 @@ class Requests:
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
             bar = _progress(len(todo), f"{desc or 'loglikelihood'} [{lv.name}]", self.progress, self.log,
-                            unit="request")
+                            unit="request", closing=False)  # the task says when it is done
             t0 = time.perf_counter()
 
             def scored(indices: list[int], scores: list[tuple[float, bool]]) -> None:
@@ -178,20 +178,22 @@ class RunContext(Requests):
         template)."""
         return self.generate_prompts(lvs, [self.render(c) for c in cases], gen, desc=desc)
 
-def _progress(total: int, desc: str, bars: bool, log: Callable[[str], Any] | None = None, unit: str = "case"):
-    """A progress bar on a terminal; elsewhere (CI logs) a line now and then, and one at the end."""
+def _progress(total: int, desc: str, bars: bool, log: Callable[[str], Any] | None = None, unit: str = "case",
+              closing: bool = True):
+    """A progress bar on a terminal; elsewhere (CI logs) a line now and then, and one at the end
+    unless `closing` is off."""
     if bars or log is None:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, unit=unit, disable=not bars, leave=False)
-    return _ProgressLines(total, desc, log, unit)
+    return _ProgressLines(total, desc, log, unit, closing)
 
 
 class _ProgressLines:
     EVERY_S = 20.0
 
-    def __init__(self, total: int, desc: str, log: Callable[[str], Any], unit: str = "case"):
-        self.total, self.desc, self.log, self.n, self.unit = total, desc, log, 0, unit
+    def __init__(self, total: int, desc: str, log: Callable[[str], Any], unit: str = "case", closing: bool = True):
+        self.total, self.desc, self.log, self.n, self.unit, self.closing = total, desc, log, 0, unit, closing
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int = 1) -> None:
@@ -202,5 +204,5 @@ class _ProgressLines:
             self.log(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({now - self.start:.0f} s)")
 
     def close(self) -> None:
-        if self.total:
+        if self.total and self.closing:
             self.log(f"{self.desc}: {self.n}/{self.total} {self.unit}s in {time.perf_counter() - self.start:.1f} s")

@@ -127,6 +127,32 @@ def test_openai_backend_against_evalkit_serve_equals_hf(capsys, tmp_path, tiny_m
     assert all(s["cached"] for s in samples(tmp_path / "again").values())
 
 
+def test_lm_eval_tasks_through_the_openai_backend_equal_hf(capsys, tmp_path, tiny_model_dir, adapters, server):
+    """`kind: lm_eval` on a server: a multiple_choice task (prompt logprobs of token ids) and a
+    generate_until one (greedy completions cut at the task's `until`) give per document what the
+    hf reference gives."""
+    from test_lm_eval_task import ARC_YAML, MATH_YAML, arc_rows, write_task
+
+    write_task(tmp_path / "tasks", "tiny_arc", ARC_YAML, arc_rows(6))
+    write_task(tmp_path / "tasks", "tiny_math", MATH_YAML, [{"question": f"{i} plus {i}", "answer": str(2 * i)}
+                                                            for i in range(4)])
+    doc = {"name": "lm-eval-remote", "base": {"path": str(tiny_model_dir)},
+           "variants": [{"name": "base"}, {"name": "lora", "adapter": str(adapters["lora"])}],
+           "tasks": [{"name": "lm", "kind": "lm_eval", "tasks": ["tasks"]}]}
+    code, text = run(capsys, write_suite(tmp_path / "hf.yml", doc), tmp_path / "hf", "--no-cache")
+    assert code == 0, text
+    remote = write_suite(tmp_path / "remote.yml", doc | {"backend": {"kind": "openai", "base_url": server.url}})
+    code, text = run(capsys, remote, tmp_path / "remote", "--no-cache")
+    assert code == 0, text
+    ours, ref = samples(tmp_path / "remote"), samples(tmp_path / "hf")
+    assert set(ours) == set(ref) and len(ref) == 2 * (6 + 4)
+    for key, r in ref.items():
+        o = ours[key]
+        assert (o["output"], o["prompt"], o["scores"]) == (r["output"], r["prompt"], r["scores"]), key
+        if "loglikelihoods" in r["meta"]:
+            assert o["meta"]["loglikelihoods"] == pytest.approx(r["meta"]["loglikelihoods"], abs=1e-4), key
+
+
 def test_the_cache_keys_what_is_served_not_the_url(capsys, tmp_path, tiny_model_dir, adapters, server):
     """Another adapter served under the variant's name (same URL, same name) is asked afresh."""
     cache = str(tmp_path / "cache.sqlite")

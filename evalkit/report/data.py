@@ -64,6 +64,8 @@ def fmt(x: Any, digits: int = 3) -> str:
         return "—"
     if float(x).is_integer() and abs(x) >= 10:
         return str(int(x))
+    if 0 < abs(x) < 0.01:  # small graded values (a drift canary's KL) keep their significant digits
+        return f"{x:.{digits}g}"
     return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.4g}"
 
 
@@ -146,7 +148,7 @@ def excludes_line(c: ComparisonRecord) -> str:
 def ruled_out(record: RunRecord) -> list[ComparisonRecord]:
     """The comparisons whose excluded drop is worth a line: those a `max_drop` gate tests, and the canary's."""
     gated = {(g.metric, g.variant, g.vs) for g in record.gates if g.kind == "max_drop"}
-    canary = {t.name for t in record.tasks if t.kind == "mmlu"}
+    canary = {t.name for t in record.tasks if t.kind in ("mmlu", "lm_eval")}
     return [c for c in record.comparisons
             if (f"{c.task}.{c.metric}", c.variant, c.vs) in gated or c.task in canary]
 

@@ -69,8 +69,9 @@ def render_html(record: RunRecord, samples: Iterable[dict[str, Any]], baseline: 
         n_comparisons=len(record.comparisons),
         ruled_out=[data.excludes_line(c) for c in data.ruled_out(record)],
         baseline=_baseline(record, baseline),
-        canaries=[(t.name, _subject_chart(t.extras["per_subject"], matrix.reference, colors))
-                  for t in record.tasks if isinstance(t.extras.get("per_subject"), Mapping)],
+        canaries=[(t.name, _subject_chart(table, matrix.reference, colors))
+                  for t in record.tasks for table in (t.extras.get("per_subject"), t.extras.get("per_task"))
+                  if isinstance(table, Mapping)],
         training=_training(record),
         task_details=[(t, _task_details(t)) for t in record.tasks],
         samples_json=_script_json(_samples_payload(record, samples, matrix)),
@@ -139,7 +140,8 @@ def _ticks(lo: float, hi: float, count: int = 4) -> list[float]:
 
 
 def _subject_chart(per_subject: Mapping[str, Any], reference: str, colors: dict[str, str]) -> dict[str, Any] | None:
-    """Dot plot: one row per subject, one dot per variant; the worst drop vs the reference on top."""
+    """Dot plot: one row per subject (or lm-eval task), one dot per variant; the worst drop vs the
+    reference on top."""
     acc: dict[str, dict[str, float]] = defaultdict(dict)
     counts: dict[str, int] = {}
     for variant, subjects in per_subject.items():
@@ -148,7 +150,7 @@ def _subject_chart(per_subject: Mapping[str, Any], reference: str, colors: dict[
         for subject, cell in subjects.items():
             if not isinstance(cell, dict):
                 continue
-            a = cell.get("accuracy")
+            a = cell.get("value", cell.get("accuracy"))  # per lm-eval task: its headline metric
             if not is_num(a) and is_num(cell.get("correct")) and cell.get("n"):
                 a = cell["correct"] / cell["n"]
             if is_num(a):
@@ -297,7 +299,16 @@ def _task_details(task: TaskRecord) -> list[tuple[str, str]]:
     if isinstance(extras.get("per_subject"), dict):
         subjects = {s for per in extras["per_subject"].values() if isinstance(per, dict) for s in per}
         rows.append(("subjects", str(len(subjects))))
-    known = {"judge", "question_ids", "seconds_per_question", "per_subject"}
+    if isinstance(extras.get("per_task"), dict):
+        tasks = {t for per in extras["per_task"].values() if isinstance(per, dict) for t in per}
+        rows.append(("lm-eval tasks", ", ".join(sorted(tasks))))
+    if isinstance(extras.get("lm_eval"), dict):  # lm-eval's own aggregates, to compare with evalkit's
+        for variant, tasks in extras["lm_eval"].items():
+            if isinstance(tasks, dict):
+                rows.append((f"lm-eval's numbers, {variant}", "; ".join(
+                    f"{t} " + ", ".join(f"{k} {fmt(v)}" for k, v in nums.items())
+                    for t, nums in tasks.items() if isinstance(nums, dict))[:300]))
+    known = {"judge", "question_ids", "seconds_per_question", "per_subject", "per_task", "lm_eval"}
     rows += [(k, _text(v)[:300]) for k, v in extras.items() if k not in known]
     return rows
 

@@ -29,7 +29,7 @@ from evalkit.config.suite import DriftTask
 from evalkit.errors import ConfigError
 from evalkit.fileio import iter_jsonl
 from evalkit.tasks.base import SampleResult, TaskResult
-from evalkit.types import Score
+from evalkit.types import Score, stable_hash
 
 if TYPE_CHECKING:
     from evalkit.context import RunContext, RunVariant
@@ -145,6 +145,28 @@ def compare(ref: Reference, lp: Any, tokens: Sequence[int]) -> dict[str, float]:
 
 # ---------------------------------------------------------------- the task kind
 
+@dataclass(frozen=True)
+class Against:
+    """What a variant's drift is measured from: a variant of the run, or the base its adapter sits
+    on (same precision, adapter off); `key` is the reference's content address."""
+
+    label: str
+    key: str
+    variant: str  # whose model runs the reference forward
+    adapters_off: bool
+
+
+def against(ctx: RunContext, task: DriftTask, lv: RunVariant) -> Against:
+    if task.vs is not None:
+        ref = ctx.variant(task.vs)
+        return Against(ref.name, ref.fingerprint, ref.name, False)
+    if lv.info is None:
+        return Against("itself", lv.fingerprint, lv.name, False)
+    quantize = lv.variant.quantize
+    key = stable_hash({"drift-reference": "the base, adapters off", "base": ctx.base.sha256, "quantize": quantize})
+    return Against("its base" + (f" ({quantize})" if quantize else ""), key, lv.name, True)
+
+
 def run(ctx: RunContext, task: DriftTask) -> TaskResult:
     seed = ctx.suite.seed if task.seed is None else task.seed
     found, source = passages(task, seed)
@@ -153,54 +175,39 @@ def run(ctx: RunContext, task: DriftTask) -> TaskResult:
     found, tokens = [found[i] for i in keep], [tokens[i] for i in keep]
     if not found:
         raise ConfigError("no passage has two tokens or more", path=task.where("data"))
-    ref = ctx.variant(task.vs or str(ctx.suite.reference))
     for lv in ctx.variants:
-        if not lv.backend.capabilities.full_logits or lv.backend is not ctx.hf:
+        if lv.backend is not ctx.hf:
             raise ConfigError(f"drift needs every logit of the next-token distributions; variant '{lv.name}' runs on "
                               f"'{lv.backend.record(lv.name).engine}', which gives top log-probabilities only",
                               path=task.where("kind"), hint="run the variants of a drift task on `backend: {kind: hf}`")
-    summaries = {lv.name: _summaries(ctx, task, lv, ref, tokens) for lv in ctx.variants}
-    samples = []
-    for lv in ctx.variants:
-        for p, ids, (values, cached) in zip(found, tokens, summaries[lv.name]):
-            samples.append(SampleResult(
-                task=task.name, variant=lv.name, case_id=p.id, prompt=p.text, output="", target=None,
-                scores={m: Score(values[m]) for m in METRICS}, cached=cached, meta={"tokens": len(ids)}))
-    result = TaskResult(samples=samples, binary=dict.fromkeys(METRICS, False), extras={
-        "vs": ref.name, "source": source, "passages": len(found), "top_k": task.top_k,
-        "max_tokens": task.max_tokens, "kl": "lower bound: the reference's top-k cells plus one tail bucket"})
-    for lv in ctx.variants:
-        if lv.name != ref.name:
-            ctx.log(headline(task.name, lv.name, ref.name, [v for v, _ in summaries[lv.name]]))
-    return result
+    refs = {lv.name: against(ctx, task, lv) for lv in ctx.variants}
+    summaries = {lv.name: _summaries(ctx, task, lv, refs[lv.name], tokens) for lv in ctx.variants}
+    samples = [SampleResult(task=task.name, variant=lv.name, case_id=p.id, prompt=p.text, output="", target=None,
+                            scores={m: Score(values[m]) for m in METRICS}, cached=cached, meta={"tokens": len(ids)})
+               for lv in ctx.variants for p, ids, (values, cached) in zip(found, tokens, summaries[lv.name])]
+    return TaskResult(samples=samples, binary=dict.fromkeys(METRICS, False), extras={
+        "vs": {v: r.label for v, r in refs.items()}, "source": source, "passages": len(found), "top_k": task.top_k,
+        "max_tokens": task.max_tokens,
+        "kl": f"a lower bound: the reference's top-{task.top_k} tokens per position plus one bucket for the rest"})
 
 
-def headline(task: str, variant: str, vs: str, values: Sequence[dict[str, float]]) -> str:
-    n = len(values)
-    kl = sum(v["kl"] for v in values) / n
-    agree = sum(v["top1_agreement"] for v in values) / n
-    ratio = sum(v["ppl_ratio"] for v in values) / n
-    return (f"{task} {variant} vs {vs}: KL {kl:.4g} nats/token, top-1 agreement {100 * agree:.1f}%, "
-            f"perplexity x{ratio:.3f} ({n} passages)")
-
-
-def _summaries(ctx: RunContext, task: DriftTask, lv: RunVariant, ref: RunVariant,
+def _summaries(ctx: RunContext, task: DriftTask, lv: RunVariant, ref: Against,
                tokens: list[list[int]]) -> list[tuple[dict[str, float], bool]]:
     """(kl, top1_agreement, ppl_ratio) per passage, cached per (variant, reference, passage)."""
-    if lv.name == ref.name:
-        return [({"kl": 0.0, "top1_agreement": 1.0, "ppl_ratio": 1.0}, True) for _ in tokens]
-    keys = [Cache.key("drift-summary", model=lv.fingerprint, reference=ref.fingerprint, passage=t, top_k=task.top_k)
+    if ref.key == lv.fingerprint:
+        return [({"kl": 0.0, "top1_agreement": 1.0, "ppl_ratio": 1.0}, True) for _ in tokens]  # itself
+    keys = [Cache.key("drift-summary", model=lv.fingerprint, reference=ref.key, passage=t, top_k=task.top_k)
             for t in tokens]
     out: list[tuple[dict[str, float], bool] | None] = [
         None if (f := ctx.cache.get(k)) is None else (f, True) for k in keys]
     todo = [i for i, o in enumerate(out) if o is None]
     if not todo:
         return out  # type: ignore[return-value]
-    refs = _references(ctx, task, ref, [tokens[i] for i in todo])
+    references = _references(ctx, task, ref, [tokens[i] for i in todo])
     assert ctx.hf is not None  # checked: every variant of a drift task runs in process
 
     def on_each(j: int, lp: Any) -> None:
-        values = compare(refs[j], lp, tokens[todo[j]])
+        values = compare(references[j], lp, tokens[todo[j]])
         ctx.cache.put(keys[todo[j]], values)
         out[todo[j]] = (values, False)
 
@@ -210,10 +217,10 @@ def _summaries(ctx: RunContext, task: DriftTask, lv: RunVariant, ref: RunVariant
     return out  # type: ignore[return-value]
 
 
-def _references(ctx: RunContext, task: DriftTask, ref: RunVariant, tokens: list[list[int]]) -> list[Reference]:
+def _references(ctx: RunContext, task: DriftTask, ref: Against, tokens: list[list[int]]) -> list[Reference]:
     """The reference's compact distributions for these passages: from the cache, else computed
-    (one batched forward per passage) and cached."""
-    keys = [drift_key(ref.fingerprint, t, task.top_k) for t in tokens]
+    (batched forwards) and cached."""
+    keys = [drift_key(ref.key, t, task.top_k) for t in tokens]
     got: list[Reference | None] = [None if (f := ctx.cache.get(k, count=False)) is None else Reference.from_json(f)
                                    for k in keys]
     todo = [i for i, r in enumerate(got) if r is None]
@@ -225,5 +232,6 @@ def _references(ctx: RunContext, task: DriftTask, ref: RunVariant, tokens: list[
             ctx.cache.put(keys[todo[j]], r.to_json())
             got[todo[j]] = r
 
-        ctx.hf.next_token_logprobs(ref.name, [tokens[i] for i in todo], on_each, batch_size=task.batch_size)
+        ctx.hf.next_token_logprobs(ref.variant, [tokens[i] for i in todo], on_each, batch_size=task.batch_size,
+                                   adapters_off=ref.adapters_off)
     return got  # type: ignore[return-value]

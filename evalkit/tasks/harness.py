@@ -306,7 +306,7 @@ def load_tasks(specs: Sequence[Any], tm: Any, where: str = "tasks") -> dict[str,
     loaded: dict[str, Any] = {}
     for spec in specs:
         try:
-            loaded.update(tm.load([spec])["tasks"])
+            loaded.update(_quiet(tm.load)([spec])["tasks"])
         except ConfigError:
             raise
         except Exception as e:
@@ -385,7 +385,7 @@ def run_canary(ctx: RunContext, name: str, build: Callable[[], list[Any]], *, ba
     per-run state on its Task objects), on the documents `samples` picks (default: all)."""
     out = Canary()
     for lv in ctx.variants:
-        lm = backend_lm(ctx, lv, batch_size=batch_size, desc=f"{name} [{lv.name}]")
+        lm = backend_lm(ctx, lv, batch_size=batch_size, desc=name)
         t0 = time.perf_counter()
         results = simple_evaluate(lm, build(), task_manager, samples=dict(samples) if samples else None,
                                   **evaluate_args)
@@ -455,12 +455,15 @@ def _binary(samples: Sequence[SampleResult]) -> dict[str, bool]:
 
 
 def _per_task(docs: Sequence[Document]) -> dict[str, dict[str, Any]]:
-    """{lm-eval task: {n, metric: mean}} for one variant (the report's full table)."""
-    out: dict[str, dict[str, Any]] = {}
+    """{lm-eval task: {n, metric, value, metrics}} for one variant (the breakdown the console shows
+    where it changed and the report draws whole); `metric` is the task's first, its headline."""
     sums: dict[str, dict[str, list[float]]] = {}
     for d in docs:
         for m, v in d.metrics.items():
             sums.setdefault(d.task, {}).setdefault(m, []).append(v)
+    out: dict[str, dict[str, Any]] = {}
     for t, metrics in sums.items():
-        out[t] = {"n": max(len(v) for v in metrics.values()), **{m: sum(v) / len(v) for m, v in metrics.items()}}
+        means = {m: sum(v) / len(v) for m, v in metrics.items()}
+        headline = next(iter(means))
+        out[t] = {"n": len(metrics[headline]), "metric": headline, "value": means[headline], "metrics": means}
     return out

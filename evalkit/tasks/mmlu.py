@@ -118,28 +118,7 @@ def run(ctx, task: MmluTask) -> TaskResult:
                                                              "n", "needed", "confidence", "power", "discordance",
                                                              "clears_max_drop")}
     computed = {v: len(c) for v, c in canary.computed.items()}
-    result = TaskResult(samples=samples, binary={"accuracy": True}, extras={
+    return TaskResult(samples=samples, binary={"accuracy": True}, extras={
         "question_ids": sl.ids, "per_subject": per_subject, "computed": computed, "source": source,
         "seconds_per_question": {v: canary.seconds[v] / n if n else 0.0 for v, n in computed.items()},
         "n_shot": task.n_shot, "slice": slice_info})
-    for line in summary_lines(result):
-        ctx.log(line)
-    return result
-
-
-def summary_lines(result: TaskResult, *, confidence: float = 0.95) -> list[str]:
-    """Log view of a canary: accuracy per variant with its exact interval. The comparisons with the
-    reference, and the drop each rules out, follow the run (from the record: cli.print_summary)."""
-    from evalkit.stats import clopper_pearson
-
-    scores: dict[str, list[float | None]] = {}
-    for s in result.samples:
-        scores.setdefault(s.variant, []).append(s.scores["accuracy"].value)
-    lines = []
-    for variant, values in scores.items():
-        valid = [v for v in values if v is not None and v == v]
-        k, n = int(sum(valid)), len(valid)
-        iv = clopper_pearson(k, n, confidence)
-        lines.append(f"canary {variant}: accuracy {100 * iv.value:.1f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}] "
-                     f"({k}/{n}" + (f", {len(values) - n} invalid)" if len(values) > n else ")"))
-    return lines
