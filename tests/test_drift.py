@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import make_adapter, write_jsonl, write_suite
 
 from evalkit.errors import ExitCode
 from evalkit.tasks import drift
-from helpers import make_adapter, write_jsonl, write_suite
 
 
 def _full_kl(p_lp, q_lp) -> float:

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import make_adapter, write_jsonl, write_suite
 
 from evalkit.errors import ExitCode
 from evalkit.tasks import harness
-from helpers import make_adapter, write_jsonl, write_suite
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
