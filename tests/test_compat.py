@@ -190,8 +190,8 @@ def test_select_cache_rows_drops_batch_rows_of_a_dynamic_cache():
 
 
 def test_no_private_third_party_api_outside_compat():
-    """The private names above are used nowhere else (the canary's override of HFLM's hook, which
-    must be defined on the class, aside)."""
+    """The private names above are used nowhere else (the lm-eval LM's override of TemplateLM's hook,
+    which must be defined on the class, aside)."""
     private = (r"_convert_weight_packed_for_cpu", r"support_avx512bf16_for_cpu", r"_total_train_tokens",
                r"\bhf_quantizer\b", r"task\.tqdm\b", r"SFTConfig\.__dataclass_fields__", r"\._name_or_path\b")
     for path in [*REPO.glob("evalkit/**/*.py"), *REPO.glob("trainers/**/*.py")]:
@@ -200,7 +200,7 @@ def test_no_private_third_party_api_outside_compat():
         text = path.read_text()
         for pattern in private:
             assert not re.search(pattern, text), f"{path.relative_to(REPO)} matches {pattern}: move it into evalkit/compat.py"
-        if path.name != "mmlu.py":
+        if path.name != "harness.py":
             assert "_loglikelihood_tokens" not in text, path
 
 

@@ -149,8 +149,8 @@ def make_ctx(task: Task, workdir: Path, logs: list[str] | None = None, cache: st
     backend = HFBackend.over(None, None, {v.name: None if v.is_base else v.name for v in suite.variants})
     lvs = [RunVariant(v, None, v.name, backend) for v in suite.variants]
     log = (logs.append if logs is not None else (lambda _: None))
-    return StubContext(suite, ResolvedBase(suite.base, "x", "0"), None, lvs, Cache(workdir / cache),
-                       log=log, progress=False)
+    return StubContext(suite=suite, base=ResolvedBase(suite.base, "x", "0"), tokenizer=None, variants=lvs,
+                       cache=Cache(workdir / cache), log=log, progress=False)
 
 
 def by_case(result, variant):

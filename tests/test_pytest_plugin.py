@@ -189,7 +189,7 @@ def test_collects_the_demo_suite(pytester):
     assert ids[:2] == ["suites/demo.yml::demo::extract.exact_match[lora]",
                        "suites/demo.yml::demo::extract.exact_match[qlora]"]
     assert "suites/demo.yml::demo::canary.accuracy-vs-base[dora]" in ids
-    assert len(ids) == len(set(ids)) == 15  # 5 gates x 3 adapter variants, every id distinct
+    assert len(ids) == len(set(ids)) == 21  # 7 gates x 3 adapter variants, every id distinct
 
 
 def test_a_check_that_ran_for_no_variant_fails_its_items(suite_dir):

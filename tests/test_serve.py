@@ -163,8 +163,8 @@ def test_judge_task_against_evalkit_serve(server, tmp_path, tiny_model_dir):
     suite = suite_of(tmp_path / "s.yml", tasks=(task,), variants=(variant("lora", tmp_path),))
     engine = server.engine
     lv = RunVariant(suite.variants[0], None, "lora-fp", HFBackend.over(engine.model, engine.tokenizer, {"lora": "lora"}))
-    ctx = RunContext(suite, ResolvedBase(suite.base, "x", "0"), engine.tokenizer, [lv], Cache(tmp_path / "c.sqlite"),
-                     log=lambda _: None, progress=False)
+    ctx = RunContext(suite=suite, base=ResolvedBase(suite.base, "x", "0"), tokenizer=engine.tokenizer, variants=[lv],
+                     cache=Cache(tmp_path / "c.sqlite"), log=lambda _: None, progress=False)
     judge.preflight(task)
     before = server.counts["chat"]
     result = judge.run(ctx, task)

@@ -62,8 +62,8 @@ def passages(task: DriftTask, seed: int) -> tuple[list[Passage], str]:
 
     loaded = load_questions()
     stems = [Passage(q.id, q.question.strip()) for q in loaded.questions if len(q.question.split()) >= MIN_WORDS]
-    chosen = random.Random(f"evalkit-drift:{seed}").sample(stems, min(task.limit or DEFAULT_PASSAGES, len(stems)))
-    return chosen, f"MMLU question stems ({loaded.source})"
+    random.Random(f"evalkit-drift:{seed}").shuffle(stems)  # a larger limit extends a smaller one
+    return stems[:task.limit or DEFAULT_PASSAGES], f"MMLU question stems ({loaded.source})"
 
 
 # ---------------------------------------------------------------- the reference, compactly

@@ -112,11 +112,7 @@ def _backend_lm_class() -> type:
             eos = self.tokenizer.decode([self.eot_token_id])
             for indices in groups.values():
                 kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], 256)
-                if kwargs.get("do_sample") or kwargs.get("temperature", 0) > 0:
-                    raise ConfigError(f"lm-eval task '{requests[indices[0]].task_name}' asks for sampled "
-                                      "generation; evalkit decodes greedily so that variants compare per document",
-                                      hint="set `generation_kwargs: {do_sample: false, temperature: 0}` in the "
-                                           "task's YAML")
+                refuse_sampling(requests[indices[0]].task_name, kwargs)
                 until = list(kwargs["until"] or [])
                 if eos not in until:
                     until.append(eos)
@@ -412,8 +408,9 @@ def run(ctx: RunContext, task: LmEvalTask) -> TaskResult:
     tm = task_manager(task.tasks)
     specs = resolve_specs(task.tasks, tm, task.where("tasks"))
     loaded = load_tasks(specs, tm, task.where("tasks"))
-    for t in loaded.values():
-        _check_greedy(t, task.where("tasks"))
+    for name, t in loaded.items():
+        if t.config.output_type == "generate_until":
+            refuse_sampling(name, t.config.generation_kwargs, task.where("tasks"))
     counts, slice_info = _sizes(task, {n: len(t.eval_docs) for n, t in loaded.items()}, seed, ctx.log)
     samples = {n: seeded_indices(len(loaded[n].eval_docs), k, seed, n) for n, k in counts.items()}
     canary = run_canary(ctx, task.name, lambda: list(load_tasks(specs, tm, task.where("tasks")).values()),
@@ -427,11 +424,12 @@ def run(ctx: RunContext, task: LmEvalTask) -> TaskResult:
         "seconds": canary.seconds, "slice": slice_info, "num_fewshot": task.num_fewshot})
 
 
-def _check_greedy(t: Any, where: str) -> None:
-    kwargs = t.config.generation_kwargs or {}
-    if t.config.output_type == "generate_until" and (kwargs.get("do_sample") or (kwargs.get("temperature") or 0) > 0):
-        raise ConfigError(f"lm-eval task '{t.config.task}' asks for sampled generation; evalkit decodes greedily "
-                          "so that variants compare per document", path=where,
+def refuse_sampling(task: str, generation_kwargs: Mapping[str, Any] | None, where: str = "") -> None:
+    """Greedy only: sampled answers would not pair document by document across variants."""
+    kwargs = generation_kwargs or {}
+    if kwargs.get("do_sample") or (kwargs.get("temperature") or 0) > 0:
+        raise ConfigError(f"lm-eval task '{task}' asks for sampled generation; evalkit decodes greedily so that "
+                          "variants compare per document", path=where,
                           hint="set `generation_kwargs: {do_sample: false, temperature: 0}` in the task's YAML")
 
 
