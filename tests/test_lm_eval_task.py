@@ -185,10 +185,18 @@ def test_bad_tasks_give_located_errors(tmp_path, tiny_model_dir):
     here) names the dataset and how to point the task at local files; sampled generation is
     refused. All exit 4 with the task's YAML path."""
     from evalkit.cli import main
+    from evalkit.runner import evaluate
 
     base = {"name": "bad", "base": {"path": str(tiny_model_dir)}, "variants": [{"name": "base"}]}
     write_suite(tmp_path / "missing.yml", base | {"tasks": [{"name": "c", "kind": "lm_eval", "tasks": ["nope.yaml"]}]})
     assert main(["run", str(tmp_path / "missing.yml"), "--out", str(tmp_path / "o1")]) == ExitCode.USAGE_ERROR
+    (tmp_path / "empty").mkdir()  # a folder with no task in it: refused by the preflight, before any training
+    recipe = {"name": "never", "train": str(Path(__file__).parents[1] / "trainers" / "recipes" / "lora.yml")}
+    write_suite(tmp_path / "empty.yml", base | {"variants": [{"name": "base"}, recipe],
+                                                "tasks": [{"name": "c", "kind": "lm_eval", "tasks": ["empty"]}]})
+    with pytest.raises(Exception, match=r"empty.yml:\d+ tasks\[0\].tasks: no lm-eval task YAML") as e:
+        evaluate(tmp_path / "empty.yml", out=tmp_path / "o0", progress=False, log=lambda _: None)
+    assert e.value.exit_code == ExitCode.USAGE_ERROR and not (tmp_path / "o0").exists()
 
     arc = write_task(tmp_path / "tasks", "tiny_arc", ARC_YAML, arc_rows())
     sampled = arc.with_name("sampled.yaml")
@@ -196,8 +204,6 @@ def test_bad_tasks_give_located_errors(tmp_path, tiny_model_dir):
     sampled.write_text(MATH_YAML.format(data=data).replace("tiny_math", "sampled")
                        .replace("do_sample: false", "do_sample: true"))
     write_suite(tmp_path / "sampled.yml", base | {"tasks": [{"name": "c", "kind": "lm_eval", "tasks": [str(sampled)]}]})
-    from evalkit.runner import evaluate
-
     with pytest.raises(Exception, match=r"tasks\[0\].*'sampled' asks for sampled generation") as e:
         evaluate(tmp_path / "sampled.yml", out=tmp_path / "o2", cache_path=tmp_path / "c.sqlite", progress=False,
                  log=lambda _: None)

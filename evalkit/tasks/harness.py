@@ -267,10 +267,14 @@ def aggregate_numbers(results: Mapping[str, Any]) -> dict[str, dict[str, float]]
 def task_manager(specs: Sequence[str]) -> Any:
     """lm-eval's TaskManager: registry names need its task folder indexed (~15 s); paths (task
     YAML files, folders of them) are indexed alone."""
-    lm_eval = lm_eval_module()
-    folders = [s for s in specs if Path(s).is_dir()]
-    registry = any(not Path(s).exists() for s in specs)
-    return lm_eval.tasks.TaskManager(include_path=folders or None, include_defaults=registry)
+    folders = tuple(s for s in specs if Path(s).is_dir())
+    edits = tuple((str(f), f.stat().st_mtime_ns) for d in folders for f in sorted(Path(d).rglob("*.y*ml")))
+    return _task_manager(folders, any(not Path(s).exists() for s in specs), edits)
+
+
+@functools.lru_cache(maxsize=4)  # preflight and run index once (again when a folder's YAML changed)
+def _task_manager(folders: tuple[str, ...], registry: bool, edits: tuple[tuple[str, int], ...]) -> Any:
+    return lm_eval_module().tasks.TaskManager(include_path=list(folders) or None, include_defaults=registry)
 
 
 def resolve_specs(specs: Sequence[str], tm: Any, where: str = "tasks") -> list[str]:
@@ -400,6 +404,11 @@ def run_canary(ctx: RunContext, name: str, build: Callable[[], list[Any]], *, ba
         else:
             ctx.log(f"{name}: {lv.name} answers reused from cache ({len(docs)} {unit})")
     return out
+
+
+def preflight(task: LmEvalTask) -> None:
+    """Before any training or model load: every listed task exists (data is loaded by `run`)."""
+    resolve_specs(task.tasks, task_manager(task.tasks), task.where("tasks"))
 
 
 def run(ctx: RunContext, task: LmEvalTask) -> TaskResult:
