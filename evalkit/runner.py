@@ -9,6 +9,7 @@ with adapters attached by name, at the first result the cache cannot answer (nev
 from __future__ import annotations
 
 import contextlib
+import importlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -258,28 +259,15 @@ def _post_checks(ctx: RunContext, results: dict[str, TaskResult], log: Log) -> l
     return leakage(ctx, log) + merge_equivalence(ctx, results, log)
 
 
+# each task kind's module: `run(ctx, task)`, and `preflight(task)` when it can check something
+# before any training or model load (a judge endpoint, lm-eval task names)
+TASK_KINDS = {"generate": "generation", "mmlu": "mmlu", "lm_eval": "harness", "drift": "drift", "judge": "judge"}
+
+
 def _task_kind(task: Task) -> ModuleType:
-    """The module that runs this kind of task: `run(ctx, task)`, and `preflight(task)` when
-    it can check something before any model loads (a judge endpoint). Imported on demand."""
-    if task.kind == "mmlu":
-        from evalkit.tasks import mmlu
-
-        return mmlu
-    if task.kind == "judge":
-        from evalkit.tasks import judge
-
-        return judge
-    if task.kind == "lm_eval":
-        from evalkit.tasks import harness
-
-        return harness
-    if task.kind == "drift":
-        from evalkit.tasks import drift
-
-        return drift
-    from evalkit.tasks import generation
-
-    return generation
+    """The module that runs this kind of task, imported on demand (lm-eval, openai stay unloaded
+    until a suite needs them)."""
+    return importlib.import_module(f"evalkit.tasks.{TASK_KINDS[task.kind]}")
 
 
 def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], results: dict[str, TaskResult],

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,12 +57,12 @@ def passages(task: DriftTask, seed: int) -> tuple[list[Passage], str]:
         if len({p.id for p in out}) != len(out):
             raise ConfigError("duplicate passage id", file=task.data)
         return out, str(task.data)
-    from evalkit.tasks.mmlu_data import load_questions
+    from evalkit.tasks.mmlu_data import load_questions, seeded_order
 
     loaded = load_questions()
     stems = [Passage(q.id, q.question.strip()) for q in loaded.questions if len(q.question.split()) >= MIN_WORDS]
-    random.Random(f"evalkit-drift:{seed}").shuffle(stems)  # a larger limit extends a smaller one
-    return stems[:task.limit or DEFAULT_PASSAGES], f"MMLU question stems ({loaded.source})"
+    chosen = seeded_order(stems, f"evalkit-drift:{seed}")[:task.limit or DEFAULT_PASSAGES]
+    return chosen, f"MMLU question stems ({loaded.source})"
 
 
 # ---------------------------------------------------------------- the reference, compactly
@@ -92,14 +91,9 @@ class Reference:
     @classmethod
     def of(cls, lp: Any, tokens: Sequence[int], top_k: int) -> Reference:
         """From full log-probabilities [T, vocab] of the passage `tokens`."""
-        import torch
-
         rows = lp[:-1]
-        k = min(top_k, rows.shape[-1])
-        top = rows.topk(k, dim=-1)
-        tail = rows.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
-        nll = -rows.gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).mean()
-        return cls(top.values, top.indices, tail, float(nll))
+        ids = rows.topk(min(top_k, rows.shape[-1]), dim=-1).indices
+        return cls(*_reduce(rows, ids, tokens))
 
     def to_json(self) -> dict[str, Any]:
         small = int(self.ids.max()) < 2 ** 16  # vocabularies under 65,536 tokens store 2-byte ids
@@ -124,23 +118,33 @@ def _id_dtype(wide: bool) -> Any:
     return torch.int32 if wide else torch.uint16
 
 
+def _reduce(rows: Any, ids: Any, tokens: Sequence[int]) -> tuple[Any, Any, Any, float]:
+    """What a passage keeps of its distributions [T-1, vocab] on the cells `ids` [T-1, k]: their
+    log-probabilities, the ids, the log of the mass outside them, and the passage's mean NLL. The
+    reference and every variant go through this one reduction (same ops, same dtype), so a variant
+    identical to its reference compares as exactly equal."""
+    import torch
+
+    tail = rows.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    nll = -rows.gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).mean()
+    return rows.gather(-1, ids), ids, tail, float(nll)
+
+
 def compare(ref: Reference, lp: Any, tokens: Sequence[int]) -> dict[str, float]:
     """One passage: mean KL(reference || variant) over positions (on the reference's top-k cells
-    plus the tail bucket), top-1 agreement, and the perplexity ratio variant / reference. The
-    variant's side is reduced exactly as `Reference.of` reduces the reference (same ops, same
-    dtype), so a variant identical to its reference scores 0, 100%, x1 exactly."""
+    plus the tail bucket), top-1 agreement, and the perplexity ratio variant / reference (a variant
+    identical to its reference scores 0, 100%, x1 exactly: see `_reduce`)."""
     import torch
 
     rows = lp[:-1]
-    q_log = rows.gather(-1, ref.ids).double()
-    q_tail = rows.scatter(-1, ref.ids, float("-inf")).logsumexp(-1).double()
-    nll = -rows.gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).mean()
+    q_log, _, q_tail, nll = _reduce(rows, ref.ids, tokens)
+    q_log, q_tail = q_log.double(), q_tail.double()
     p_log, p_tail = ref.logprobs.double(), ref.log_tail.double()
     kl = (p_log.exp() * (p_log - q_log)).sum(-1)
     kl = kl + torch.where(torch.isfinite(p_tail), p_tail.exp() * (p_tail - q_tail), torch.zeros_like(kl))
     agree = (rows.argmax(-1) == ref.ids[:, 0]).double().mean()
     return {"kl": float(kl.clamp(min=0).mean()), "top1_agreement": float(agree),
-            "ppl_ratio": math.exp(float(nll) - ref.nll)}
+            "ppl_ratio": math.exp(nll - ref.nll)}
 
 
 # ---------------------------------------------------------------- the task kind

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -359,11 +358,10 @@ def _sizes(task: LmEvalTask, docs: Mapping[str, int], seed: int,
 
 
 def seeded_indices(n_docs: int, take: int, seed: int, task: str) -> list[int]:
-    """The first `take` of a seeded order of a task's documents: a larger slice extends a smaller
-    one, so cached answers carry over."""
-    order = list(range(n_docs))
-    random.Random(f"evalkit-lm-eval:{seed}:{task}").shuffle(order)
-    return sorted(order[:take])
+    """The first `take` of a seeded order of a task's documents, in document order."""
+    from evalkit.tasks.mmlu_data import seeded_order
+
+    return sorted(seeded_order(range(n_docs), f"evalkit-lm-eval:{seed}:{task}")[:take])
 
 
 # ---------------------------------------------------------------- running a canary for every variant

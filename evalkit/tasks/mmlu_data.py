@@ -17,13 +17,14 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from evalkit.errors import ConfigError, EvalkitError, did_you_mean
 from evalkit.fileio import iter_jsonl
 from evalkit.types import stable_hash
 
 LETTERS = ("A", "B", "C", "D")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -200,9 +201,11 @@ def _load_hub() -> Loaded:
 
 # ---------------------------------------------------------------- slicing
 
-def _seeded_order(questions: list[Question], seed: int, subject: str) -> list[Question]:
-    order = list(questions)
-    random.Random(f"evalkit-mmlu:{seed}:{subject}").shuffle(order)  # str seeds are stable across runs
+def seeded_order(items: Sequence[T], key: str) -> list[T]:
+    """`items` shuffled by a string seed (stable across runs and processes): every canary slice is a
+    prefix of such an order, so a larger slice extends a smaller one and cached answers carry over."""
+    order = list(items)
+    random.Random(key).shuffle(order)
     return order
 
 
@@ -311,7 +314,7 @@ def _subject_orders(loaded: Loaded, subjects: Sequence[str] | None, n_shot: int,
     for q in loaded.questions:
         pools.setdefault(q.subject, []).append(q)
     chosen = check_subjects(subjects, list(pools))
-    orders = {s: _seeded_order(pools[s], seed, s) for s in chosen}
+    orders = {s: seeded_order(pools[s], f"evalkit-mmlu:{seed}:{s}") for s in chosen}
     capacity = {s: len(orders[s]) - n_shot for s in chosen}
     short = sorted(s for s, c in capacity.items() if c < 1)
     if short:
