@@ -8,6 +8,11 @@ replaced, and what that costs in power.
 - binary `min: p0, confidence: c` (and by symmetry `max:`): exact, over every success count; the
   Clopper-Pearson bound cannot exceed its level, and the table shows by how much it stays under.
 - graded `max_drop`: seeded simulation through stats.paired_compare (bounded: --reps per cell).
+- graded `max: T, confidence: c` on heavy-tailed, unbounded values (a drift canary's per-passage KL):
+  lognormal values whose true mean is T, through stats.mean_bound as gates.py calls it. It does NOT
+  hold its level (no bound can, without a bound on the values), which is why the suite refuses
+  `confidence:` on such metrics; graded `min:` on bounded values (top-1 agreement: beta values)
+  does.
 
     python bench/bench_verdicts.py [--reps 1000]
 """
@@ -118,6 +123,51 @@ def graded_max_drop(reps: int, level: float = 0.95) -> tuple[list[str], tuple]:
     return rows, worst
 
 
+LOGNORMAL_SIGMAS = (0.5, 1.0, 1.5)  # 1.5: one passage in ~30 reads 10x the median (the demo's qlora drift)
+PASSAGES = (16, 32, 64, 128)
+
+
+def graded_max(reps: int, level: float = 0.95, threshold: float = 0.05) -> tuple[list[str], tuple]:
+    """Per-passage values lognormal(mu, sigma) with mu set so that the true mean is exactly the
+    threshold: the pass rate of `max: threshold` (upper bound <= threshold) must stay under
+    1 - level. Power: the pass rate when the true mean is half the threshold."""
+    rows, worst = [], (0.0,)
+    for n in PASSAGES:
+        cells = []
+        for sigma in LOGNORMAL_SIGMAS:
+            rng = np.random.default_rng(hash((n, sigma)) % 2**32)
+            rates = []
+            for mean in (threshold, threshold / 2):
+                mu = math.log(mean) - sigma ** 2 / 2
+                passed = sum(stats.mean_bound(rng.lognormal(mu, sigma, n).tolist(), level, side="upper",
+                                              binary=False) <= threshold for _ in range(reps))
+                rates.append(passed / reps)
+            worst = max(worst, (rates[0], n, sigma))
+            cells.append(f"{100 * rates[0]:5.1f} ({100 * rates[1]:5.1f})")
+        rows.append(f"  n={n:<4}   " + " ".join(f"{c:>16}" for c in cells))
+    return rows, worst
+
+
+BETA_CONCENTRATIONS = (10, 40, 200)  # a passage's top-1 agreement over ~40 tokens: about 40
+
+
+def graded_min_bounded(reps: int, level: float = 0.95, threshold: float = 0.85) -> tuple[list[str], tuple]:
+    """Per-passage values in [0, 1], beta with mean exactly the threshold: the pass rate of
+    `min: threshold` (lower bound >= threshold) must stay under 1 - level."""
+    rows, worst = [], (0.0,)
+    for n in PASSAGES:
+        cells = []
+        for k in BETA_CONCENTRATIONS:
+            rng = np.random.default_rng(hash((n, k)) % 2**32)
+            a, b = threshold * k, (1 - threshold) * k
+            rate = sum(stats.mean_bound(rng.beta(a, b, n).tolist(), level, side="lower", binary=False) >= threshold
+                       for _ in range(reps)) / reps
+            worst = max(worst, (rate, n, k))
+            cells.append(f"{100 * rate:5.1f}")
+        rows.append(f"  n={n:<4}   " + " ".join(f"{c:>16}" for c in cells))
+    return rows, worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=1000, help="simulated runs per graded cell")
@@ -146,11 +196,27 @@ def main() -> None:
     rows, w_graded = graded_max_drop(args.reps)
     print("\n".join(rows))
 
+    print("\ngraded max, confidence 0.95 (simulated, lognormal per-passage values): pass % at true mean = max  "
+          "(power % at true mean = max / 2)")
+    print("  passages " + " ".join(f"{f'sigma {sg:g}':>16}" for sg in LOGNORMAL_SIGMAS))
+    rows, w_max = graded_max(args.reps)
+    print("\n".join(rows))
+
+    print("\ngraded min, confidence 0.95 (simulated, beta per-passage values in [0, 1]): pass % at true mean = "
+          "min 0.85")
+    print("  passages " + " ".join(f"{f'concentration {k}':>16}" for k in BETA_CONCENTRATIONS))
+    rows, w_min_graded = graded_min_bounded(args.reps)
+    print("\n".join(rows))
+
     print(f"\nworst cell, binary max_drop at 95%: {100 * w_drop[0]:.2f}% (n={w_drop[1]}, discordance "
           f"{100 * w_drop[2]:g}%, D={100 * w_drop[3]:g})")
     print(f"worst cell, binary min at 95%:      {100 * w_min[0]:.2f}% (n={w_min[1]}, threshold {w_min[2]:g})")
     print(f"worst cell, graded max_drop at 95%: {100 * w_graded[0]:.1f}% (n={w_graded[1]}, nonzero "
           f"{100 * w_graded[2]:g}%, D={100 * w_graded[3]:g}; simulated)")
+    print(f"worst cell, graded max at 95%, unbounded: {100 * w_max[0]:.1f}% (n={w_max[1]}, lognormal sigma "
+          f"{w_max[2]:g}; simulated): NOT held, so the suite refuses `confidence:` there")
+    print(f"worst cell, graded min at 95%, bounded:   {100 * w_min_graded[0]:.1f}% (n={w_min_graded[1]}, beta "
+          f"concentration {w_min_graded[2]}; simulated)")
     print(f"({time.time() - t0:.0f} s)")
 
 
