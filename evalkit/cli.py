@@ -67,6 +67,8 @@ def print_summary(record: RunRecord, run_dir: Path) -> None:
         judge = task.extras.get("judge")  # the judge task's extras
         if judge:
             print("    " + _judge_noise(judge))
+    if record.baseline is not None:
+        _print_vs_baseline(record)
     for check in record.checks:
         if not check.passed:
             print(f"\n  check {check.name}[{check.variant}] FAILED: {check.message}")
@@ -79,6 +81,25 @@ def print_summary(record: RunRecord, run_dir: Path) -> None:
     n_fail = sum(not g.passed for g in record.gates)
     verdict = "PASS" if record.verdict == "pass" else "FAIL"
     print(f"\n{verdict}: {len(record.gates) - n_fail} passed, {n_fail} failed   (run folder: {run_dir})")
+
+
+def _print_vs_baseline(record: RunRecord) -> None:
+    """Each candidate against the promoted variant, paired per case, one line per metric."""
+    b = record.baseline
+    assert b is not None  # called for runs with a baseline
+    p = b.promotion
+    print(f"\n  vs {b.name}: '{p.variant}' of run {p.run_id} (bundle {p.bundle}, promoted {p.promoted_at[:16]} "
+          f"by {p.by}); {b.cases} cases paired, {b.dropped} dropped")
+    for d in b.differences:
+        print(f"    differs: {d}")
+    for c in (c for c in record.comparisons if c.vs == b.name):
+        if c.delta is None:
+            print(f"    {c.task}.{c.metric:<24} {c.variant}: no paired cases")
+            continue
+        assert c.low is not None and c.high is not None  # set with delta
+        counts = f" ({c.n_ref_only} lost / {c.n_cand_only} gained)" if c.n_ref_only is not None else ""
+        print(f"    {c.task + '.' + c.metric:<28} {c.variant:<12} {c.delta * 100:+6.1f} "
+              f"[{c.low * 100:+.1f}, {c.high * 100:+.1f}] pts p={c.p_value:.3g} n={c.n}{counts}")
 
 
 def _print_drift(record: RunRecord, task: str, vs: Any, width: int) -> None:
@@ -158,9 +179,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evalkit.runner import evaluate
 
     run = evaluate(args.suite, out=args.out, use_cache=not args.no_cache, cache_path=args.cache,
-                   progress=not args.quiet and sys.stderr.isatty(), log=_log)
+                   progress=not args.quiet and sys.stderr.isatty(), log=_log, baseline=args.baseline)
     print_summary(run.record, run.run_dir)
     return run.exit_code
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from evalkit.baseline import promote
+
+    p = promote(Path(args.run_dir), args.variant, Path(args.store), force=args.force, by=args.by)
+    forced = " (forced: the run's gates did not pass)" if p.forced else ""
+    print(f"promoted '{p.variant}' of run {p.run_id} as bundle {p.bundle} in {args.store}{forced}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from evalkit.baseline import history_lines, read_history
+
+    store = Path(args.store)
+    if not store.is_dir():
+        raise ConfigError(f"baseline store not found: {store}")
+    history = read_history(store)
+    if not history:
+        print(f"{store}: no promotion yet")
+    for line in history_lines(history):
+        print(line)
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -215,7 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-cache", action="store_true", help="recompute everything")
     r.add_argument("--cache", type=Path, help="results cache file (default $EVALKIT_CACHE_DIR/results.sqlite)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--baseline", type=Path, metavar="STORE",
+                   help="compare with the latest promotion of this baseline store (in place of the suite's)")
     r.set_defaults(fn=cmd_run)
+    pr = sub.add_parser("promote", help="make a variant of a passing run the baseline later runs compare with")
+    pr.add_argument("run_dir")
+    pr.add_argument("--variant", required=True, help="the variant to promote")
+    pr.add_argument("--store", default="baselines", help="the baseline store folder (default: baselines)")
+    pr.add_argument("--force", action="store_true", help="promote a run whose gates failed (recorded as forced)")
+    pr.add_argument("--by", help="who promotes (default: $GITHUB_ACTOR, else the user name)")
+    pr.set_defaults(fn=cmd_promote)
+    h = sub.add_parser("history", help="the promotions of a baseline store, one line each")
+    h.add_argument("store")
+    h.set_defaults(fn=cmd_history)
     v = sub.add_parser("validate", help="check a suite file without running anything")
     v.add_argument("suite")
     v.set_defaults(fn=cmd_validate)

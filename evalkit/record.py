@@ -16,6 +16,8 @@ History: 1.0 the first record. 1.1 gate bounds and levels, invalid counts, Holm 
 1.2 the typed record: `reference` (the variant comparisons are made against, as the suite resolved
 it) and every field written, null where it does not apply (a fully cached variant's cost).
 1.3 each variant's `backend`: where it ran (engine, endpoints, served name and identity).
+1.4 each task's `settings` (what its scores depend on besides the cases) and the run's `baseline`
+(the promoted variant it was compared with, read from a baseline store, and the store's history).
 
 The JSON Schema shipped in evalkit/schemas/results.schema.json is generated from these types:
 `python -m evalkit.record --schema --write` regenerates it; a test checks the shipped file is the
@@ -38,7 +40,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "results.schema.json"
 
 Num = float | None  # a number that may not exist (no valid score, not computed); NaN/inf are written as null
@@ -83,7 +85,8 @@ class BaseRecord:
 class BackendRecord:
     """Where a variant ran: in this process (`hf`), or on a server (`openai`) under a served name."""
 
-    engine: str = field(metadata=doc("hf (transformers + peft in process) or openai (an OpenAI-compatible server)"))
+    engine: str = field(metadata=doc("hf (transformers + peft in process), openai (an OpenAI-compatible server) or "
+                                     "baseline (scores read from a promoted bundle: nothing ran)"))
     endpoints: tuple[str, ...] = field(default=(), metadata=doc("the server's base URLs (replicas)"))
     served_name: str | None = None
     served: Mapping[str, Any] | None = field(default=None, metadata=doc(
@@ -153,6 +156,9 @@ class TaskRecord:
         "a candidate's invalid score: a loss in comparisons, or dropped with its pair (null: not recorded)"))
     extras: Mapping[str, Any] = field(default_factory=dict, metadata=doc(
         "kind-specific: per-subject accuracy, slice ids, judge agreement, ..."))
+    settings: Mapping[str, Any] | None = field(default=None, metadata=doc(
+        "what the task's scores depend on besides its cases (scorers with their parameters, generation, "
+        "judge), as compared with a promoted baseline's; null in records older than 1.4"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +249,41 @@ class CheckRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PromotionRecord:
+    """One promotion of a baseline store (a line of its history.jsonl): which variant of which run
+    became the baseline, by whom, and its gated metrics."""
+
+    bundle: str = field(metadata=doc("the bundle's folder name in the store"))
+    promoted_at: str = field(metadata=doc("ISO 8601, UTC"))
+    by: str
+    run_id: str
+    suite: str
+    variant: str = field(metadata=doc("the promoted variant's name in its run"))
+    verdict: Literal["pass", "fail", "error"] = field(metadata=doc("the run's verdict"))
+    forced: bool = field(metadata=doc("promoted with --force although the run did not pass"))
+    base_sha256: str
+    adapter_sha256: str | None
+    fingerprint: str
+    metrics: Mapping[str, Num] = field(metadata=doc("task.metric -> the variant's value, for every gated metric"))
+    manifest_sha256: str | None = field(default=None, metadata=doc(
+        "sha256 of the bundle's manifest.json (in the history line; the manifest holds every file's)"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineRecord:
+    """The promoted variant this run was compared with, read from a baseline store."""
+
+    name: str = field(metadata=doc("its variant name in this run"))
+    store: str
+    promotion: PromotionRecord
+    mismatch: Literal["refuse", "intersect"] = field(metadata=doc("the suite's baseline_mismatch"))
+    cases: int = field(metadata=doc("cases paired with the bundle's", minimum=0))
+    dropped: int = field(metadata=doc("cases of the run or the bundle left out (added, removed, changed)", minimum=0))
+    differences: tuple[str, ...] = field(default=(), metadata=doc("what differs from the bundle"))
+    history: tuple[PromotionRecord, ...] = field(default=(), metadata=doc("the store's promotions, oldest first"))
+
+
+@dataclass(frozen=True, kw_only=True)
 class CacheStats:
     """The results cache during the run."""
 
@@ -278,6 +319,7 @@ class RunRecord:
     checks: tuple[CheckRecord, ...]
     verdict: Literal["pass", "fail", "error"]
     cache: CacheStats | None = None
+    baseline: BaselineRecord | None = None
     # how the record was read: not part of results.json
     source_version: str | None = field(default=None, compare=False, metadata={"transient": True})
 
@@ -448,7 +490,7 @@ def migrate(obj: Mapping[str, Any]) -> dict[str, Any]:
     if major != MAJOR:
         raise RecordError(f"schema_version {version!r} is not supported (this evalkit reads {MAJOR}.x)")
     out = copy.deepcopy(dict(obj))
-    for to_minor, step in ((1, _from_1_0), (2, _from_1_1), (3, _from_1_2)):
+    for to_minor, step in ((1, _from_1_0), (2, _from_1_1), (3, _from_1_2)):  # 1.4 only added fields
         if minor < to_minor:
             step(out)
     out["schema_version"] = SCHEMA_VERSION

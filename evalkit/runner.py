@@ -9,6 +9,7 @@ with adapters attached by name, at the first result the cache cannot answer (nev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import time
 from collections import defaultdict
@@ -22,6 +23,18 @@ from evalkit import __version__
 from evalkit.backends.hf import HFBackend
 from evalkit.backends.remote import OpenAIBackend
 from evalkit.backends.vllm import VllmBackend, VllmServer, adapter_rank, unservable
+from evalkit.baseline import (
+    Bundle,
+    TaskMatch,
+    baseline_record,
+    counts_note,
+    match_cases,
+    mismatch_error,
+    open_bundle,
+    promoted_samples,
+    settings_differences,
+    variant_record,
+)
 from evalkit.cache import Cache
 from evalkit.config import load_suite
 from evalkit.config.suite import BackendConfig, Suite, Task, Variant
@@ -32,11 +45,13 @@ from evalkit.models.adapters import AdapterInfo, inspect_adapter
 from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_tokenizer, resolve_base
 from evalkit.record import (
     SCHEMA_VERSION,
+    BaselineRecord,
     BaseRecord,
     CacheStats,
     CheckRecord,
     ComparisonRecord,
     Cost,
+    GateRecord,
     MetricRecord,
     RunRecord,
     SuiteRecord,
@@ -56,9 +71,11 @@ def default_run_dir(suite: Suite) -> Path:
 
 
 def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool = True,
-             cache_path: Path | None = None, progress: bool = True, log: Log = print) -> RunResult:
+             cache_path: Path | None = None, progress: bool = True, log: Log = print,
+             baseline: Path | None = None) -> RunResult:
+    """`baseline`: a baseline store to compare with, in place of the suite's `baseline:` store."""
     started = time.time()
-    suite = load_suite(suite_path)
+    suite = load_suite(suite_path, baseline=baseline)
     if not suite.tasks:
         raise NothingToEvaluate(f"{suite.path.name}: the suite has no tasks")
     for task in suite.tasks:  # fail in seconds, before any training or model load
@@ -74,6 +91,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
                 infos[v.name] = inspect_adapter(v.adapter, allow_pickle=v.allow_pickle)
     with _locate_errors(suite, ("base",)):
         resolved = resolve_base(suite.base, suite.dir)
+    promoted = _open_baseline(suite, resolved.sha256, log)  # a mismatch stops the run before any work
     cache = Cache((cache_path or cache_root() / "results.sqlite") if use_cache else None)
     ctx: RunContext | None = None
     try:
@@ -85,7 +103,8 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
             with _locate_task_errors(suite, task):
                 results[task.name] = _task_kind(task).run(ctx, task)
         checks += _post_checks(ctx, results, log)
-        record, samples = _assemble(suite, ctx, infos, results, checks, started)
+        joined = _join_baseline(suite, ctx, promoted, results) if promoted else None
+        record, samples = _assemble(suite, ctx, infos, results, checks, started, joined)
     finally:
         for backend in ctx.backends if ctx is not None else ():
             backend.close()  # a server evalkit started stops here, however the run ended
@@ -222,6 +241,53 @@ def _server_backend(cfg: BackendConfig, served: dict[str, str], variants: list[V
     return VllmBackend(cfg, served, tokenizer, server=server, log=log)
 
 
+def _open_baseline(suite: Suite, base_sha256: str, log: Log) -> tuple[Bundle, dict[str, list[str]]] | None:
+    """The promoted bundle the suite compares with, verified, and the tasks whose settings differ
+    from its (a different base, or any difference under `baseline_mismatch: refuse`, stops here)."""
+    if suite.baseline is None:
+        return None
+    with _locate_errors(suite, ("baseline",)):
+        bundle = open_bundle(suite.baseline.store, suite.baseline.bundle)
+    p = bundle.promotion
+    log(f"baseline {suite.baseline.name}: bundle {p.bundle} ('{p.variant}' of run {p.run_id}, promoted "
+        f"{p.promoted_at} by {p.by})")
+    run_wide, per_task = settings_differences(bundle, suite, base_sha256)
+    if run_wide or (per_task and suite.baseline_mismatch == "refuse"):
+        raise suite.error(("baseline",), mismatch_error(bundle, run_wide, {t: "; ".join(d) for t, d in per_task.items()}),
+                          hint=_MISMATCH_HINT if not run_wide else "a bundle pairs with runs on its own base only")
+    return bundle, per_task
+
+
+_MISMATCH_HINT = ("`baseline_mismatch: intersect` pairs the cases both sides have (a task whose settings differ "
+                  "pairs none), each gate stating its counts")
+
+
+def _join_baseline(suite: Suite, ctx: RunContext, promoted: tuple[Bundle, dict[str, list[str]]],
+                   results: dict[str, TaskResult]) -> Joined:
+    """The bundle's cases join the results as the baseline variant's, once the run's own cases show
+    which pair (same id, same prompt as sent, same target)."""
+    assert suite.baseline is not None  # promoted comes from it
+    bundle, settings = promoted
+    matches = match_cases(bundle, results, settings, [lv.name for lv in ctx.variants])
+    differ = {t: m.describe() for t, m in matches.items() if m.describe()}
+    if differ and suite.baseline_mismatch == "refuse":
+        raise suite.error(("baseline",), mismatch_error(bundle, [], differ), hint=_MISMATCH_HINT)
+    name = suite.baseline.name
+    for task, samples in promoted_samples(bundle, name, results, matches).items():
+        results[task].samples.extend(samples)
+    return Joined(variant_record(bundle, name),
+                  baseline_record(bundle, name, suite.baseline_mismatch, [], matches), matches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Joined:
+    """A promoted baseline in this run: its variant record, its record, and each task's pairing."""
+
+    variant: VariantRecord
+    record: BaselineRecord
+    matches: dict[str, TaskMatch]
+
+
 def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> list[CheckRecord]:
     checks = []
     for lv in ctx.variants:
@@ -271,7 +337,8 @@ def _task_kind(task: Task) -> ModuleType:
 
 
 def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], results: dict[str, TaskResult],
-              checks: list[CheckRecord], started: float) -> tuple[RunRecord, list[dict[str, Any]]]:
+              checks: list[CheckRecord], started: float, joined: Joined | None = None
+              ) -> tuple[RunRecord, list[dict[str, Any]]]:
     values: dict[tuple[str, str, str], dict[str, float | None]] = defaultdict(dict)  # (task, metric, variant) -> case -> v
     samples: list[dict[str, Any]] = []
     for tname, tr in results.items():
@@ -290,6 +357,8 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
                                     confidence=iv.confidence))
     comparisons = _comparisons(suite, results, values)
     gates = evaluate_gates(suite, scores, comparisons, checks)
+    if joined is not None and suite.baseline_mismatch == "intersect":
+        gates = [_with_counts(g, joined) for g in gates]
     assert suite.reference is not None  # set by validator
     record = RunRecord(
         schema_version=SCHEMA_VERSION, evalkit_version=__version__,
@@ -301,17 +370,28 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
         config=dict(suite.raw), environment=environment(ctx.device),
         base=BaseRecord(ref=suite.base.ref, kind=suite.base.kind, sha256=ctx.base.sha256),
         reference=suite.reference,
-        variants=tuple(_variant_record(lv, ctx) for lv in ctx.variants),
+        variants=tuple(_variant_record(lv, ctx) for lv in ctx.variants) + ((joined.variant,) if joined else ()),
         tasks=tuple(TaskRecord(name=t, kind=suite_task(suite, t).kind, n_cases=len({s.case_id for s in tr.samples}),
-                               binary=tr.binary, invalid=suite_task(suite, t).invalid, extras=tr.extras)
+                               binary=tr.binary, invalid=suite_task(suite, t).invalid, extras=tr.extras,
+                               settings=suite_task(suite, t).settings())
                     for t, tr in results.items()),
         metrics=tuple(metrics),
         comparisons=tuple(_comparison_records(suite, comparisons)),
         gates=tuple(gates), checks=tuple(checks), verdict="pass" if all(g.passed for g in gates) else "fail",
         cache=CacheStats(hits=ctx.cache.hits, misses=ctx.cache.misses,
                          path=str(ctx.cache.path) if ctx.cache.path else None),
+        baseline=joined.record if joined else None,
     )
     return record, samples
+
+
+def _with_counts(g: GateRecord, joined: Joined) -> GateRecord:
+    """Under `baseline_mismatch: intersect` a gate that involves the baseline says what it stands on."""
+    name = joined.record.name
+    if name not in (g.vs, g.variant) or g.metric is None:
+        return g
+    match = joined.matches.get(g.metric.partition(".")[0])
+    return g if match is None else dataclasses.replace(g, message=g.message + counts_note(name, match))
 
 
 def suite_task(suite: Suite, name: str) -> Task:
@@ -324,6 +404,8 @@ def _comparisons(suite: Suite, results: dict[str, TaskResult], values) -> dict[t
     reference = suite.reference
     assert reference is not None  # set by validator
     pairs = {(v.name, reference) for v in suite.variants if v.name != reference}
+    if suite.baseline is not None:  # every candidate against what is in production
+        pairs |= {(v.name, suite.baseline.name) for v in suite.variants if not v.is_base}
     pairs |= {(var, g.vs) for g in suite.gates if g.vs for var in gate_targets(g, suite) if var != g.vs}
     out = {}
     for (tname, metric, variant), cand in values.items():

@@ -46,12 +46,17 @@ def read_yaml(file: Path, what: str = "file") -> tuple[Any, dict[YamlPath, int]]
     return data, (_line_map(node) if node is not None else {})
 
 
-def load_suite(path: str | Path) -> Suite:
+def load_suite(path: str | Path, *, baseline: Path | None = None) -> Suite:
+    """`baseline`: a baseline store given on the command line (`--baseline`), in place of the
+    suite's `baseline:` store."""
     file = Path(path)
     data, lines = read_yaml(file, "suite file")
     if not isinstance(data, dict):
         raise ConfigError("a suite must be a YAML mapping with name, base, variants and tasks", file=file,
                           line=line_of(lines, ()))
+    if baseline is not None:
+        given = data.get("baseline")
+        data = {**data, "baseline": {**(given if isinstance(given, dict) else {}), "store": str(baseline.resolve())}}
     suite = parse(Suite, data, file=file, lines=lines, base_dir=file.resolve().parent)
     suite._path, suite._lines, suite._raw = file.resolve(), lines, data
     for group in ("variants", "tasks", "gates"):

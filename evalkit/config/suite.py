@@ -30,7 +30,7 @@ from evalkit.errors import ConfigError, YamlPath, did_you_mean, fmt_path, locate
 from evalkit.judge.client import JudgeConfig
 from evalkit.models.base import BaseSpec
 from evalkit.shape import Shape, existing, invalid, resolve
-from evalkit.types import Scorer
+from evalkit.types import Scorer, stable_hash
 
 NAME = r"^[A-Za-z0-9_.-]+$"
 
@@ -235,9 +235,47 @@ class Task(Located):
     def metrics(self) -> tuple[str, ...]:
         return tuple(s.name for s in getattr(self, "scorers", ())) + self.kind_metrics
 
+    def settings(self) -> dict[str, Any]:
+        """What this task's scores depend on besides its cases: every key but those that choose the
+        cases (their effect shows in the cases themselves) or only say how they are run. Files count
+        by their content, so a promoted baseline pairs across machines and checkouts."""
+        return {k: _setting(getattr(self, k)) for k in type(self).model_fields if k not in NOT_SETTINGS}
+
     def where(self, *sub: str | int) -> str:
         """The YAML path of this task (or of a key inside it) as errors print it: `tasks[2].judge`."""
         return fmt_path(("tasks", self._index, *sub))
+
+
+# task keys that choose cases, or say how they are run and compared, not what a case scores
+NOT_SETTINGS = frozenset({"name", "description", "data", "limit", "batch_size", "invalid", "detect_drop", "seed",
+                          "confidence", "power", "discordance", "per_subject", "subjects", "source"})
+
+
+def _setting(value: Any) -> Any:
+    """A setting as plain JSON: files as their sha256, scorers with their bound parameters (a JSON
+    Schema file as its content), endpoints without their transport keys (timeouts, retries, keys)."""
+    if isinstance(value, Path) or (isinstance(value, str) and value.startswith("/") and Path(value).exists()):
+        return {"sha256": _content_sha256(Path(value))} if Path(value).exists() else str(value)
+    if isinstance(value, ScorerSpec):
+        return {value.name: _setting(dict(getattr(value.fn, "keywords", value.params)))}
+    if isinstance(value, EndpointSettings):
+        return {k: _setting(getattr(value, k)) for k in type(value).model_fields
+                if k not in EndpointSettings.model_fields}
+    if isinstance(value, Mapping):
+        return {str(k): _setting(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_setting(v) for v in value]
+    return value
+
+
+def _content_sha256(path: Path) -> str:
+    """A file's sha256; a folder's over its files' relative names and contents."""
+    from evalkit.models.base import file_sha256
+
+    if path.is_file():
+        return file_sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return stable_hash([[str(p.relative_to(path)), file_sha256(p)] for p in files])
 
 
 class CasesTask(Task):
@@ -470,6 +508,27 @@ class Gate(Located):
         return self._id or self.label
 
 
+# ---------------------------------------------------------------- the promoted baseline
+
+def _store_only(value: Any) -> Any:
+    return {"store": value} if isinstance(value, str | Path) else value
+
+
+class BaselineConfig(Shape):
+    """A baseline store's promoted variant (`evalkit promote`), joining the run read-only: its
+    scores come from the bundle, paired per case with the live variants'."""
+
+    store: Annotated[Path, existing("baseline store", folder=True)] = Field(
+        description="the store folder `evalkit promote` writes (relative to the suite file)")
+    name: str = Field("promoted", pattern=NAME, description="its variant name in this run (what `vs:` names)")
+    bundle: str | None = Field(None, description="the bundle to compare with (default: the latest promotion)")
+
+
+BaselineEntry = Annotated[BaselineConfig, BeforeValidator(_store_only), WithJsonSchema(
+    {"oneOf": [{"type": "string"}, BaselineConfig.model_json_schema()],
+     "description": "a baseline store folder, or {store, name, bundle}"})]
+
+
 # ---------------------------------------------------------------- the suite
 
 class Suite(Shape):
@@ -484,6 +543,10 @@ class Suite(Shape):
     variants: tuple[Variant, ...] = Field(min_length=1, strict=False)
     tasks: tuple[AnyTask, ...] = Field(strict=False)
     gates: tuple[Gate, ...] = Field((), strict=False)
+    baseline: BaselineEntry | None = Field(None, description="compare with a promoted variant (`evalkit promote`)")
+    baseline_mismatch: Literal["refuse", "intersect"] = Field(
+        "refuse", description="when cases, prompts, settings differ from the baseline bundle's: refuse (exit 4, "
+                              "listing what differs) or intersect (pair the cases both have, counts in every gate)")
 
     _path: Path = PrivateAttr(Path("suite.yml"))
     _lines: Mapping[YamlPath, int] = PrivateAttr(default_factory=dict)
@@ -503,6 +566,9 @@ class Suite(Shape):
         reference = self.reference or ("base" if "base" in names else names[0])
         if reference not in names:
             raise invalid(f"unknown variant '{reference}'{did_you_mean(reference, names)}", at=("reference",))
+        if self.baseline is not None and self.baseline.name in names:
+            raise invalid(f"the baseline's name '{self.baseline.name}' is a variant's: give it another",
+                          at=("baseline",), hint="baseline: {store: DIR, name: production}")
         tasks = {t.name: t for t in self.tasks}
         for i, t in enumerate(self.tasks):
             t._index = i
@@ -510,7 +576,8 @@ class Suite(Shape):
                 raise invalid(f"duplicate task name '{t.name}'", at=("tasks", i, "name"))
             if isinstance(t, JudgeTask | DriftTask) and t.vs is not None and t.vs not in names:
                 raise invalid(f"unknown variant '{t.vs}'{did_you_mean(t.vs, names)}", at=("tasks", i, "vs"))
-        gates = [self._gate(i, g, tasks, names, reference) for i, g in enumerate(self.gates)]
+        gated = [*names, self.baseline.name] if self.baseline else names  # gates may name the baseline
+        gates = [self._gate(i, g, tasks, gated, reference) for i, g in enumerate(self.gates)]
         object.__setattr__(self, "reference", reference)
         object.__setattr__(self, "gates", _unique_ids(gates))
         return self
@@ -521,7 +588,9 @@ class Suite(Shape):
         for key in ("variant", "vs"):
             value = getattr(g, key)
             if value is not None and value not in variants:
-                raise invalid(f"unknown variant '{value}'{did_you_mean(value, variants)}", at=(*where, key))
+                raise invalid(f"unknown variant '{value}'{did_you_mean(value, variants)}", at=(*where, key),
+                              hint="a promoted baseline joins the run with `baseline: STORE` (or "
+                                   "`evalkit run --baseline STORE`)" if value == "promoted" else None)
         if g.metric is not None:
             tname, _, metric = g.metric.partition(".")
             if tname not in tasks:

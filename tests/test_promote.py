@@ -1,0 +1,142 @@
+"""Promoted baselines: `evalkit promote`, a store's bundles and history, and runs paired with them."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import make_adapter, write_jsonl, write_suite
+
+from evalkit.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ROWS = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"Name a colour, then the number {i}."}],
+         "target": f"blue {i}"} for i in range(12)]
+CANARY = {"name": "canary", "kind": "mmlu", "per_subject": 2, "subjects": ["astronomy", "virology"]}
+
+
+def gates(vs: str) -> list[dict]:
+    return [{"metric": "extract.rouge_l", "max_drop": 5, "vs": vs, "confidence": 0.9},
+            {"metric": "extract.regex", "max_drop": 10, "vs": vs},
+            {"metric": "canary.accuracy", "max_drop": 50, "vs": vs}]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, embedded_model_dir):
+    """Adapters A and B, a suite writer and a runner over one cache; A is copied so a test can
+    delete it."""
+    root = tmp_path_factory.mktemp("promote")
+    adapters = {"A": make_adapter(embedded_model_dir, root / "A", seed=1, scale_b=2),
+                "B": make_adapter(embedded_model_dir, root / "B", seed=2, scale_b=4)}
+    write_jsonl(root / "data.jsonl", ROWS)
+
+    def suite(name: str, variants: list[str], gate_list=(), **extra) -> Path:
+        return write_suite(root / f"{name}.yml", {
+            "name": name, "base": {"path": str(embedded_model_dir)},
+            "variants": [{"name": "base"}] + [{"name": v, "adapter": str(adapters[v])} for v in variants],
+            "tasks": [{"name": "extract", "data": "data.jsonl", "max_new_tokens": 6,
+                       "scorers": ["rouge_l", {"regex": "[aeiou]{2}"}]}, CANARY],
+            "gates": list(gate_list), **extra})
+
+    def run(suite_path: Path, out: str, *args: str) -> tuple[int, str]:
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            code = main(["run", str(suite_path), "--out", str(root / out), "-q", "--cache",
+                         str(root / "cache.sqlite"), *args])
+        return code, buf.getvalue()
+
+    return root, adapters, suite, run
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
+
+
+def _comparisons(run_dir: Path, vs: str) -> dict:
+    record = json.loads((run_dir / "results.json").read_text())
+    keep = ("delta", "low", "high", "p_value", "p_exact", "n", "n_ref_only", "n_cand_only", "n_nonzero", "method")
+    return {(c["task"], c["metric"], c["variant"]): {k: c[k] for k in keep}
+            for c in record["comparisons"] if c["vs"] == vs}
+
+
+def _gates(run_dir: Path) -> dict:
+    record = json.loads((run_dir / "results.json").read_text())
+    keep = ("value", "low", "high", "p_value", "bound", "passed", "n")
+    return {g["metric"]: {k: g[k] for k in keep} for g in record["gates"]}
+
+
+def test_promoted_comparison_equals_live_and_mismatches_are_refused(capsys, world):
+    root, adapters, suite, run = world
+    code, text = run(suite("live", ["A", "B"], gates("A")), "live")
+    assert code in (0, 1), text
+    code, text = run(suite("prod", ["A"], [{"metric": "extract.rouge_l", "min": 0}]), "prod")
+    assert code == 0, text
+
+    store = root / "store"
+    code, text = _cli(capsys, "promote", str(root / "prod"), "--variant", "A", "--store", str(store), "--by", "ci")
+    assert code == 0 and "as bundle 0001-A" in text, text
+    shutil.rmtree(adapters["A"])  # production's files are gone: the bundle is all there is
+
+    cand = suite("cand", ["B"], gates("promoted"), baseline=str(store))
+    code, text = run(cand, "cand")
+    assert code in (0, 1) and "Traceback" not in text, text
+    live, promoted = _comparisons(root / "live", "A"), _comparisons(root / "cand", "promoted")
+    assert set(live) == {("extract", "rouge_l", "B"), ("extract", "regex", "B"), ("canary", "accuracy", "B")}
+    assert promoted == live  # delta, interval, p, counts: the same numbers
+    assert _gates(root / "cand") == _gates(root / "live")
+    assert any(c["n_nonzero"] for c in live.values())  # the pair is not trivially equal
+    record = json.loads((root / "cand" / "results.json").read_text())
+    assert record["baseline"]["promotion"]["bundle"] == "0001-A" and record["baseline"]["cases"] == 12 + 4
+    assert record["baseline"]["dropped"] == 0 and record["variants"][-1]["backend"]["engine"] == "baseline"
+    assert "vs promoted: 'A' of run prod-" in text and "16 cases paired, 0 dropped" in text
+
+    # one case's text changed: refused, with the difference listed; intersect pairs the rest
+    write_jsonl(root / "data.jsonl", [dict(ROWS[0], messages=[{"role": "user", "content": "Something else."}])]
+                + ROWS[1:])
+    try:
+        code, text = run(cand, "changed")
+        assert code == 4 and "does not match baseline bundle 0001-A" in text, text
+        assert "task extract: changed 1 case" in text and "cand.yml:" in text and "Traceback" not in text
+        assert not (root / "changed" / "results.json").exists()
+        code, text = run(suite("inter", ["B"], gates("promoted"), baseline=str(store), baseline_mismatch="intersect"),
+                         "intersect")
+        assert code in (0, 1), text
+        messages = {g["metric"]: g["message"] for g in json.loads(
+            (root / "intersect" / "results.json").read_text())["gates"]}
+        assert "[promoted: 11 cases paired, 1 dropped: changed 1 case]" in messages["extract.rouge_l"]
+        assert "[promoted: 4 cases paired, 0 dropped]" in messages["canary.accuracy"]
+    finally:
+        write_jsonl(root / "data.jsonl", ROWS)
+
+    # a scorer option changed: refused before any work, listed by its setting
+    other = write_suite(root / "other.yml", dict(json.loads(json.dumps(_yaml(cand))),
+                                                 tasks=[dict(_yaml(cand)["tasks"][0], scorers=[
+                                                     "rouge_l", {"regex": "[aeiou]{3}"}]), CANARY]))
+    code, text = run(other, "other")
+    assert code == 4 and 'scorers[1].regex.pattern: "[aeiou]{2}" in the bundle, "[aeiou]{3}" here' in text, text
+    assert "loading base" not in text
+
+    # the same store given on the command line, with the latest bundle; a tampered bundle is refused
+    code, text = run(suite("cli", ["B"], gates("promoted")), "cli", "--baseline", str(store))
+    assert code in (0, 1) and _comparisons(root / "cli", "promoted") == live, text
+    cases = store / "bundles" / "0001-A" / "cases.jsonl"
+    cases.chmod(0o644)
+    blob = bytearray(cases.read_bytes())
+    blob[200] ^= 1
+    cases.write_bytes(bytes(blob))
+    code, text = run(cand, "tampered")
+    assert code == 4 and "0001-A was changed after promotion: cases.jsonl does not match" in text, text
+    assert "Traceback" not in text
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
