@@ -71,11 +71,6 @@ def promote(run_dir: Path, variant: str, store: Path, *, force: bool = False, by
     record = load_record(run_dir)
     if record.status != "complete":
         raise BaselineError(f"{run_dir}: the run is {record.status}; only a complete run can be promoted")
-    if record.verdict != "pass" and not force:
-        failed = [g.id for g in record.gates if not g.passed]
-        raise BaselineError(f"{run_dir}: the run's gates failed ({', '.join(failed[:5])}"
-                            f"{', ...' if len(failed) > 5 else ''}); it cannot be promoted",
-                            hint="--force promotes it anyway (recorded as forced in the store's history)")
     names = [v.name for v in record.variants]
     chosen = next((v for v in record.variants if v.name == variant), None)
     if chosen is None:
@@ -85,6 +80,11 @@ def promote(run_dir: Path, variant: str, store: Path, *, force: bool = False, by
                             f"(the run has {', '.join(names)})")
     if chosen.backend.engine == "baseline":
         raise BaselineError(f"'{variant}' is the run's promoted baseline, read from a store: promote a live variant")
+    if record.verdict != "pass" and not force:
+        failed = [g.id for g in record.gates if not g.passed]
+        raise BaselineError(f"{run_dir}: the run's gates failed ({', '.join(failed[:5])}"
+                            f"{', ...' if len(failed) > 5 else ''}); it cannot be promoted",
+                            hint="--force promotes it anyway (recorded as forced in the store's history)")
     if any(t.settings is None for t in record.tasks):
         raise BaselineError(f"{run_dir}: the run was recorded by an older evalkit (results.json "
                             f"{record.source_version}), without task settings",
@@ -103,7 +103,7 @@ def promote(run_dir: Path, variant: str, store: Path, *, force: bool = False, by
         by=by or os.environ.get("GITHUB_ACTOR") or _user(), run_id=record.run_id, suite=record.suite.name,
         variant=variant, verdict=record.verdict, forced=record.verdict != "pass", base_sha256=record.base.sha256,
         adapter_sha256=chosen.adapter_sha256, fingerprint=chosen.fingerprint,
-        metrics={k: values.get(k) for k in gated} if gated else values)
+        metrics=values, gated=tuple(gated))
     with tempfile.TemporaryDirectory(dir=store, prefix=".promoting-") as tmp:
         staging = Path(tmp) / "bundle"
         staging.mkdir()
@@ -369,7 +369,7 @@ def counts_note(name: str, m: TaskMatch) -> str:
 def history_lines(history: Iterable[PromotionRecord]) -> Iterator[str]:
     """`evalkit history`: one line per promotion with its gated metrics."""
     for p in history:
-        metrics = "  ".join(f"{k}={_num(v)}" for k, v in p.metrics.items())
+        metrics = "  ".join(f"{k}={_num(p.metrics.get(k))}" for k in p.gated or p.metrics)
         flag = " (forced)" if p.forced else ""
         yield (f"{p.bundle:<24} {p.promoted_at:<26} {p.by:<12} {p.suite}/{p.variant} from {p.run_id}: "
                f"{p.verdict}{flag}  {metrics}")

@@ -264,7 +264,8 @@ class PromotionRecord:
     base_sha256: str
     adapter_sha256: str | None
     fingerprint: str
-    metrics: Mapping[str, Num] = field(metadata=doc("task.metric -> the variant's value, for every gated metric"))
+    metrics: Mapping[str, Num] = field(metadata=doc("task.metric -> the variant's value, for each of its metrics"))
+    gated: tuple[str, ...] = field(default=(), metadata=doc("the metrics its run's gates tested on it"))
     manifest_sha256: str | None = field(default=None, metadata=doc(
         "sha256 of the bundle's manifest.json (in the history line; the manifest holds every file's)"))
 

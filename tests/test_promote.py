@@ -140,3 +140,54 @@ def _yaml(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_history_cli_report_and_browser_show_every_promotion(capsys, world):
+    root, _, suite, run = world
+    store = root / "store2"
+    assert run(suite("h1", ["B"], [{"metric": "extract.rouge_l", "min": 0}]), "h1")[0] == 0
+    assert _cli(capsys, "promote", str(root / "h1"), "--variant", "B", "--store", str(store))[0] == 0
+    # the next run fails a gate: promoting it needs --force, which the history records
+    failing = suite("h2", ["B"], [{"metric": "extract.rouge_l", "min": 1.5}], baseline=str(store))
+    assert run(failing, "h2")[0] == 1
+    code, text = _cli(capsys, "promote", str(root / "h2"), "--variant", "B", "--store", str(store))
+    assert code == 4 and "gates failed (extract.rouge_l[B])" in text and "--force" in text, text
+    code, text = _cli(capsys, "promote", str(root / "h2"), "--variant", "promoted", "--store", str(store))
+    assert code == 4 and "promote a live variant" in text, text
+    code, text = _cli(capsys, "promote", str(root / "h2"), "--variant", "B", "--store", str(store), "--force",
+                      "--by", "release-bot")
+    assert code == 0 and "0002-B" in text and "forced" in text, text
+    (store / "bundles" / "0002-B" / "cases.jsonl").read_text()  # readable, and read-only
+    assert not (store / "bundles" / "0002-B" / "cases.jsonl").stat().st_mode & 0o222
+
+    code, text = _cli(capsys, "history", str(store))
+    lines = text.strip().splitlines()
+    assert code == 0 and len(lines) == 2 and lines[0].startswith("0001-B") and "extract.rouge_l=" in lines[0]
+    assert "release-bot" in lines[1] and "(forced)" in lines[1], text
+
+    point = [dict(g, confidence=None) for g in gates("promoted")]  # B against itself: no drop
+    code, text = run(suite("h3", ["B"], [{k: v for k, v in g.items() if v is not None} for g in point],
+                           baseline=str(store)), "h3")
+    assert code == 0, text
+    record = json.loads((root / "h3" / "results.json").read_text())
+    assert [p["bundle"] for p in record["baseline"]["history"]] == ["0001-B", "0002-B"]
+    summary = (root / "h3" / "summary.md").read_text()
+    assert summary.splitlines()[2].startswith("**Against production** (`promoted` = `B` of run `h2-")
+    assert "✅ 3 of 3 gates against it pass" in summary
+
+    from test_report import CHROMIUM, _chromium
+
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium (make browser installs it)")
+    dom = _chromium(root, root / "h3" / "report.html", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr
+    assert [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line] == []
+    body = dom.stdout.split('<section id="promoted">', 1)[1].split("</section>", 1)[0]
+    assert "0001-B" in body and "0002-B" in body and "(forced)" in body
+    charts = body.split('class="panel history-chart"')[1:]
+    assert {c.split('data-metric="', 1)[1].split('"', 1)[0] for c in charts} >= {"extract.rouge_l", "canary.accuracy"}
+    for chart in charts:  # both promotions drawn, and this run's candidate
+        assert chart.count("@ promotion 1</title>") == 1 and chart.count("@ promotion 2</title>") == 1
+        assert chart.count("@ promotion 3</title>") == 1
+    # the sample browser (rendered by the page's script) compares against production on request
+    assert "promoted (production)" in dom.stdout

@@ -59,6 +59,7 @@ def render_html(record: RunRecord, samples: Iterable[dict[str, Any]], baseline: 
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     matrix = data.metric_matrix(record)
     colors = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(matrix.variants)}
+    payload = _samples_payload(record, samples, matrix)
     return env.get_template("report.html.j2").render(
         r=record, matrix=matrix, colors=colors,
         confidence=f"{next((m.confidence for m in record.metrics if is_num(m.confidence)), 0.95):.0%}",
@@ -74,7 +75,8 @@ def render_html(record: RunRecord, samples: Iterable[dict[str, Any]], baseline: 
                   if isinstance(table, Mapping)],
         training=_training(record),
         task_details=[(t, _task_details(t)) for t in record.tasks],
-        samples_json=_script_json(_samples_payload(record, samples, matrix)),
+        promoted=_vs_promoted(record, payload),
+        samples_json=_script_json(payload),
         script=Markup(script),
         csp=f"default-src 'none'; style-src 'unsafe-inline'; img-src data:; script-src 'sha256-{digest}'",
     )
@@ -124,7 +126,8 @@ def _samples_payload(record: RunRecord, samples: Iterable[dict[str, Any]], matri
             if m not in metrics[task]:
                 metrics[task].append(m)
         case["o"][variant] = out
-    return {"variants": variants, "reference": matrix.reference, "colors": [PALETTE[i % len(PALETTE)] for i in range(len(variants))],
+    return {"variants": variants, "reference": matrix.reference, "baseline": record.baseline.name if record.baseline else None,
+            "colors": [PALETTE[i % len(PALETTE)] for i in range(len(variants))],
             "tasks": [{"name": t, "metrics": metrics.get(t, [])} for t in tasks], "cases": list(cases.values())}
 
 
@@ -207,7 +210,9 @@ def _loss_series(prov: Mapping[str, Any]) -> dict[str, list[tuple[float, float]]
     return {name: pts for name, pts in (("train", train or train_alt), ("eval", evals)) if pts}
 
 
-def _line_chart(series: dict[str, list[tuple[float, float]]], w: int = 420, h: int = 220) -> dict[str, Any] | None:
+def _line_chart(series: dict[str, list[tuple[float, float]]], w: int = 420, h: int = 220, *, x_label: str = "step",
+                what: str = "loss") -> dict[str, Any] | None:
+    """Lines with dots: loss by step (train, eval), or a metric by promotion (promoted, each candidate)."""
     pts = [p for s in series.values() for p in s]
     if not pts:
         return None
@@ -225,14 +230,52 @@ def _line_chart(series: dict[str, list[tuple[float, float]]], w: int = 420, h: i
     def sy(y: float) -> float:
         return bottom - (bottom - top) * (y - y0) / (y1 - y0)
 
-    styles = {"train": ("#2563eb", ""), "eval": ("#d97706", "5 4")}
-    lines = [{"name": name, "color": styles[name][0], "dash": styles[name][1],
+    whole_x = all(float(p[0]).is_integer() for p in pts)  # steps, promotions: no tick at 1.5
+    styles = {"train": ("#2563eb", ""), "eval": ("#d97706", "5 4"), "promoted": ("#6b7280", "")}
+    lines = [{"name": f"{name} {what}".strip(), "color": styles.get(name, (PALETTE[1 + i % 7], ""))[0],
+              "dash": styles.get(name, ("", "2 3"))[1],
               "points": " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(s)),
-              "dots": [{"x": round(sx(x), 1), "y": round(sy(y), 1), "title": f"{name} loss {y:.4g} @ step {x:g}"} for x, y in s]}
-             for name, s in series.items()]
+              "dots": [{"x": round(sx(x), 1), "y": round(sy(y), 1), "title": f"{name} {what} {y:.4g} @ {x_label} {x:g}"}
+                       for x, y in s]}
+             for i, (name, s) in enumerate(series.items())]
     return {"w": w, "h": h, "left": left, "right": right, "top": top, "bottom": bottom, "lines": lines,
-            "xticks": [{"x": round(sx(t), 1), "label": f"{t:g}"} for t in _ticks(x0, x1, 5)],
+            "x_label": x_label, "what": what, "legend_x": right - 90 if what else left + 8,
+            "xticks": [{"x": round(sx(t), 1), "label": f"{t:g}"} for t in _ticks(x0, x1, 5)
+                       if not whole_x or float(t).is_integer()],
             "yticks": [{"y": round(sy(t), 1), "label": f"{t:.3g}"} for t in _ticks(y0, y1, 4)]}
+
+
+def _vs_promoted(record: RunRecord, payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run against the promoted baseline: paired deltas, the cases each candidate regressed or
+    improved on (both outputs), and each gated metric over the store's promotions."""
+    b = record.baseline
+    if b is None:
+        return None
+    comparisons = [c for c in record.comparisons if c.vs == b.name]
+    tasks = [t["name"] for t in payload["tasks"]]
+    changed: dict[str, list[dict[str, Any]]] = {"regressed": [], "improved": []}
+    for c in comparisons:
+        for case in payload["cases"]:
+            if tasks[case["t"]] != c.task or c.variant not in case["o"] or b.name not in case["o"]:
+                continue
+            now, then = case["o"][c.variant]["s"].get(c.metric, [None])[0], case["o"][b.name]["s"].get(c.metric, [None])[0]
+            if now is None or then is None or now == then:
+                continue
+            changed["regressed" if now < then else "improved"].append({
+                "task": c.task, "metric": c.metric, "variant": c.variant, "id": case["id"], "now": now, "then": then,
+                "output": case["o"][c.variant]["o"], "promoted": case["o"][b.name]["o"]})
+    gated = list(dict.fromkeys(g.metric for g in record.gates if g.metric and b.name in (g.vs, g.variant)))
+    gated += [m for p in b.history for m in p.gated if m not in gated]
+    values = {(f"{m.task}.{m.metric}", m.variant): m.value for m in record.metrics}
+    candidates = list(dict.fromkeys(c.variant for c in comparisons))
+    charts = []
+    for metric in gated:
+        series = {"promoted": [(i + 1.0, float(v)) for i, p in enumerate(b.history) if is_num(v := p.metrics.get(metric))]}
+        series |= {f"{v} (this run)": [(len(b.history) + 1.0, float(x))] for v in candidates
+                   if is_num(x := values.get((metric, v)))}
+        charts.append((metric, _line_chart({k: pts for k, pts in series.items() if pts}, x_label="promotion", what="")))
+    return {"b": b, "p": b.promotion, "comparisons": comparisons, "changed": changed, "limit": 20,
+            "history": list(enumerate(b.history, 1)), "charts": [(m, c) for m, c in charts if c]}
 
 
 def _flat(d: Any, prefix: str = "", depth: int = 2) -> list[tuple[str, str]]:

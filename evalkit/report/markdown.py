@@ -22,9 +22,11 @@ def _row(cells: list[Any]) -> str:
 
 def render_summary(record: RunRecord) -> str:
     icon = "✅" if record.verdict == "pass" else "❌"
-    lines = [f"## {icon} evalkit `{_cell(record.suite.name)}`: {_cell(data.verdict_line(record))}", "",
-             f"Run `{_cell(record.run_id)}` · reference variant `{_cell(record.reference)}`"
-             " · full report: `report.html` in the run folder", ""]
+    lines = [f"## {icon} evalkit `{_cell(record.suite.name)}`: {_cell(data.verdict_line(record))}", ""]
+    if record.baseline is not None:
+        lines += _vs_production(record)
+    lines += [f"Run `{_cell(record.run_id)}` · reference variant `{_cell(record.reference)}`"
+              " · full report: `report.html` in the run folder", ""]
     if record.gates:
         lines += ["### Gates", "", "| | Gate | Value | Threshold | Interval | p | Message |", "|---|---|---:|---|---|---:|---|"]
         lines += [_row(["✅" if g.passed else "❌", g.id, fmt(g.value), data.gate_threshold(g),
@@ -48,6 +50,29 @@ def render_summary(record: RunRecord) -> str:
             lines.append(_row([v] + cells))
         lines.append("")
     return "\n".join(lines)
+
+
+def _vs_production(record: RunRecord) -> list[str]:
+    """The verdict against what is in production first: the gates on the promoted baseline, then
+    each paired delta."""
+    b = record.baseline
+    assert b is not None  # called for runs with a baseline
+    gates = [g for g in record.gates if b.name in (g.vs, g.variant)]
+    failed = sum(not g.passed for g in gates)
+    head = ("no gate compares with it" if not gates else
+            f"{'✅' if not failed else '❌'} {len(gates) - failed} of {len(gates)} gates against it pass")
+    p = b.promotion
+    lines = [f"**Against production** (`{_cell(b.name)}` = `{_cell(p.variant)}` of run `{_cell(p.run_id)}`, "
+             f"bundle `{_cell(p.bundle)}`, promoted {_cell(p.promoted_at)}): {head}; {b.cases} cases paired, "
+             f"{b.dropped} dropped.", ""]
+    lines += [f"- ⚠ {_cell(d)}" for d in b.differences] + ([""] if b.differences else [])
+    rows = [c for c in record.comparisons if c.vs == b.name]
+    if rows:
+        lines += ["| Variant | Metric | Δ vs production | Interval | p | n |", "|---|---|---:|---|---:|---:|"]
+        lines += [_row([c.variant, f"{c.task}.{c.metric}", fmt_delta(c.delta), fmt_interval(c.low, c.high),
+                        fmt_p(c.p_value), c.n]) for c in rows]
+        lines.append("")
+    return lines
 
 
 def write_summary(record: RunRecord, path: Path) -> Path:

@@ -5,9 +5,15 @@
   var PAGE = 25;
   var D = JSON.parse(document.getElementById("samples-data").textContent);
   var root = document.getElementById("browser");
-  var ref = D.reference;
-  var others = D.variants.filter(function (v) { return v !== ref; });
-  var state = { task: "", variant: "", metric: "", mode: "all", q: "", page: 0 };
+  // cases are compared against the reference, or against the promoted baseline when the run has one
+  var state = { ref: D.reference, task: "", variant: "", metric: "", mode: "all", q: "", page: 0 };
+  var ref = state.ref, others = [];
+  function against(v) {
+    state.ref = ref = v;
+    others = D.variants.filter(function (x) { return x !== ref; });
+    if (others.indexOf(state.variant) < 0) state.variant = "";
+  }
+  against(D.reference);
   var haystacks = null;  // lowercased text per case, built on the first search
 
   function el(tag, cls, text) {
@@ -99,6 +105,10 @@
     controls.textContent = "";
     controls.appendChild(select("Task", [["", "all tasks"]].concat(D.tasks.map(function (t, i) { return [String(i), t.name]; })),
       state.task, function (v) { state.task = v; state.metric = ""; state.page = 0; buildControls(); render(); }));
+    if (D.baseline) {
+      controls.appendChild(select("Against", [[D.reference, D.reference + " (reference)"], [D.baseline, D.baseline + " (production)"]],
+        state.ref, function (v) { against(v); state.page = 0; buildControls(); render(); }));
+    }
     controls.appendChild(select("Compare variant", [["", "any variant"]].concat(others.map(function (v) { return [v, v + " vs " + ref]; })),
       state.variant, function (v) { state.variant = v; state.page = 0; render(); }));
     controls.appendChild(select("Metric", metricOptions(), state.metric,
@@ -168,7 +178,7 @@
         });
       }
       var d = el("div", cls), h = el("h4");
-      var name = el("span", null, v + (v === ref ? " (reference)" : ""));
+      var name = el("span", null, v + (v === ref ? " (compared against)" : ""));
       var sw = el("span", "swatch");
       sw.style.background = D.colors[D.variants.indexOf(v)];
       name.insertBefore(sw, name.firstChild);
