@@ -186,6 +186,9 @@ def open_bundle(store: Path, bundle: str | None = None) -> Bundle:
     """The store's latest bundle (or the one named), refused unless every file is the one the
     manifest lists and the manifest the one the history recorded."""
     store = Path(store)
+    if not store.is_dir():
+        raise BaselineError(f"baseline store not found: {store}",
+                            hint="evalkit promote RUN_DIR --variant NAME --store DIR creates one")
     history = read_history(store)
     if not history:
         raise BaselineError(f"baseline store {store} has no promotion yet",
@@ -261,15 +264,18 @@ class TaskMatch:
         return "; ".join(parts + list(self.settings))
 
 
-def settings_differences(bundle: Bundle, suite: Suite, base_sha256: str) -> tuple[list[str], dict[str, list[str]]]:
-    """What differs before any case runs: the base (never pairable), and per task its settings
-    (scorers, generation, judge) or its absence from the bundle."""
-    promoted = bundle.record
-    run_wide = []
-    if bundle.promotion.base_sha256 != base_sha256:
-        run_wide.append(f"base: the bundle's is {promoted.base.ref} (sha256 {bundle.promotion.base_sha256[:12]}), "
-                        f"this run's is {suite.base.ref} (sha256 {base_sha256[:12]})")
-    tasks = {t.name: t for t in promoted.tasks}
+def base_difference(bundle: Bundle, suite: Suite, base_sha256: str) -> list[str]:
+    """The base differs: then no case pairs, whatever the suite says."""
+    if bundle.promotion.base_sha256 == base_sha256:
+        return []
+    return [f"base: the bundle's is {bundle.record.base.ref} (sha256 {bundle.promotion.base_sha256[:12]}), "
+            f"this run's is {suite.base.ref} (sha256 {base_sha256[:12]})"]
+
+
+def settings_differences(bundle: Bundle, suite: Suite) -> dict[str, list[str]]:
+    """Per task, what differs before any case runs: its settings (scorers, generation, judge), or its
+    absence from the bundle."""
+    tasks = {t.name: t for t in bundle.record.tasks}
     per_task: dict[str, list[str]] = {}
     for t in suite.tasks:
         if t.name not in tasks:
@@ -278,7 +284,7 @@ def settings_differences(bundle: Bundle, suite: Suite, base_sha256: str) -> tupl
             per_task[t.name] = [f"kind {t.kind} here, {tasks[t.name].kind} in the bundle"]
         else:
             per_task[t.name] = _diff(_plain(tasks[t.name].settings), _plain(t.settings()))
-    return run_wide, {k: v for k, v in per_task.items() if v}
+    return {k: v for k, v in per_task.items() if v}
 
 
 def _plain(x: Any) -> Any:

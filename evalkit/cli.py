@@ -92,14 +92,17 @@ def _print_vs_baseline(record: RunRecord) -> None:
           f"by {p.by}); {b.cases} cases paired, {b.dropped} dropped")
     for d in b.differences:
         print(f"    differs: {d}")
+    drift = {t.name for t in record.tasks if t.kind == "drift"}  # KL, ratios: not shares, not in points
     for c in (c for c in record.comparisons if c.vs == b.name):
+        name = f"{c.task}.{c.metric}"
         if c.delta is None:
-            print(f"    {c.task}.{c.metric:<24} {c.variant}: no paired cases")
+            print(f"    {name:<28} {c.variant:<12} no paired cases")
             continue
         assert c.low is not None and c.high is not None  # set with delta
         counts = f" ({c.n_ref_only} lost / {c.n_cand_only} gained)" if c.n_ref_only is not None else ""
-        print(f"    {c.task + '.' + c.metric:<28} {c.variant:<12} {c.delta * 100:+6.1f} "
-              f"[{c.low * 100:+.1f}, {c.high * 100:+.1f}] pts p={c.p_value:.3g} n={c.n}{counts}")
+        delta = (f"{c.delta:+.3g} [{c.low:+.3g}, {c.high:+.3g}]" if c.task in drift else
+                 f"{c.delta * 100:+6.1f} [{c.low * 100:+.1f}, {c.high * 100:+.1f}] pts")
+        print(f"    {name:<28} {c.variant:<12} {delta} p={c.p_value:.3g} n={c.n}{counts}")
 
 
 def _print_drift(record: RunRecord, task: str, vs: Any, width: int) -> None:
@@ -109,7 +112,7 @@ def _print_drift(record: RunRecord, task: str, vs: Any, width: int) -> None:
     labels = vs if isinstance(vs, dict) else {}
     for v in dict.fromkeys(m.variant for m in record.metrics if m.task == task):
         kl, agree, ratio = (values.get((k, v)) for k in ("kl", "top1_agreement", "ppl_ratio"))
-        label = labels.get(v, "?")
+        label = labels.get(v, "its base, when promoted" if record.baseline and v == record.baseline.name else "?")
         if label in ("itself", v) or kl is None:
             continue
         print(f"    {v:<{width}} KL {_fmt(kl.value, False)} [{_fmt(kl.low, False)}, {_fmt(kl.high, False)}] "

@@ -1,9 +1,10 @@
 """Orchestration: evaluate(suite) -> RunResult. The same path serves the CLI and the library API.
 
-Flow: load suite -> preflight tasks (judge endpoints, canary parameters) -> train stale adapters
+Flow: load suite -> preflight tasks (judge endpoints, canary parameters) -> open the promoted
+baseline's bundle, if any (verified; settings compared) -> train stale adapters
 -> check adapter files -> variants keyed by content -> checks (template parity, adapter active,
-leakage) -> tasks -> metrics with intervals -> paired comparisons vs the reference -> gates -> run
-folder. Variants run on a backend (`evalkit.backends`); the in-process one loads the base ONCE,
+leakage) -> tasks -> the baseline's cases joined where they pair -> metrics with intervals -> paired
+comparisons vs the reference (and the baseline) -> gates -> run folder. Variants run on a backend (`evalkit.backends`); the in-process one loads the base ONCE,
 with adapters attached by name, at the first result the cache cannot answer (never, on a rerun).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from evalkit.backends.vllm import VllmBackend, VllmServer, adapter_rank, unserva
 from evalkit.baseline import (
     Bundle,
     TaskMatch,
+    base_difference,
     baseline_record,
     counts_note,
     match_cases,
@@ -83,6 +85,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
         if preflight is not None:
             with _locate_task_errors(suite, task):
                 preflight(task)
+    promoted = _open_baseline(suite, log)  # a missing, changed or mismatched bundle fails before training
     suite = _train_adapters(suite, log)
     infos = {}
     for v in suite.variants:
@@ -91,7 +94,9 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
                 infos[v.name] = inspect_adapter(v.adapter, allow_pickle=v.allow_pickle)
     with _locate_errors(suite, ("base",)):
         resolved = resolve_base(suite.base, suite.dir)
-    promoted = _open_baseline(suite, resolved.sha256, log)  # a mismatch stops the run before any work
+    if promoted and (other := base_difference(promoted[0], suite, resolved.sha256)):
+        raise suite.error(("baseline",), mismatch_error(promoted[0], other, {}),
+                          hint="a bundle pairs with runs on its own base only")
     cache = Cache((cache_path or cache_root() / "results.sqlite") if use_cache else None)
     ctx: RunContext | None = None
     try:
@@ -241,9 +246,9 @@ def _server_backend(cfg: BackendConfig, served: dict[str, str], variants: list[V
     return VllmBackend(cfg, served, tokenizer, server=server, log=log)
 
 
-def _open_baseline(suite: Suite, base_sha256: str, log: Log) -> tuple[Bundle, dict[str, list[str]]] | None:
+def _open_baseline(suite: Suite, log: Log) -> tuple[Bundle, dict[str, list[str]]] | None:
     """The promoted bundle the suite compares with, verified, and the tasks whose settings differ
-    from its (a different base, or any difference under `baseline_mismatch: refuse`, stops here)."""
+    from its (any difference under `baseline_mismatch: refuse` stops here)."""
     if suite.baseline is None:
         return None
     with _locate_errors(suite, ("baseline",)):
@@ -251,10 +256,10 @@ def _open_baseline(suite: Suite, base_sha256: str, log: Log) -> tuple[Bundle, di
     p = bundle.promotion
     log(f"baseline {suite.baseline.name}: bundle {p.bundle} ('{p.variant}' of run {p.run_id}, promoted "
         f"{p.promoted_at} by {p.by})")
-    run_wide, per_task = settings_differences(bundle, suite, base_sha256)
-    if run_wide or (per_task and suite.baseline_mismatch == "refuse"):
-        raise suite.error(("baseline",), mismatch_error(bundle, run_wide, {t: "; ".join(d) for t, d in per_task.items()}),
-                          hint=_MISMATCH_HINT if not run_wide else "a bundle pairs with runs on its own base only")
+    per_task = settings_differences(bundle, suite)
+    if per_task and suite.baseline_mismatch == "refuse":
+        raise suite.error(("baseline",), mismatch_error(bundle, [], {t: "; ".join(d) for t, d in per_task.items()}),
+                          hint=_MISMATCH_HINT)
     return bundle, per_task
 
 

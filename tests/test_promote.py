@@ -72,7 +72,7 @@ def _gates(run_dir: Path) -> dict:
     return {g["metric"]: {k: g[k] for k in keep} for g in record["gates"]}
 
 
-def test_promoted_comparison_equals_live_and_mismatches_are_refused(capsys, world):
+def test_promoted_comparison_equals_live_and_mismatches_are_refused(capsys, world, tiny_model_dir):
     root, adapters, suite, run = world
     code, text = run(suite("live", ["A", "B"], gates("A")), "live")
     assert code in (0, 1), text
@@ -122,6 +122,11 @@ def test_promoted_comparison_equals_live_and_mismatches_are_refused(capsys, worl
     code, text = run(other, "other")
     assert code == 4 and 'scorers[1].regex.pattern: "[aeiou]{2}" in the bundle, "[aeiou]{3}" here' in text, text
     assert "loading base" not in text
+
+    # another base: refused before any model loads, whatever baseline_mismatch says
+    other_base = dict(_yaml(cand), base={"path": str(tiny_model_dir)}, baseline_mismatch="intersect")
+    code, text = run(write_suite(root / "base.yml", other_base), "base")
+    assert code == 4 and "- base: the bundle's is" in text and "loading base" not in text, text
 
     # the same store given on the command line, with the latest bundle; a tampered bundle is refused
     code, text = run(suite("cli", ["B"], gates("promoted")), "cli", "--baseline", str(store))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,21 @@ def test_overrides_nested_or_dotted_and_relative_to_cwd(tmp_path, monkeypatch):
     assert (r.training.max_steps, r.lora.r, r.lora.alpha) == (3, 8, 32)
     assert (r.data.train, r.output) == (tmp_path / "mine.jsonl", tmp_path / "out" / "a")
     assert r.data.check_against == (EXTRACT_TEST,)  # untouched keys keep the file's values
+
+
+def test_a_recipe_extends_another_with_its_paths(tmp_path):
+    r = trainers.load_recipe(RECIPES / "lora-short.yml")
+    lora = trainers.load_recipe(RECIPES / "lora.yml")
+    assert (r.name, r.training.max_steps, r.training.learning_rate, r.lora) == ("lora-short", 6, 6.0e-4, lora.lora)
+    assert r.data.train.resolve() == lora.data.train and r.output == REPO / "runs" / "lora-short" / "adapter"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yml").write_text(f"extends: {RECIPES / 'lora.yml'}\nname: x\n")
+    assert trainers.load_recipe(tmp_path / "sub" / "child.yml").data.train.resolve() == lora.data.train
+    for text, message in (("extends: nope.yml\n", "child.yml:1 extends: no other recipe at"),
+                          (f"extends: {RECIPES / 'lora-short.yml'}\n", "must be a recipe that extends no other")):
+        (tmp_path / "sub" / "child.yml").write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            trainers.load_recipe(tmp_path / "sub" / "child.yml")
 
 
 MINIMAL = "method: lora\nbase: {path: ./model}\ndata: {train: train.jsonl}\noutput: out\n"

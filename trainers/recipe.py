@@ -173,6 +173,8 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("a recipe must be a mapping", file=path, line=line_of(lines, ()))
+    if "extends" in raw:
+        raw = _extend(path, raw, line_of(lines, ("extends",)))
     data = _merge(raw, overrides or {}, Path.cwd())
     try:
         recipe = Recipe.model_validate(data, context={"base_dir": path.resolve().parent})
@@ -180,6 +182,23 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         raise _error(e, data, path, lines, set(_dotted(overrides or {}))) from None
     recipe._base_dir, recipe._source = path.resolve().parent, path.resolve()
     return recipe
+
+
+def _extend(path: Path, raw: dict[str, Any], line: int | None) -> dict[str, Any]:
+    """`extends: OTHER.yml`: that recipe (its relative paths against its own folder), with this
+    file's keys over it."""
+    from evalkit.config.loader import read_yaml
+
+    parent, own = raw["extends"], {k: v for k, v in raw.items() if k != "extends"}
+    file = path.parent / parent if isinstance(parent, str) else None
+    if file is None or not file.is_file() or file.resolve() == path.resolve():
+        raise ConfigError(f"no other recipe at {file}" if file else "give a recipe file",
+                          file=path, line=line, path="extends")
+    inherited, _ = read_yaml(file, "recipe")
+    if not isinstance(inherited, dict) or "extends" in inherited:
+        raise ConfigError(f"{file.name} must be a recipe that extends no other", file=path, line=line,
+                          path="extends")
+    return _deep_merge(_merge({}, inherited, file.resolve().parent), own)
 
 
 def _error(e: ValidationError, data: Any, file: Path, lines: dict[YamlPath, int], overridden: set[str]) -> ConfigError:

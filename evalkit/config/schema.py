@@ -26,6 +26,14 @@ def _recipe() -> type[BaseModel]:
     return Recipe
 
 
+def _extendable(schema: dict[str, Any]) -> dict[str, Any]:
+    """A recipe may give `extends: OTHER.yml` and only the keys it changes (trainers.recipe)."""
+    schema["properties"] = {"extends": {"type": "string", "description": "a recipe file (relative to this one) "
+                                        "whose keys this one overrides"}, **schema["properties"]}
+    schema["if"], schema["else"] = {"required": ["extends"]}, {"required": schema.pop("required", [])}
+    return schema
+
+
 # file (relative to the package root) -> (shape, $id, title)
 SCHEMAS: dict[str, tuple[Callable[[], type[BaseModel]], str, str]] = {
     "evalkit/config/suite.schema.json": (lambda: Suite, "https://evalkit.dev/schemas/suite-1.json", "evalkit suite"),
@@ -40,7 +48,8 @@ def generate(shape: type[BaseModel], schema_id: str, title: str) -> dict[str, An
 
 def render(name: str) -> str:
     shape, schema_id, title = SCHEMAS[name]
-    return json.dumps(generate(shape(), schema_id, title), indent=2) + "\n"
+    schema = generate(shape(), schema_id, title)
+    return json.dumps(_extendable(schema) if name.startswith("trainers/") else schema, indent=2) + "\n"
 
 
 def main() -> int:

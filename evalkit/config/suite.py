@@ -29,7 +29,7 @@ from evalkit.endpoint import EndpointSettings
 from evalkit.errors import ConfigError, YamlPath, did_you_mean, fmt_path, located
 from evalkit.judge.client import JudgeConfig
 from evalkit.models.base import BaseSpec
-from evalkit.shape import Shape, existing, invalid, resolve
+from evalkit.shape import Shape, existing, invalid, resolve, resolved
 from evalkit.types import Scorer, stable_hash
 
 NAME = r"^[A-Za-z0-9_.-]+$"
@@ -518,8 +518,8 @@ class BaselineConfig(Shape):
     """A baseline store's promoted variant (`evalkit promote`), joining the run read-only: its
     scores come from the bundle, paired per case with the live variants'."""
 
-    store: Annotated[Path, existing("baseline store", folder=True)] = Field(
-        description="the store folder `evalkit promote` writes (relative to the suite file)")
+    store: Annotated[Path, resolved] = Field(
+        description="the store folder `evalkit promote` writes (relative to the suite file); read when the run starts")
     name: str = Field("promoted", pattern=NAME, description="its variant name in this run (what `vs:` names)")
     bundle: str | None = Field(None, description="the bundle to compare with (default: the latest promotion)")
 
