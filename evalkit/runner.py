@@ -4,8 +4,9 @@ Flow: load suite -> preflight tasks (judge endpoints, canary parameters) -> open
 baseline's bundle, if any (verified; settings compared) -> train stale adapters
 -> check adapter files -> variants keyed by content -> checks (template parity, adapter active,
 leakage) -> tasks -> the baseline's cases joined where they pair -> metrics with intervals -> paired
-comparisons vs the reference (and the baseline) -> gates -> run folder. Variants run on a backend (`evalkit.backends`); the in-process one loads the base ONCE,
-with adapters attached by name, at the first result the cache cannot answer (never, on a rerun).
+comparisons vs the reference (and the baseline) -> gates -> run folder. Variants run on a backend
+(`evalkit.backends`); the in-process one loads the base ONCE, with adapters attached by name, at
+the first result the cache cannot answer (never, on a rerun).
 """
 from __future__ import annotations
 
