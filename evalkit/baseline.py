@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +40,7 @@ from evalkit.record import (
     BackendRecord,
     BaselineRecord,
     Cost,
+    GateRecord,
     PromotionRecord,
     RecordError,
     RunRecord,
@@ -328,7 +329,7 @@ def mismatch_error(bundle: Bundle, run_wide: list[str], per_task: Mapping[str, s
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- joining a run
+# ---------------------------------------------------------------- the baseline as a variant of a run
 
 def promoted_samples(bundle: Bundle, name: str, results: Mapping[str, TaskResult],
                      matches: Mapping[str, TaskMatch]) -> dict[str, list[SampleResult]]:
@@ -357,19 +358,81 @@ def variant_record(bundle: Bundle, name: str) -> VariantRecord:
                                    "variant": bundle.promotion.variant, "run_id": bundle.promotion.run_id}))
 
 
-def baseline_record(bundle: Bundle, name: str, mismatch: str, run_wide: list[str],
-                    matches: Mapping[str, TaskMatch]) -> BaselineRecord:
-    return BaselineRecord(
-        name=name, store=str(bundle.store), promotion=bundle.promotion, mismatch=mismatch,  # type: ignore[arg-type]
-        cases=sum(m.paired for m in matches.values()), dropped=sum(m.dropped for m in matches.values()),
-        differences=tuple(run_wide) + tuple(f"task {t}: {m.describe()}" for t, m in matches.items() if m.describe()),
-        history=bundle.history)
+# ---------------------------------------------------------------- a run with a baseline
+
+_MISMATCH_HINT = ("`baseline_mismatch: intersect` pairs the cases both sides have (a task whose settings differ "
+                  "pairs none), each gate stating its counts")
 
 
-def counts_note(name: str, m: TaskMatch) -> str:
-    """What a gate against the baseline stands on, under `baseline_mismatch: intersect`."""
-    why = f": {m.describe()}" if m.describe() else ""
-    return f" [{name}: {m.paired} cases paired, {m.dropped} dropped{why}]"
+@dataclass(frozen=True)
+class Baseline:
+    """A suite's promoted baseline during a run: its verified bundle and the tasks whose settings
+    differ from the bundle's (each step refuses a mismatch unless `baseline_mismatch: intersect`)."""
+
+    suite: Suite
+    bundle: Bundle
+    settings: Mapping[str, list[str]]
+
+    @classmethod
+    def open(cls, suite: Suite, log: Callable[[str], None]) -> Baseline | None:
+        """Before any training or model load: the bundle, verified, and the task settings compared."""
+        if suite.baseline is None:
+            return None
+        bundle = open_bundle(suite.baseline.store, suite.baseline.bundle)
+        p = bundle.promotion
+        log(f"baseline {suite.baseline.name}: bundle {p.bundle} ('{p.variant}' of run {p.run_id}, promoted "
+            f"{p.promoted_at} by {p.by})")
+        settings = settings_differences(bundle, suite)
+        if settings and suite.baseline_mismatch == "refuse":
+            raise suite.error(("baseline",), mismatch_error(bundle, [], {t: "; ".join(d) for t, d in settings.items()}),
+                              hint=_MISMATCH_HINT)
+        return cls(suite, bundle, settings)
+
+    @property
+    def name(self) -> str:
+        assert self.suite.baseline is not None  # opened from it
+        return self.suite.baseline.name
+
+    def check_base(self, base_sha256: str) -> None:
+        """Once the base resolves: another base pairs nothing, whatever the suite says."""
+        if other := base_difference(self.bundle, self.suite, base_sha256):
+            raise self.suite.error(("baseline",), mismatch_error(self.bundle, other, {}),
+                                   hint="a bundle pairs with runs on its own base only")
+
+    def join(self, results: dict[str, TaskResult], live: Iterable[str]) -> Joined:
+        """Once the tasks ran: the bundle's cases join the results as the baseline variant's where
+        they pair (same id, same prompt as sent, same target)."""
+        matches = match_cases(self.bundle, results, self.settings, live)
+        differ = {t: m.describe() for t, m in matches.items() if m.describe()}
+        if differ and self.suite.baseline_mismatch == "refuse":
+            raise self.suite.error(("baseline",), mismatch_error(self.bundle, [], differ), hint=_MISMATCH_HINT)
+        for task, samples in promoted_samples(self.bundle, self.name, results, matches).items():
+            results[task].samples.extend(samples)
+        record = BaselineRecord(
+            name=self.name, store=str(self.bundle.store), promotion=self.bundle.promotion,
+            mismatch=self.suite.baseline_mismatch, cases=sum(m.paired for m in matches.values()),
+            dropped=sum(m.dropped for m in matches.values()),
+            differences=tuple(f"task {t}: {d}" for t, d in differ.items()), history=self.bundle.history)
+        return Joined(variant_record(self.bundle, self.name), record, matches)
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A promoted baseline in a run's record: its variant, its record, and each task's pairing."""
+
+    variant: VariantRecord
+    record: BaselineRecord
+    matches: Mapping[str, TaskMatch]
+
+    def with_counts(self, g: GateRecord) -> GateRecord:
+        """Under `baseline_mismatch: intersect` a gate that involves the baseline says what it stands on."""
+        name = self.record.name
+        match = self.matches.get(g.metric.partition(".")[0]) if g.metric else None
+        if name not in (g.vs, g.variant) or match is None:
+            return g
+        why = f": {match.describe()}" if match.describe() else ""
+        return dataclasses.replace(g, message=f"{g.message} [{name}: {match.paired} cases paired, "
+                                              f"{match.dropped} dropped{why}]")
 
 
 def history_lines(history: Iterable[PromotionRecord]) -> Iterator[str]:

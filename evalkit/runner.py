@@ -11,7 +11,6 @@ the first result the cache cannot answer (never, on a rerun).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import time
 from collections import defaultdict
@@ -25,19 +24,7 @@ from evalkit import __version__
 from evalkit.backends.hf import HFBackend
 from evalkit.backends.remote import OpenAIBackend
 from evalkit.backends.vllm import VllmBackend, VllmServer, adapter_rank, unservable
-from evalkit.baseline import (
-    Bundle,
-    TaskMatch,
-    base_difference,
-    baseline_record,
-    counts_note,
-    match_cases,
-    mismatch_error,
-    open_bundle,
-    promoted_samples,
-    settings_differences,
-    variant_record,
-)
+from evalkit.baseline import Baseline, Joined
 from evalkit.cache import Cache
 from evalkit.config import load_suite
 from evalkit.config.suite import BackendConfig, Suite, Task, Variant
@@ -48,13 +35,11 @@ from evalkit.models.adapters import AdapterInfo, inspect_adapter
 from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_tokenizer, resolve_base
 from evalkit.record import (
     SCHEMA_VERSION,
-    BaselineRecord,
     BaseRecord,
     CacheStats,
     CheckRecord,
     ComparisonRecord,
     Cost,
-    GateRecord,
     MetricRecord,
     RunRecord,
     SuiteRecord,
@@ -86,7 +71,8 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
         if preflight is not None:
             with _locate_task_errors(suite, task):
                 preflight(task)
-    promoted = _open_baseline(suite, log)  # a missing, changed or mismatched bundle fails before training
+    with _locate_errors(suite, ("baseline",)):  # a missing, changed or mismatched bundle fails before training
+        promoted = Baseline.open(suite, log)
     suite = _train_adapters(suite, log)
     infos = {}
     for v in suite.variants:
@@ -95,9 +81,8 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
                 infos[v.name] = inspect_adapter(v.adapter, allow_pickle=v.allow_pickle)
     with _locate_errors(suite, ("base",)):
         resolved = resolve_base(suite.base, suite.dir)
-    if promoted and (other := base_difference(promoted[0], suite, resolved.sha256)):
-        raise suite.error(("baseline",), mismatch_error(promoted[0], other, {}),
-                          hint="a bundle pairs with runs on its own base only")
+    if promoted is not None:
+        promoted.check_base(resolved.sha256)
     cache = Cache((cache_path or cache_root() / "results.sqlite") if use_cache else None)
     ctx: RunContext | None = None
     try:
@@ -109,7 +94,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
             with _locate_task_errors(suite, task):
                 results[task.name] = _task_kind(task).run(ctx, task)
         checks += _post_checks(ctx, results, log)
-        joined = _join_baseline(suite, ctx, promoted, results) if promoted else None
+        joined = promoted.join(results, [lv.name for lv in ctx.variants]) if promoted else None
         record, samples = _assemble(suite, ctx, infos, results, checks, started, joined)
     finally:
         for backend in ctx.backends if ctx is not None else ():
@@ -247,53 +232,6 @@ def _server_backend(cfg: BackendConfig, served: dict[str, str], variants: list[V
     return VllmBackend(cfg, served, tokenizer, server=server, log=log)
 
 
-def _open_baseline(suite: Suite, log: Log) -> tuple[Bundle, dict[str, list[str]]] | None:
-    """The promoted bundle the suite compares with, verified, and the tasks whose settings differ
-    from its (any difference under `baseline_mismatch: refuse` stops here)."""
-    if suite.baseline is None:
-        return None
-    with _locate_errors(suite, ("baseline",)):
-        bundle = open_bundle(suite.baseline.store, suite.baseline.bundle)
-    p = bundle.promotion
-    log(f"baseline {suite.baseline.name}: bundle {p.bundle} ('{p.variant}' of run {p.run_id}, promoted "
-        f"{p.promoted_at} by {p.by})")
-    per_task = settings_differences(bundle, suite)
-    if per_task and suite.baseline_mismatch == "refuse":
-        raise suite.error(("baseline",), mismatch_error(bundle, [], {t: "; ".join(d) for t, d in per_task.items()}),
-                          hint=_MISMATCH_HINT)
-    return bundle, per_task
-
-
-_MISMATCH_HINT = ("`baseline_mismatch: intersect` pairs the cases both sides have (a task whose settings differ "
-                  "pairs none), each gate stating its counts")
-
-
-def _join_baseline(suite: Suite, ctx: RunContext, promoted: tuple[Bundle, dict[str, list[str]]],
-                   results: dict[str, TaskResult]) -> Joined:
-    """The bundle's cases join the results as the baseline variant's, once the run's own cases show
-    which pair (same id, same prompt as sent, same target)."""
-    assert suite.baseline is not None  # promoted comes from it
-    bundle, settings = promoted
-    matches = match_cases(bundle, results, settings, [lv.name for lv in ctx.variants])
-    differ = {t: m.describe() for t, m in matches.items() if m.describe()}
-    if differ and suite.baseline_mismatch == "refuse":
-        raise suite.error(("baseline",), mismatch_error(bundle, [], differ), hint=_MISMATCH_HINT)
-    name = suite.baseline.name
-    for task, samples in promoted_samples(bundle, name, results, matches).items():
-        results[task].samples.extend(samples)
-    return Joined(variant_record(bundle, name),
-                  baseline_record(bundle, name, suite.baseline_mismatch, [], matches), matches)
-
-
-@dataclasses.dataclass(frozen=True)
-class Joined:
-    """A promoted baseline in this run: its variant record, its record, and each task's pairing."""
-
-    variant: VariantRecord
-    record: BaselineRecord
-    matches: dict[str, TaskMatch]
-
-
 def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> list[CheckRecord]:
     checks = []
     for lv in ctx.variants:
@@ -364,7 +302,7 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
     comparisons = _comparisons(suite, results, values)
     gates = evaluate_gates(suite, scores, comparisons, checks)
     if joined is not None and suite.baseline_mismatch == "intersect":
-        gates = [_with_counts(g, joined) for g in gates]
+        gates = [joined.with_counts(g) for g in gates]
     assert suite.reference is not None  # set by validator
     record = RunRecord(
         schema_version=SCHEMA_VERSION, evalkit_version=__version__,
@@ -389,15 +327,6 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
         baseline=joined.record if joined else None,
     )
     return record, samples
-
-
-def _with_counts(g: GateRecord, joined: Joined) -> GateRecord:
-    """Under `baseline_mismatch: intersect` a gate that involves the baseline says what it stands on."""
-    name = joined.record.name
-    if name not in (g.vs, g.variant) or g.metric is None:
-        return g
-    match = joined.matches.get(g.metric.partition(".")[0])
-    return g if match is None else dataclasses.replace(g, message=g.message + counts_note(name, match))
 
 
 def suite_task(suite: Suite, name: str) -> Task:
