@@ -122,6 +122,11 @@ def test_promoted_comparison_equals_live_and_mismatches_are_refused(capsys, worl
     code, text = run(other, "other")
     assert code == 4 and 'scorers[1].regex.pattern: "[aeiou]{2}" in the bundle, "[aeiou]{3}" here' in text, text
     assert "loading base" not in text
+    code, text = run(write_suite(other, dict(_yaml(other), baseline_mismatch="intersect")), "other")
+    messages = {g["metric"]: g["message"] for g in json.loads((root / "other" / "results.json").read_text())["gates"]}
+    assert code == 1 and "no paired results" in messages["extract.regex"], text  # nothing comparable: it says so
+    assert "[promoted: 0 cases paired, 12 dropped: scorers[1].regex.pattern:" in messages["extract.regex"]
+    assert "[promoted: 4 cases paired, 0 dropped]" in messages["canary.accuracy"]
 
     # another base: refused before any model loads, whatever baseline_mismatch says
     other_base = dict(_yaml(cand), base={"path": str(tiny_model_dir)}, baseline_mismatch="intersect")
