@@ -17,6 +17,10 @@ from evalkit.record import ComparisonRecord, GateRecord, RecordError, RunRecord
 RESULTS, SAMPLES = "results.json", "samples.jsonl"
 
 
+# (task kind, metric) whose smaller values are the better ones: a drop there is an improvement
+LOWER_IS_BETTER = frozenset({("drift", "kl"), ("drift", "ppl_ratio")})
+
+
 def load_record(run_dir: Path) -> RunRecord:
     """The run folder's results.json as a record, whichever 1.x version wrote it."""
     path = Path(run_dir) / RESULTS

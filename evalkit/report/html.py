@@ -103,6 +103,7 @@ def _text(x: Any) -> str:
 def _samples_payload(record: RunRecord, samples: Iterable[dict[str, Any]], matrix: data.Matrix) -> dict[str, Any]:
     variants = list(matrix.variants)
     tasks = [t.name for t in record.tasks]
+    kinds = {t.name: t.kind for t in record.tasks}
     metrics: dict[str, list[str]] = defaultdict(list)
     for task, metric in matrix.columns:
         metrics[task].append(metric)
@@ -128,7 +129,9 @@ def _samples_payload(record: RunRecord, samples: Iterable[dict[str, Any]], matri
         case["o"][variant] = out
     return {"variants": variants, "reference": matrix.reference, "baseline": record.baseline.name if record.baseline else None,
             "colors": [PALETTE[i % len(PALETTE)] for i in range(len(variants))],
-            "tasks": [{"name": t, "metrics": metrics.get(t, [])} for t in tasks], "cases": list(cases.values())}
+            "tasks": [{"name": t, "metrics": metrics.get(t, []),
+                       "lower": [m for m in metrics.get(t, []) if (kinds.get(t), m) in data.LOWER_IS_BETTER]}
+                      for t in tasks], "cases": list(cases.values())}
 
 
 # ---- charts: geometry only; the template draws it (and escapes every label)
@@ -253,8 +256,11 @@ def _vs_promoted(record: RunRecord, payload: Mapping[str, Any]) -> dict[str, Any
         return None
     comparisons = [c for c in record.comparisons if c.vs == b.name]
     tasks = [t["name"] for t in payload["tasks"]]
+    kinds = {t.name: t.kind for t in record.tasks}
     changed: dict[str, list[dict[str, Any]]] = {"regressed": [], "improved": []}
     for c in comparisons:
+        if kinds.get(c.task) == "drift":
+            continue  # passages have no output to show; their paired deltas are in the table
         for case in payload["cases"]:
             if tasks[case["t"]] != c.task or c.variant not in case["o"] or b.name not in case["o"]:
                 continue

@@ -44,6 +44,8 @@
     return s && typeof s[0] === "number" ? s[0] : null;
   }
   function metricsOf(c) { return D.tasks[c.t].metrics; }
+  // the signed gain of b over a: metrics where less is better (KL) count the other way
+  function gain(c, m, a, b) { return (D.tasks[c.t].lower || []).indexOf(m) >= 0 ? a - b : b - a; }
   // +1: some compared variant beats the reference on some chosen metric; -1: loses; both: 2
   function change(c) {
     var worse = false, better = false;
@@ -53,8 +55,8 @@
       ms.forEach(function (m) {
         var a = score(c, ref, m), b = score(c, v, m);
         if (a === null || b === null) return;
-        if (b < a) worse = true;
-        if (b > a) better = true;
+        if (gain(c, m, a, b) < 0) worse = true;
+        if (gain(c, m, a, b) > 0) better = true;
       });
     });
     return { worse: worse, better: better };
@@ -173,8 +175,8 @@
         ms.forEach(function (m) {
           var a = score(c, ref, m), b = score(c, v, m);
           if (a === null || b === null) return;
-          if (b < a) cls = "out worse";
-          else if (b > a && cls === "out") cls = "out better";
+          if (gain(c, m, a, b) < 0) cls = "out worse";
+          else if (gain(c, m, a, b) > 0 && cls === "out") cls = "out better";
         });
       }
       var d = el("div", cls), h = el("h4");
