@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.config.suite import Suite
-from evalkit.errors import ConfigError
+from evalkit.errors import ConfigError, did_you_mean
 from evalkit.fileio import atomic_write, iter_jsonl, read_jsonl
 from evalkit.record import (
     BackendRecord,
@@ -75,8 +75,6 @@ def promote(run_dir: Path, variant: str, store: Path, *, force: bool = False, by
     names = [v.name for v in record.variants]
     chosen = next((v for v in record.variants if v.name == variant), None)
     if chosen is None:
-        from evalkit.errors import did_you_mean
-
         raise BaselineError(f"{run_dir}: no variant '{variant}'{did_you_mean(variant, names)} "
                             f"(the run has {', '.join(names)})")
     if chosen.backend.engine == "baseline":
