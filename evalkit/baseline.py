@@ -36,6 +36,8 @@ from typing import Any
 from evalkit.config.suite import Suite
 from evalkit.errors import ConfigError, did_you_mean
 from evalkit.fileio import atomic_write, iter_jsonl, read_jsonl
+from evalkit.formatting import fmt_number
+from evalkit.models.base import file_sha256
 from evalkit.record import (
     BackendRecord,
     BaselineRecord,
@@ -116,7 +118,7 @@ def promote(run_dir: Path, variant: str, store: Path, *, force: bool = False, by
             n += 1
         promotion = dataclasses.replace(promotion, bundle=f"{n:04d}-{variant}")
         atomic_write(staging / "promotion.json", json.dumps(to_jsonable(promotion), indent=2) + "\n")
-        files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(staging.iterdir())}
         manifest = json.dumps({"format": BUNDLE_FORMAT, "bundle": promotion.bundle, "files": files}, indent=2) + "\n"
         atomic_write(staging / MANIFEST, manifest)
         promotion = dataclasses.replace(promotion, manifest_sha256=hashlib.sha256(manifest.encode()).hexdigest())
@@ -146,14 +148,13 @@ def _case_row(s: Mapping[str, Any]) -> dict[str, Any]:
             "output": s.get("output", ""), "scores": s.get("scores", {}), "meta": s.get("meta", {})}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # ---------------------------------------------------------------- reading a store
 
 def read_history(store: Path) -> list[PromotionRecord]:
     """The store's promotions, oldest first."""
+    if not Path(store).is_dir():
+        raise BaselineError(f"baseline store not found: {store}",
+                            hint="evalkit promote RUN_DIR --variant NAME --store DIR creates one")
     path = Path(store) / HISTORY
     if not path.exists():
         return []
@@ -173,7 +174,7 @@ class Bundle:
     store: Path
     promotion: PromotionRecord
     record: RunRecord
-    cases: Mapping[tuple[str, str], Mapping[str, Any]]  # (task, case_id) -> case row
+    cases: Mapping[str, Mapping[str, Mapping[str, Any]]]  # task -> case_id -> case row
     history: tuple[PromotionRecord, ...] = field(default=())
 
     @property
@@ -185,9 +186,6 @@ def open_bundle(store: Path, bundle: str | None = None) -> Bundle:
     """The store's latest bundle (or the one named), refused unless every file is the one the
     manifest lists and the manifest the one the history recorded."""
     store = Path(store)
-    if not store.is_dir():
-        raise BaselineError(f"baseline store not found: {store}",
-                            hint="evalkit promote RUN_DIR --variant NAME --store DIR creates one")
     history = read_history(store)
     if not history:
         raise BaselineError(f"baseline store {store} has no promotion yet",
@@ -205,7 +203,9 @@ def open_bundle(store: Path, bundle: str | None = None) -> Bundle:
         raise BaselineError(f"baseline bundle {folder} was changed after promotion: {changed}; it is refused",
                             hint="restore the store from where CI keeps it, or promote again")
     record = RunRecord.from_json(json.loads((folder / "results.json").read_text(encoding="utf-8")))
-    cases = {(str(r["task"]), str(r["case_id"])): r for _, r in read_jsonl(folder / "cases.jsonl")}
+    cases: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for _, r in read_jsonl(folder / "cases.jsonl"):
+        cases.setdefault(str(r["task"]), {})[str(r["case_id"])] = r
     return Bundle(store, promotion, record, cases, tuple(history))
 
 
@@ -226,7 +226,7 @@ def _verify(folder: Path, promotion: PromotionRecord) -> str:
     for name, sha in files.items():
         if name not in present:
             return f"{name} is missing"
-        if _sha256(folder / name) != sha:
+        if file_sha256(folder / name) != sha:
             return f"{name} does not match its sha256 in the manifest"
     try:
         saved = decode(PromotionRecord, json.loads((folder / "promotion.json").read_text(encoding="utf-8")))
@@ -312,7 +312,7 @@ def match_cases(bundle: Bundle, results: Mapping[str, TaskResult], settings: Map
         for s in tr.samples:
             if s.variant in live and s.case_id not in run:
                 run[s.case_id] = case_hashes(s.prompt, s.target)
-        saved = {cid: (r["prompt_sha256"], r["target_sha256"]) for (t, cid), r in bundle.cases.items() if t == task}
+        saved = {cid: (r["prompt_sha256"], r["target_sha256"]) for cid, r in bundle.cases.get(task, {}).items()}
         changed = [cid for cid in run if cid in saved and saved[cid] != run[cid]]
         out[task] = TaskMatch(common=tuple(cid for cid in run if saved.get(cid) == run[cid]),
                               added=sum(cid not in saved for cid in run), removed=sum(cid not in run for cid in saved),
@@ -339,13 +339,13 @@ def promoted_samples(bundle: Bundle, name: str, results: Mapping[str, TaskResult
         if m.settings:
             continue
         live = {s.case_id: s for s in reversed(tr.samples)}
-        keep = set(m.common)
-        out[task] = [SampleResult(task=task, variant=name, case_id=cid, prompt=live[cid].prompt, output=row["output"],
-                                  target=live[cid].target, cached=True,
+        rows = bundle.cases[task]  # every common case is in the bundle
+        out[task] = [SampleResult(task=task, variant=name, case_id=cid, prompt=live[cid].prompt,
+                                  output=rows[cid]["output"], target=live[cid].target, cached=True,
                                   scores={k: Score(v.get("value"), v.get("reason", "")) for k, v in
-                                          row["scores"].items()},
-                                  meta={**row.get("meta", {}), "baseline": bundle.promotion.bundle})
-                     for (t, cid), row in bundle.cases.items() if t == task and cid in keep]
+                                          rows[cid]["scores"].items()},
+                                  meta={**rows[cid].get("meta", {}), "baseline": bundle.promotion.bundle})
+                     for cid in m.common]
     return out
 
 
@@ -436,11 +436,7 @@ class Joined:
 def history_lines(history: Iterable[PromotionRecord]) -> Iterator[str]:
     """`evalkit history`: one line per promotion with its gated metrics."""
     for p in history:
-        metrics = "  ".join(f"{k}={_num(p.metrics.get(k))}" for k in p.gated or p.metrics)
+        metrics = "  ".join(f"{k}={fmt_number(p.metrics.get(k), '.4g')}" for k in p.gated or p.metrics)
         flag = " (forced)" if p.forced else ""
         yield (f"{p.bundle:<24} {p.promoted_at:<26} {p.by:<12} {p.suite}/{p.variant} from {p.run_id}: "
                f"{p.verdict}{flag}  {metrics}")
-
-
-def _num(v: Any) -> str:
-    return "-" if v is None else f"{v:.4g}"

@@ -199,12 +199,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     from evalkit.baseline import history_lines, read_history
 
-    store = Path(args.store)
-    if not store.is_dir():
-        raise ConfigError(f"baseline store not found: {store}")
-    history = read_history(store)
+    history = read_history(Path(args.store))
     if not history:
-        print(f"{store}: no promotion yet")
+        print(f"{args.store}: no promotion yet")
     for line in history_lines(history):
         print(line)
     return 0
