@@ -13,6 +13,11 @@ replaced, and what that costs in power.
   hold its level (no bound can, without a bound on the values), which is why the suite refuses
   `confidence:` on such metrics; graded `min:` on bounded values (top-1 agreement: beta values)
   does.
+- `length_match` (two-sample Kolmogorov-Smirnov, asymptotic p with Stephens' correction): seeded
+  simulation of token lengths (discrete, so with ties) drawn from one distribution for train and
+  eval: the false-alarm rate must stay under alpha; and its power when eval prompts are 10% and
+  10x longer. `stops_generating` with `confidence:` is the binary max_drop gate above (same code:
+  a stop is a 1, a cut a 0), so that table is its calibration.
 
     python bench/bench_verdicts.py [--reps 1000]
 """
@@ -168,6 +173,33 @@ def graded_min_bounded(reps: int, level: float = 0.95, threshold: float = 0.85) 
     return rows, worst
 
 
+KS_SIZES = ((20, 10), (40, 20), (380, 50), (2000, 300), (10000, 2000))
+KS_SPREADS = (3, 20, 150)  # token-length spread: few distinct values (many ties) to broad
+
+
+def ks_lengths(rng: np.random.Generator, n: int, spread: int, scale: float = 1.0) -> np.ndarray:
+    """Prompt lengths in tokens: a template overhead plus a negative-binomial body (right-skewed)."""
+    return np.round((30 + rng.negative_binomial(5, 5 / (5 + spread), size=n)) * scale)
+
+
+def length_match_rates(reps: int, alpha: float) -> tuple[list[str], tuple]:
+    """False-alarm % under the null (same distribution), and power at eval 10% and 10x longer."""
+    rows, worst = [], (0.0,)
+    rng = np.random.default_rng(0)
+    for n, m in KS_SIZES:
+        cells = []
+        for spread in KS_SPREADS:
+            null = sum(stats.ks_two_sample(ks_lengths(rng, n, spread), ks_lengths(rng, m, spread))[1] < alpha
+                       for _ in range(reps)) / reps
+            shifted = sum(stats.ks_two_sample(ks_lengths(rng, n, spread), ks_lengths(rng, m, spread, 1.1))[1] < alpha
+                          for _ in range(reps)) / reps
+            tenfold = stats.ks_two_sample(ks_lengths(rng, n, spread), ks_lengths(rng, m, spread, 10))[1] < alpha
+            cells.append(f"{100 * null:5.1f} ({100 * shifted:5.1f}, {'yes' if tenfold else ' no'})")
+            worst = max(worst, (null, n, m, spread))
+        rows.append(f"  {n:>5} {m:>5}  " + " ".join(f"{c:>22}" for c in cells))
+    return rows, worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=1000, help="simulated runs per graded cell")
@@ -208,6 +240,15 @@ def main() -> None:
     rows, w_min_graded = graded_min_bounded(args.reps)
     print("\n".join(rows))
 
+    for alpha in (0.05, 0.01):
+        print(f"\nlength_match at alpha {alpha:g} (simulated, discrete lengths): false alarm % when train and eval "
+              "lengths share one distribution  (power % at eval 10% longer, caught at 10x)")
+        print("  train  eval  " + " ".join(f"{f'spread {sp}':>22}" for sp in KS_SPREADS))
+        rows, w = length_match_rates(args.reps, alpha)
+        print("\n".join(rows))
+        if alpha == 0.05:
+            w_ks = w
+
     print(f"\nworst cell, binary max_drop at 95%: {100 * w_drop[0]:.2f}% (n={w_drop[1]}, discordance "
           f"{100 * w_drop[2]:g}%, D={100 * w_drop[3]:g})")
     print(f"worst cell, binary min at 95%:      {100 * w_min[0]:.2f}% (n={w_min[1]}, threshold {w_min[2]:g})")
@@ -217,6 +258,8 @@ def main() -> None:
           f"{w_max[2]:g}; simulated): NOT held, so the suite refuses `confidence:` there")
     print(f"worst cell, graded min at 95%, bounded:   {100 * w_min_graded[0]:.1f}% (n={w_min_graded[1]}, beta "
           f"concentration {w_min_graded[2]}; simulated)")
+    print(f"worst cell, length_match at alpha 0.05: {100 * w_ks[0]:.1f}% (train {w_ks[1]}, eval {w_ks[2]}, "
+          f"spread {w_ks[3]}; simulated)")
     print(f"({time.time() - t0:.0f} s)")
 
 

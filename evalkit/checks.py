@@ -1,5 +1,6 @@
 """Checks that catch silent failures no score shows: the inert adapter, the lossy merge, leakage,
-a server that does not serve what it says.
+a server that does not serve what it says, and the pitfalls the guides name (an adapter that no
+longer stops, an unhealthy training run, training prompts unlike the eval's: `evalkit.pitfalls`).
 
 Each returns `CheckRecord`s (name, variant, passed, message, details); gates with `check:` read
 them, and a hard failure (an adapter that changes nothing) raises before any scoring.
@@ -10,7 +11,13 @@ from typing import Any
 
 from evalkit.backends.base import PROBES, token_ids
 from evalkit.cache import adapter_active_key
-from evalkit.config.suite import CasesTask
+from evalkit.config.suite import (
+    HEALTH_MAX_EVAL_RISE,
+    HEALTH_MAX_GAP,
+    STOPS_MAX_INCREASE,
+    CasesTask,
+    Gate,
+)
 from evalkit.record import CheckRecord
 from evalkit.types import Case
 
@@ -203,11 +210,16 @@ def leakage(ctx, log) -> list[CheckRecord]:
     return records
 
 
-def _tolerance(ctx, check: str, variant: str, key: str, default: float) -> float:
-    """A tolerance from the `check:` gate for this variant (a gate naming it beats a catch-all one)."""
+def _gate_for(ctx, check: str, variant: str) -> Gate | None:
+    """The `check:` gate for this variant (a gate naming it beats a catch-all one)."""
     gates = [g for g in ctx.suite.gates if g.check == check and g.variant in (None, variant)]
     gates.sort(key=lambda g: g.variant is None)
-    value = getattr(gates[0], key) if gates else None
+    return gates[0] if gates else None
+
+
+def _tolerance(ctx, check: str, variant: str, key: str, default: float) -> float:
+    """A tolerance from the `check:` gate for this variant, else its default."""
+    value = getattr(_gate_for(ctx, check, variant), key, None)
     return default if value is None else value
 
 
@@ -290,3 +302,146 @@ def _unmerged_twin(ctx, lv):
                 and other.variant.quantize == lv.variant.quantize):
             return other
     return ctx.attach_twin(lv)
+
+
+# ------------------------------------------------------------------------ the pitfalls the guides name
+
+def stops_generating(ctx, results, log) -> list[CheckRecord]:
+    """Each variant's outputs cut at max_new_tokens against its reference's (the base, or the
+    gate's `vs:`) on the same cases of every generating task, paired: an adapter that lost its end
+    of turn (EOS masked out of the loss, a dataset without it) runs on where the base stopped,
+    and exact match may not show it. On by default for generation tasks (`max_increase:` points)."""
+    from evalkit.pitfalls import runaway
+
+    base = next((lv.name for lv in ctx.variants if lv.variant.is_base), None)
+    cut = {name: {(s.variant, s.case_id): s.meta["finish_reason"] == "length" for s in tr.samples
+                  if s.meta.get("finish_reason")} for name, tr in results.items()}
+    records = []
+    for lv in ctx.variants:
+        gate = _gate_for(ctx, "stops_generating", lv.name)
+        ref = (gate.vs if gate else None) or base
+        if ref is None or ref == lv.name:
+            continue
+        limit = _tolerance(ctx, "stops_generating", lv.name, "max_increase", STOPS_MAX_INCREASE)
+        level = gate.confidence if gate else None
+        per_task = {}
+        for task, outs in cut.items():
+            ids = [c for v, c in outs if v == lv.name and (ref, c) in outs]
+            if ids:
+                per_task[task] = runaway([outs[lv.name, c] for c in ids], [outs[ref, c] for c in ids],
+                                         max_increase=limit, confidence=level)
+        if not per_task:
+            continue
+        passed = all(r.passed for r in per_task.values())
+        msg = "; ".join(_runaway_text(task, ref, r, limit, level) for task, r in per_task.items())
+        if not passed:
+            log(f"FAIL: stops_generating [{lv.name}]: {msg}")
+        records.append(CheckRecord(name="stops_generating", variant=lv.name, passed=passed, message=msg, details={
+            "vs": ref, "max_increase": limit, "confidence": level,
+            "tasks": {task: r.as_dict() for task, r in per_task.items()}}))
+    return records
+
+
+def _runaway_text(task: str, ref: str, r, limit: float, level: float | None) -> str:
+    if level is None:
+        how = f"{r.increase:+.1f} pts {'<=' if r.passed else '>'} max_increase {limit:g} (point estimate)"
+    else:
+        how = (f"upper {level:.0%} one-sided bound {r.bound:.2f} pts {'<' if r.passed else '>='} "
+               f"max_increase {limit:g}")
+    return (f"{task}: {r.variant_cut}/{r.n} outputs cut at max_new_tokens ({r.variant_cut / r.n:.0%}) vs "
+            f"{r.reference_cut}/{r.n} ({r.reference_cut / r.n:.0%}) for {ref}: {r.ran_on} ran on where {ref} "
+            f"stopped, {r.stopped} the reverse, {r.increase:+.1f} pts [{r.low:+.1f}, {r.high:+.1f}], "
+            f"p={r.p_value:.3g}; {how}")
+
+
+def _provenance(lv) -> tuple[dict[str, Any] | None, str | None]:
+    """(provenance, None), or (None, why the checks that read it skip this variant)."""
+    prov = lv.info.provenance if lv.info else None
+    if not prov:
+        return None, (f"adapter of '{lv.name}' has no provenance (evalkit_train.json): it was not trained by "
+                      f"evalkit's runners, so its training cannot be read")
+    return prov, None
+
+
+def training_health(ctx, log) -> list[CheckRecord]:
+    """An adapter's training, read from its provenance's per-step log: eval loss that turned up
+    while train loss fell (overfitting, with the step it turned), a train/eval gap, NaN/inf
+    losses, a learning rate that never left warmup. With early stopping the saved adapter is the
+    best checkpoint, so the log is read up to that step."""
+    from evalkit.pitfalls import health_summary
+    from evalkit.pitfalls import training_health as health
+
+    records = []
+    for lv in ctx.variants:
+        if lv.info is None:
+            continue
+        prov, skipped = _provenance(lv)
+        steps = prov.get("log") if prov else None
+        if prov and not (isinstance(steps, list) and all(isinstance(e, dict) and "step" in e for e in steps)):
+            skipped = f"the provenance of '{lv.name}' has no per-step loss log"
+        if skipped:
+            records.append(CheckRecord(name="training_health", variant=lv.name, passed=True, skipped=skipped,
+                                       message=f"skipped: {skipped}"))
+            continue
+        assert prov is not None and isinstance(steps, list)  # not skipped
+        kept = (prov.get("early_stopping") or {}).get("best_step")
+        if isinstance(kept, int):
+            steps = [e for e in steps if e["step"] <= kept]
+        training = (prov.get("recipe") or {}).get("training") or {}
+        peak = training.get("learning_rate")
+        passed, findings, details = health(
+            steps, peak_lr=peak if isinstance(peak, int | float) else None,
+            max_eval_rise=_tolerance(ctx, "training_health", lv.name, "max_eval_rise", HEALTH_MAX_EVAL_RISE),
+            max_gap=_tolerance(ctx, "training_health", lv.name, "max_gap", HEALTH_MAX_GAP))
+        msg = "; ".join(findings) if findings else health_summary(details)
+        if isinstance(kept, int):
+            msg += f" (early stopping kept the checkpoint of step {kept} of {prov.get('steps')})"
+            details["early_stopping_step"] = kept
+        if not passed:
+            log(f"FAIL: training_health [{lv.name}]: {msg}")
+        records.append(CheckRecord(name="training_health", variant=lv.name, passed=passed, message=msg,
+                                   details=details))
+    return records
+
+
+def length_match(ctx, log) -> list[CheckRecord]:
+    """Each adapter's training prompt lengths (tokens, recorded in its provenance) against each
+    generating task's prompts as rendered here: the two-sample Kolmogorov-Smirnov test (level
+    1 - the gate's `confidence:`, default 95%) and the quantiles side by side. A model tuned on
+    short prompts and evaluated (or deployed) on long ones is outside what it learned."""
+    from evalkit.pitfalls import length_match as compare
+    from evalkit.tasks.generation import load_cases
+
+    lengths = {task.name: [len(ctx.render(c).ids) for c in load_cases(task.data, task.limit)]
+               for task in ctx.suite.tasks if isinstance(task, CasesTask)}
+    records = []
+    for lv in ctx.variants:
+        if lv.info is None or not lengths:
+            continue
+        prov, skipped = _provenance(lv)
+        train = ((prov or {}).get("data") or {}).get("prompt_tokens")
+        if prov and not (isinstance(train, list) and train and all(isinstance(n, int) for n in train)):
+            skipped = (f"the provenance of '{lv.name}' records no training prompt lengths (trained before they "
+                       f"were recorded: `evalkit train RECIPE --force`)")
+        if skipped:
+            records.append(CheckRecord(name="length_match", variant=lv.name, passed=True, skipped=skipped,
+                                       message=f"skipped: {skipped}"))
+            continue
+        assert isinstance(train, list)  # not skipped
+        gate = _gate_for(ctx, "length_match", lv.name)
+        level = (gate.confidence if gate else None) or 0.95
+        far = _tolerance(ctx, "length_match", lv.name, "max_distance", 0.0)
+        per_task = {task: compare(train, n, alpha=1 - level, max_distance=far) for task, n in lengths.items()}
+        passed = all(m.passed for m in per_task.values())
+        msg = "; ".join(
+            f"{task}: train p50 {m.train_quantiles['p50']:g} [p10 {m.train_quantiles['p10']:g}, p90 "
+            f"{m.train_quantiles['p90']:g}] vs eval p50 {m.eval_quantiles['p50']:g} [p10 {m.eval_quantiles['p10']:g}, "
+            f"p90 {m.eval_quantiles['p90']:g}] tokens, KS distance {m.distance:.3f}, p={m.p_value:.3g} "
+            f"({'differ' if m.p_value < 1 - level else 'no difference'} at {1 - level:.0%}"
+            + (f", distance {'>' if m.distance > far else '<='} {far:g}" if far else "") + ")"
+            for task, m in per_task.items())
+        if not passed:
+            log(f"FAIL: length_match [{lv.name}]: {msg}")
+        records.append(CheckRecord(name="length_match", variant=lv.name, passed=passed, message=msg, details={
+            "confidence": level, "max_distance": far, "tasks": {t: m.as_dict() for t, m in per_task.items()}}))
+    return records

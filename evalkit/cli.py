@@ -70,7 +70,7 @@ def print_summary(record: RunRecord, run_dir: Path) -> None:
     if record.baseline is not None:
         _print_vs_baseline(record)
     for check in record.checks:
-        if not check.passed:
+        if not check.passed:  # gated or not: a failed check is worth a look
             print(f"\n  check {check.name}[{check.variant}] FAILED: {check.message}")
     if record.gates:
         print("\n  gates:")
@@ -80,7 +80,10 @@ def print_summary(record: RunRecord, run_dir: Path) -> None:
               f"{len(record.comparisons)} comparisons")
     n_fail = sum(not g.passed for g in record.gates)
     verdict = "PASS" if record.verdict == "pass" else "FAIL"
-    print(f"\n{verdict}: {len(record.gates) - n_fail} passed, {n_fail} failed   (run folder: {run_dir})")
+    n_skip = sum(bool(g.skipped) for g in record.gates)
+    skipped = f", {n_skip} skipped" if n_skip else ""
+    print(f"\n{verdict}: {len(record.gates) - n_fail - n_skip} passed, {n_fail} failed{skipped}   "
+          f"(run folder: {run_dir})")
 
 
 def _print_vs_baseline(record: RunRecord) -> None:
@@ -141,10 +144,13 @@ def _print_gates(record: RunRecord) -> None:
     variants they cover (each message is in report.html, summary.md and junit.xml)."""
     passed: dict[str, list[str]] = {}
     for g in record.gates:
-        if g.passed:
+        if g.passed and not g.skipped:
             passed.setdefault(g.id.removesuffix(f"[{g.variant}]"), []).append(g.variant)
     for gate, variants in passed.items():
         print(f"    PASS  {gate:<40} {', '.join(variants)}")
+    for g in record.gates:
+        if g.skipped:
+            print(f"    SKIP  {g.id:<40} {g.skipped}")
     for g in record.gates:
         if not g.passed:
             print(f"    FAIL  {g.id:<40} {g.message}")

@@ -98,7 +98,7 @@ def evaluate_gate(gate: Gate, variant: str, scores: Mapping[tuple[str, str, str]
         if not found:
             return record(kind="check", passed=False,
                           message=f"check '{gate.check}' did not run for variant '{variant}'")
-        return record(kind="check", passed=found[0].passed, message=found[0].message)
+        return record(kind="check", passed=found[0].passed, message=found[0].message, skipped=found[0].skipped)
     assert gate.metric is not None  # metric xor check
     task, _, metric = gate.metric.partition(".")
     if gate.max_drop is not None:

@@ -169,6 +169,8 @@ class GateItem(pytest.Item):
             raise pytest.fail.Exception(f"suite {self.parent.name} did not run: {e}", pytrace=False) from None
         gate = next((g for g in run.record.gates if g.id == self.gate_id), None)
         if gate is not None:
+            if gate.skipped:
+                pytest.skip(f"{self.gate_id}: {gate.skipped}")
             if not gate.passed:
                 pytest.fail(f"{gate_text(gate)}\nreport: {run.run_dir / 'report.html'}", pytrace=False)
             return

@@ -18,6 +18,7 @@ it) and every field written, null where it does not apply (a fully cached varian
 1.3 each variant's `backend`: where it ran (engine, endpoints, served name and identity).
 1.4 each task's `settings` (what its scores depend on besides the cases) and the run's `baseline`
 (the promoted variant it was compared with, read from a baseline store, and the store's history).
+1.5 `skipped` on checks and gates: a check that did not apply (an adapter without provenance).
 
 The JSON Schema shipped in evalkit/schemas/results.schema.json is generated from these types:
 `python -m evalkit.record --schema --write` regenerates it; a test checks the shipped file is the
@@ -40,7 +41,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "results.schema.json"
 
 Num = float | None  # a number that may not exist (no valid score, not computed); NaN/inf are written as null
@@ -234,7 +235,9 @@ class GateRecord:
     n_invalid: int | None = None
     passed: bool
     message: str
-    line: int | None = field(default=None, metadata=doc("the gate's line in the suite file"))
+    skipped: str | None = field(default=None, metadata=doc("why its check did not apply to the variant "
+                                                            "(passed, shown as skipped)"))
+    line: int | None = field(default=None, metadata=doc("the gate's line in the suite file (null: on by default)"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,6 +248,8 @@ class CheckRecord:
     variant: str
     passed: bool
     message: str = ""
+    skipped: str | None = field(default=None, metadata=doc("why it did not apply (e.g. an adapter without "
+                                                            "provenance); passed is then true"))
     details: Mapping[str, Any] = field(default_factory=dict, metadata=doc("check-specific numbers"))
 
 
@@ -491,7 +496,7 @@ def migrate(obj: Mapping[str, Any]) -> dict[str, Any]:
     if major != MAJOR:
         raise RecordError(f"schema_version {version!r} is not supported (this evalkit reads {MAJOR}.x)")
     out = copy.deepcopy(dict(obj))
-    for to_minor, step in ((1, _from_1_0), (2, _from_1_1), (3, _from_1_2)):  # 1.4 only added fields
+    for to_minor, step in ((1, _from_1_0), (2, _from_1_1), (3, _from_1_2)):  # 1.4 and 1.5 only added fields
         if minor < to_minor:
             step(out)
     out["schema_version"] = SCHEMA_VERSION

@@ -3,8 +3,9 @@
 Flow: load suite -> preflight tasks (judge endpoints, canary parameters) -> open the promoted
 baseline's bundle, if any (verified; settings compared) -> train stale adapters
 -> check adapter files -> variants keyed by content -> checks (template parity, adapter active,
-leakage) -> tasks -> the baseline's cases joined where they pair -> metrics with intervals -> paired
-comparisons vs the reference (and the baseline) -> gates -> run folder. Variants run on a backend
+training health, length match) -> tasks -> checks on the outputs (leakage, merges, stopping) -> the
+baseline's cases joined where they pair -> metrics with intervals -> paired comparisons vs the
+reference (and the baseline) -> gates -> run folder. Variants run on a backend
 (`evalkit.backends`); the in-process one loads the base ONCE, with adapters attached by name, at
 the first result the cache cannot answer (never, on a rerun).
 """
@@ -238,9 +239,10 @@ def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> lis
         if lv.info is None:
             continue
         checks.append(_template_parity(ctx, lv, log))
-    from evalkit.checks import adapter_active, backend_parity
+    from evalkit.checks import adapter_active, backend_parity, length_match, training_health
 
-    return checks + adapter_active(ctx, log) + backend_parity(ctx, log)
+    return (checks + adapter_active(ctx, log) + backend_parity(ctx, log) + training_health(ctx, log)
+            + length_match(ctx, log))
 
 
 def _template_parity(ctx: RunContext, lv: RunVariant, log: Log) -> CheckRecord:
@@ -264,9 +266,9 @@ def _template_parity(ctx: RunContext, lv: RunVariant, log: Log) -> CheckRecord:
 
 
 def _post_checks(ctx: RunContext, results: dict[str, TaskResult], log: Log) -> list[CheckRecord]:
-    from evalkit.checks import leakage, merge_equivalence
+    from evalkit.checks import leakage, merge_equivalence, stops_generating
 
-    return leakage(ctx, log) + merge_equivalence(ctx, results, log)
+    return leakage(ctx, log) + merge_equivalence(ctx, results, log) + stops_generating(ctx, results, log)
 
 
 # each task kind's module: `run(ctx, task)`, and `preflight(task)` when it can check something

@@ -42,6 +42,15 @@ class QuantParams(Shape):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
+class EarlyStopping(Shape):
+    """Stop when the held-out metric stops improving, and keep the best checkpoint (transformers'
+    EarlyStoppingCallback with load_best_model_at_end): the guides' rule against overfitting."""
+
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    metric: Literal["eval_loss", "eval_mean_token_accuracy"] = "eval_loss"
+    threshold: float = Field(0.0, ge=0, description="the least change that counts as an improvement")
+
+
 class TrainParams(Shape):
     learning_rate: float = Field(2e-4, ge=0)
     lr_scheduler: str = Field("cosine", min_length=1)
@@ -52,6 +61,14 @@ class TrainParams(Shape):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=8)
     completion_only_loss: bool = True
+    collator: Literal["completion", "language_modeling"] = Field(
+        "completion", description="completion: trl's (padding masked by position); language_modeling: the "
+                                  "classic DataCollatorForLanguageModeling(mlm=False), loss on every token but "
+                                  "pad ids (with pad_token eos it masks EOS out of the loss)")
+    pad_token: str | None = Field(None, min_length=1, description="eos, or a token of the vocabulary (default: "
+                                                                  "the tokenizer's, else eos)")
+    padding_side: Literal["right", "left"] | None = Field(None, description="default: the tokenizer's")
+    early_stopping: EarlyStopping | None = None
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="default: at every logging step")
     weight_decay: float = Field(0.0, ge=0)
@@ -92,6 +109,13 @@ class Recipe(Shape):
         if self.quantization is not None and self.method != "qlora":
             raise invalid(f"only method 'qlora' trains on a quantized base (method is '{self.method}')",
                           at=("quantization",))
+        t = self.training
+        if t.collator == "language_modeling" and t.completion_only_loss:
+            raise invalid("the language_modeling collator trains on every token: set completion_only_loss: false",
+                          at=("training", "collator"))
+        if t.early_stopping is not None and self.data.eval_fraction == 0:
+            raise invalid("early stopping watches held-out loss: give data.eval_fraction above 0",
+                          at=("training", "early_stopping"))
         updates: dict[str, Any] = {}
         if self.name is None:
             updates["name"] = self.method

@@ -200,21 +200,40 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
     _check_quantization(recipe)
     set_seed(recipe.seed)
     model, tok = _model_for_training(recipe, resolved, rows, settings, model, libs.peft, log)
+    if recipe.training.padding_side:
+        tok.padding_side = recipe.training.padding_side
     train_rows, eval_rows = split_rows(rows, recipe.data.eval_fraction, recipe.seed)
-    trainer = _sft_trainer(libs, model, tok, _sft_config(libs.trl, recipe, settings, out_dir, bool(eval_rows)),
-                           _lora_config(libs.peft, recipe), train_rows, eval_rows)
+    stopping = recipe.training.early_stopping
+    trainer = _sft_trainer(libs, model, tok, _sft_config(libs.trl, recipe, settings, out_dir, bool(eval_rows), tok),
+                           _lora_config(libs.peft, recipe), train_rows, eval_rows,
+                           collator=_classic_collator(tok, log) if recipe.training.collator == "language_modeling"
+                           else None)
+    if len(trainer.train_dataset) == 0:  # trl drops rows whose completion max_length cut off entirely
+        raise ConfigError(f"no training row fits in max_length {recipe.training.max_length} tokens with its answer",
+                          file=recipe.source, path="training.max_length")
     if recipe.quantization is not None and settings["dtype"] == "float32":
         _keep_adapter_float32(trainer)
     _log_steps(trainer, log)
-    measured = _train(trainer, device, final_eval=bool(eval_rows))
+    if stopping is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=stopping.patience,
+                                                   early_stopping_threshold=stopping.threshold))
+    # with early stopping the model at the end is the best checkpoint, already evaluated
+    measured = _train(trainer, device, final_eval=bool(eval_rows) and stopping is None)
 
     trainer.model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)  # tokenizer + chat_template.jinja: the template evaluation must use
     shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
     curve = _loss_curve(trainer.state.log_history)
+    kept = _early_stopping_record(trainer, recipe) if stopping is not None else None
+    if kept is not None:
+        log(f"early stopping kept the checkpoint of step {kept['best_step']} ({kept['metric']} "
+            f"{fmt_number(kept['best_metric'], '.4f')}) of {trainer.state.global_step}")
     return {
         "data": {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "format":
-                 "text" if isinstance(rows[0]["prompt"], str) else "chat"},
+                 "text" if isinstance(rows[0]["prompt"], str) else "chat",
+                 "prompt_tokens": prompt_tokens(tok, rows, recipe.seed)},
         "chat_template_sha256": template_hash(tok),
         "chat_template_file": "chat_template.jinja" if (out_dir / "chat_template.jinja").is_file() else None,
         "settings": settings,
@@ -223,9 +242,49 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
         "epochs": round(trainer.state.epoch or 0, 3),
         **measured,
         "final_train_loss": next((c["loss"] for c in reversed(curve) if "loss" in c), None),
-        "final_eval_loss": next((c["eval_loss"] for c in reversed(curve) if "eval_loss" in c), None),
+        "final_eval_loss": (kept["best_metric"] if kept and stopping and stopping.metric == "eval_loss" else
+                            next((c["eval_loss"] for c in reversed(curve) if "eval_loss" in c), None)),
+        "early_stopping": kept,
         "log": curve,
     }
+
+
+def _early_stopping_record(trainer, recipe: Recipe) -> dict[str, Any]:
+    """What early stopping did, for provenance: the saved adapter is the checkpoint of `best_step`."""
+    stopping, state = recipe.training.early_stopping, trainer.state
+    assert stopping is not None  # called with early stopping
+    return {**stopping.model_dump(), "best_step": state.best_global_step, "best_metric": state.best_metric,
+            "stopped_at_step": state.global_step, "stopped_early": state.global_step < state.max_steps}
+
+
+MAX_RECORDED_PROMPTS = 10_000
+
+
+def prompt_tokens(tok, rows: list[dict[str, Any]], seed: int) -> list[int]:
+    """Each training prompt's length in tokens as evaluation renders it (the chat template with the
+    generation prompt), for the length_match check; a seeded sample of MAX_RECORDED_PROMPTS rows
+    of a larger file."""
+    import random
+
+    from evalkit.backends.base import encode
+
+    if len(rows) > MAX_RECORDED_PROMPTS:
+        rows = random.Random(seed).sample(rows, MAX_RECORDED_PROMPTS)
+    return [len(encode(tok, r["prompt"] if isinstance(r["prompt"], str) else tok.apply_chat_template(
+        r["prompt"], tokenize=False, add_generation_prompt=True)).ids) for r in rows]
+
+
+def _classic_collator(tok, log: Log):
+    """transformers' DataCollatorForLanguageModeling(mlm=False), as the guides use it: labels are
+    the input ids with every pad id set to -100, so with pad = eos the end of turn is never learned."""
+    from transformers import DataCollatorForLanguageModeling
+
+    if tok.pad_token_id is not None and tok.pad_token_id == tok.eos_token_id:
+        log(f"WARNING: pad token is the EOS token ({tok.eos_token!r}) and the language_modeling collator labels "
+            f"every pad id -100: EOS is masked out of the loss, so the adapter may never learn to stop "
+            f"(evalkit's stops_generating check catches it)")
+    classic = DataCollatorForLanguageModeling(tok, mlm=False)
+    return lambda features: classic([{"input_ids": f["input_ids"]} for f in features])
 
 
 @dataclass(frozen=True)
@@ -273,12 +332,19 @@ def _model_for_training(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[
     return model, tok
 
 
-def _sft_config(trl, recipe: Recipe, settings: dict[str, Any], out_dir: Path, has_eval: bool):
-    """trl's SFTConfig from the recipe's `training` block; an option trl rejects is a ConfigError there."""
+def _sft_config(trl, recipe: Recipe, settings: dict[str, Any], out_dir: Path, has_eval: bool, tok):
+    """trl's SFTConfig from the recipe's `training` block; an option trl rejects is a ConfigError there.
+    Early stopping saves a checkpoint at every evaluation (weights only) to load the best at the end."""
     t = recipe.training
+    stopping = t.early_stopping
+    saving = ({"save_strategy": "steps", "save_steps": t.eval_steps or t.logging_steps, "save_only_model": True,
+               "load_best_model_at_end": True, "metric_for_best_model": stopping.metric,
+               "greater_is_better": stopping.metric != "eval_loss"} if stopping is not None
+              else {"save_strategy": "no"})
     try:
         return trl.SFTConfig(
-            output_dir=str(out_dir / "_trainer"), report_to="none", save_strategy="no", disable_tqdm=True,
+            output_dir=str(out_dir / "_trainer"), report_to="none", disable_tqdm=True, **saving,
+            pad_token=tok.eos_token if t.pad_token == "eos" else t.pad_token,
             seed=recipe.seed, data_seed=recipe.seed, use_cpu=settings["device"] == "cpu",
             num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
             per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
@@ -303,7 +369,7 @@ def _lora_config(peft, recipe: Recipe):
 
 
 def _sft_trainer(libs: _Libraries, model, tok, args, peft_config, train_rows: list[dict[str, Any]],
-                 eval_rows: list[dict[str, Any]]):
+                 eval_rows: list[dict[str, Any]], collator=None):
     """trl's SFTTrainer on prompt/completion datasets, without datasets' progress bars while it maps them."""
     def as_dataset(rs: list[dict[str, Any]]):
         return libs.datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rs])
@@ -313,7 +379,7 @@ def _sft_trainer(libs: _Libraries, model, tok, args, peft_config, train_rows: li
     try:
         return libs.trl.SFTTrainer(model=model, args=args, train_dataset=as_dataset(train_rows),
                                    eval_dataset=as_dataset(eval_rows) if eval_rows else None,
-                                   processing_class=tok, peft_config=peft_config)
+                                   processing_class=tok, peft_config=peft_config, data_collator=collator)
     finally:
         if datasets_bars:
             libs.datasets.enable_progress_bars()

