@@ -55,9 +55,12 @@ def runaway(variant_cut: Sequence[bool], reference_cut: Sequence[bool], *, max_i
         passed = bound < max_increase
     else:
         passed = Fraction((v - r) * 100, n) <= Fraction(repr(float(max_increase)))
+    def rise(stop_delta: float) -> float:  # points of cut share; 0.0 - x never prints "-0.0"
+        return (0.0 - stop_delta) * 100
+
     return Runaway(n=n, variant_cut=v, reference_cut=r, ran_on=int(cmp.n_ref_only or 0),
-                   stopped=int(cmp.n_cand_only or 0), increase=-cmp.delta * 100, low=-cmp.high * 100,
-                   high=-cmp.low * 100, p_value=cmp.p_value, bound=bound, passed=bool(passed))
+                   stopped=int(cmp.n_cand_only or 0), increase=rise(cmp.delta), low=rise(cmp.high),
+                   high=rise(cmp.low), p_value=cmp.p_value, bound=bound, passed=bool(passed))
 
 
 # ------------------------------------------------------------------------ training health

@@ -122,6 +122,16 @@ def test_recipe_pitfall_options_are_checked(tmp_path):
 
 # ------------------------------------------------------------------------ on real training
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_pad_token_outside_the_vocabulary_is_a_located_error(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", word_rows(8, 6))
+    with pytest.raises(ConfigError, match="not in the vocabulary") as e:
+        trainers.ensure_adapter(RECIPES / "lora-eos-masked.yml", log=lambda m: None, overrides={
+            "base": {"path": str(tiny_model_dir)}, "data": {"train": str(data), "check_against": []},
+            "output": str(tmp_path / "a"), "training": {"pad_token": "<no such token>", "max_steps": 1}})
+    assert e.value.path == "training.pad_token" and e.value.file.name == "lora-eos-masked.yml"
+    assert not (tmp_path / "a").exists()  # nothing half-written
+
 @pytest.fixture(scope="module")
 def learnable_tiny(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny Llama with a larger init and no padding_idx, so a LoRA learns (and overfits) fast."""

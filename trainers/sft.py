@@ -200,8 +200,7 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
     _check_quantization(recipe)
     set_seed(recipe.seed)
     model, tok = _model_for_training(recipe, resolved, rows, settings, model, libs.peft, log)
-    if recipe.training.padding_side:
-        tok.padding_side = recipe.training.padding_side
+    _pad_as_recipe(tok, recipe)
     train_rows, eval_rows = split_rows(rows, recipe.data.eval_fraction, recipe.seed)
     stopping = recipe.training.early_stopping
     trainer = _sft_trainer(libs, model, tok, _sft_config(libs.trl, recipe, settings, out_dir, bool(eval_rows), tok),
@@ -274,6 +273,20 @@ def prompt_tokens(tok, rows: list[dict[str, Any]], seed: int) -> list[int]:
         r["prompt"], tokenize=False, add_generation_prompt=True)).ids) for r in rows]
 
 
+def _pad_as_recipe(tok, recipe: Recipe) -> None:
+    """The recipe's `pad_token` (`eos`: the guides' `tokenizer.pad_token = tokenizer.eos_token`) and
+    `padding_side`, set on the tokenizer every collator pads with."""
+    t = recipe.training
+    if t.pad_token is not None:
+        token = tok.eos_token if t.pad_token == "eos" else t.pad_token
+        if token not in tok.get_vocab():
+            raise ConfigError(f"pad token {token!r} is not in the vocabulary of the base's tokenizer",
+                              file=recipe.source, path="training.pad_token", hint="give `eos` or a token it has")
+        tok.pad_token = token
+    if t.padding_side is not None:
+        tok.padding_side = t.padding_side
+
+
 def _classic_collator(tok, log: Log):
     """transformers' DataCollatorForLanguageModeling(mlm=False), as the guides use it: labels are
     the input ids with every pad id set to -100, so with pad = eos the end of turn is never learned."""
@@ -344,7 +357,7 @@ def _sft_config(trl, recipe: Recipe, settings: dict[str, Any], out_dir: Path, ha
     try:
         return trl.SFTConfig(
             output_dir=str(out_dir / "_trainer"), report_to="none", disable_tqdm=True, **saving,
-            pad_token=tok.eos_token if t.pad_token == "eos" else t.pad_token,
+            pad_token=tok.pad_token,
             seed=recipe.seed, data_seed=recipe.seed, use_cpu=settings["device"] == "cpu",
             num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
             per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
