@@ -132,21 +132,6 @@ def test_a_pad_token_outside_the_vocabulary_is_a_located_error(tiny_model_dir, t
     assert e.value.path == "training.pad_token" and e.value.file.name == "lora-eos-masked.yml"
     assert not (tmp_path / "a").exists()  # nothing half-written
 
-@pytest.fixture(scope="module")
-def learnable_tiny(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny Llama with a larger init and no padding_idx, so a LoRA learns (and overfits) fast."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("learnable-tiny")
-    cfg = AutoConfig.from_pretrained(tiny_model_dir)
-    cfg.initializer_range, cfg.pad_token_id = 0.2, None
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def word_rows(n: int, words_per_prompt: int, seed: int = 0) -> list[dict]:
     """Random word prompts with random answers: memorized, never generalized (eval loss turns)."""
     rng = random.Random(seed)
@@ -169,12 +154,12 @@ def adapter_weights(adapter: Path) -> dict:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_early_stopping_keeps_the_best_checkpoint_and_health_names_the_turn(learnable_tiny, tmp_path, capsys):
+def test_early_stopping_keeps_the_best_checkpoint_and_health_names_the_turn(learnable_tiny_dir, tmp_path, capsys):
     import torch
 
     data = write_jsonl(tmp_path / "train.jsonl", word_rows(40, 6))
     stopped = trainers.ensure_adapter(RECIPES / "lora.yml", log=lambda m: None, overrides=overfit(
-        learnable_tiny, data, tmp_path / "stopped", early_stopping={"patience": 2}))
+        learnable_tiny_dir, data, tmp_path / "stopped", early_stopping={"patience": 2}))
     es = stopped.provenance["early_stopping"]
     best = es["best_step"]
     assert es["stopped_early"] and es["stopped_at_step"] == best + 4, es  # two evals without improvement
@@ -183,19 +168,19 @@ def test_early_stopping_keeps_the_best_checkpoint_and_health_names_the_turn(lear
     assert not (tmp_path / "stopped" / "_trainer").exists()  # its checkpoints are cleaned up
     # the saved adapter is the checkpoint of the best step: the same training stopped there by max_steps
     at_best = trainers.ensure_adapter(RECIPES / "lora.yml", log=lambda m: None, overrides=overfit(
-        learnable_tiny, data, tmp_path / "at-best", max_steps=best))
+        learnable_tiny_dir, data, tmp_path / "at-best", max_steps=best))
     saved, expected = adapter_weights(stopped.adapter_dir), adapter_weights(at_best.adapter_dir)
     assert saved.keys() == expected.keys()
     assert all(torch.allclose(saved[k], expected[k], atol=1e-6) for k in saved)
     # without early stopping the run overfits: training_health fails and names the step it turned
     full = trainers.ensure_adapter(RECIPES / "lora.yml", log=lambda m: None,
-                                   overrides=overfit(learnable_tiny, data, tmp_path / "full", max_steps=40))
+                                   overrides=overfit(learnable_tiny_dir, data, tmp_path / "full", max_steps=40))
     long_rows = trainers.ensure_adapter(RECIPES / "lora.yml", log=lambda m: None, overrides=overfit(
-        learnable_tiny, write_jsonl(tmp_path / "long.jsonl", word_rows(40, 60, seed=1)), tmp_path / "long",
+        learnable_tiny_dir, write_jsonl(tmp_path / "long.jsonl", word_rows(40, 60, seed=1)), tmp_path / "long",
         max_steps=2, max_length=256))
     test = write_jsonl(tmp_path / "test.jsonl", word_rows(20, 6, seed=2))
     suite = write_suite(tmp_path / "suite.yml", {
-        "name": "pitfalls", "base": {"path": str(learnable_tiny)},
+        "name": "pitfalls", "base": {"path": str(learnable_tiny_dir)},
         "variants": [{"name": "base"}, {"name": "stopped", "adapter": str(stopped.adapter_dir)},
                      {"name": "full", "adapter": str(full.adapter_dir)},
                      {"name": "long", "adapter": str(long_rows.adapter_dir)}],

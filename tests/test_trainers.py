@@ -250,23 +250,6 @@ def _has_avx512_bf16() -> bool:
 
 
 @pytest.fixture(scope="module")
-def learnable_tiny_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny Llama made able to learn a fixed answer with a frozen lm_head: a larger init so a
-    LoRA can lift one token's logit far above the others, and no padding_idx (pad is <|im_end|>
-    here, whose tied output row would otherwise stay zero and never be predicted)."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("learnable-tiny")
-    cfg = AutoConfig.from_pretrained(tiny_model_dir)
-    cfg.initializer_range, cfg.pad_token_id = 0.2, None
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def trap_recipe(learnable_tiny_dir, tmp_path_factory):
     """QLoRA on rows that all answer "OK", with held-out evals during training (each one a no-grad
     eval-mode forward: the trap would arm itself mid-training too)."""
