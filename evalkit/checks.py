@@ -7,6 +7,7 @@ them, and a hard failure (an adapter that changes nothing) raises before any sco
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from evalkit.backends.base import PROBES, token_ids
@@ -338,7 +339,7 @@ def stops_generating(ctx, results, log) -> list[CheckRecord]:
             log(f"FAIL: stops_generating [{lv.name}]: {msg}")
         records.append(CheckRecord(name="stops_generating", variant=lv.name, passed=passed, message=msg, details={
             "vs": ref, "max_increase": limit, "confidence": level,
-            "tasks": {task: r.as_dict() for task, r in per_task.items()}}))
+            "tasks": {task: dataclasses.asdict(r) for task, r in per_task.items()}}))
     return records
 
 
@@ -352,6 +353,11 @@ def _runaway_text(task: str, ref: str, r, limit: float, level: float | None) -> 
             f"{r.reference_cut}/{r.n} ({r.reference_cut / r.n:.0%}) for {ref}: {r.ran_on} ran on where {ref} "
             f"stopped, {r.stopped} the reverse, {r.increase:+.1f} pts [{r.low:+.1f}, {r.high:+.1f}], "
             f"p={r.p_value:.3g}; {how}")
+
+
+def _skipped(check: str, variant: str, why: str) -> CheckRecord:
+    """A check that does not apply to this variant: passed, marked skipped, with the reason."""
+    return CheckRecord(name=check, variant=variant, passed=True, skipped=why, message=f"skipped: {why}")
 
 
 def _provenance(lv) -> tuple[dict[str, Any] | None, str | None]:
@@ -380,8 +386,7 @@ def training_health(ctx, log) -> list[CheckRecord]:
         if prov and not (isinstance(steps, list) and all(isinstance(e, dict) and "step" in e for e in steps)):
             skipped = f"the provenance of '{lv.name}' has no per-step loss log"
         if skipped:
-            records.append(CheckRecord(name="training_health", variant=lv.name, passed=True, skipped=skipped,
-                                       message=f"skipped: {skipped}"))
+            records.append(_skipped("training_health", lv.name, skipped))
             continue
         assert prov is not None and isinstance(steps, list)  # not skipped
         kept = (prov.get("early_stopping") or {}).get("best_step")
@@ -412,11 +417,11 @@ def length_match(ctx, log) -> list[CheckRecord]:
     from evalkit.pitfalls import length_match as compare
     from evalkit.tasks.generation import load_cases
 
-    lengths = {task.name: [len(ctx.render(c).ids) for c in load_cases(task.data, task.limit)]
-               for task in ctx.suite.tasks if isinstance(task, CasesTask)}
+    tasks = [task for task in ctx.suite.tasks if isinstance(task, CasesTask)]
+    lengths: dict[str, list[int]] = {}  # rendered on first need: most runs have no adapter to compare
     records = []
     for lv in ctx.variants:
-        if lv.info is None or not lengths:
+        if lv.info is None or not tasks:
             continue
         prov, skipped = _provenance(lv)
         train = ((prov or {}).get("data") or {}).get("prompt_tokens")
@@ -424,10 +429,11 @@ def length_match(ctx, log) -> list[CheckRecord]:
             skipped = (f"the provenance of '{lv.name}' records no training prompt lengths (trained before they "
                        f"were recorded: `evalkit train RECIPE --force`)")
         if skipped:
-            records.append(CheckRecord(name="length_match", variant=lv.name, passed=True, skipped=skipped,
-                                       message=f"skipped: {skipped}"))
+            records.append(_skipped("length_match", lv.name, skipped))
             continue
         assert isinstance(train, list)  # not skipped
+        lengths = lengths or {task.name: [len(ctx.render(c).ids) for c in load_cases(task.data, task.limit)]
+                              for task in tasks}
         gate = _gate_for(ctx, "length_match", lv.name)
         level = (gate.confidence if gate else None) or 0.95
         far = _tolerance(ctx, "length_match", lv.name, "max_distance", 0.0)
@@ -443,5 +449,5 @@ def length_match(ctx, log) -> list[CheckRecord]:
         if not passed:
             log(f"FAIL: length_match [{lv.name}]: {msg}")
         records.append(CheckRecord(name="length_match", variant=lv.name, passed=passed, message=msg, details={
-            "confidence": level, "max_distance": far, "tasks": {t: m.as_dict() for t, m in per_task.items()}}))
+            "confidence": level, "max_distance": far, "tasks": {t: dataclasses.asdict(m) for t, m in per_task.items()}}))
     return records

@@ -38,9 +38,6 @@ class Runaway:
     bound: float | None  # the upper one-sided bound tested at the gate's confidence, points
     passed: bool
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
 
 def runaway(variant_cut: Sequence[bool], reference_cut: Sequence[bool], *, max_increase: float,
             confidence: float | None) -> Runaway:
@@ -146,9 +143,6 @@ class LengthMatch:
     train_quantiles: dict[str, float]
     eval_quantiles: dict[str, float]
     passed: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
 
 
 def quantiles(values: Sequence[int]) -> dict[str, float]:

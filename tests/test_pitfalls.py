@@ -227,6 +227,7 @@ def test_without_provenance_the_training_checks_skip_with_a_reason(tiny_model_di
     for check in ("training_health", "length_match"):
         assert gates[f"{check}[a]"].passed and "no provenance" in (gates[f"{check}[a]"].skipped or "")
     assert (tmp_path / "run" / "junit.xml").read_text().count("<skipped ") == 2
+    assert (tmp_path / "run" / "report.html").read_text().count('class="pill skip">SKIP') == 4  # gates and checks
 
 
 def test_an_adapter_trained_with_eos_masked_runs_on(embedded_model_dir, tmp_path):

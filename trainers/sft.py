@@ -265,12 +265,14 @@ def prompt_tokens(tok, rows: list[dict[str, Any]], seed: int) -> list[int]:
     of a larger file."""
     import random
 
-    from evalkit.backends.base import encode
+    from evalkit.backends.base import encode, render_prompt
+    from evalkit.types import Case
 
     if len(rows) > MAX_RECORDED_PROMPTS:
         rows = random.Random(seed).sample(rows, MAX_RECORDED_PROMPTS)
-    return [len(encode(tok, r["prompt"] if isinstance(r["prompt"], str) else tok.apply_chat_template(
-        r["prompt"], tokenize=False, add_generation_prompt=True)).ids) for r in rows]
+    cases = (Case(r["id"], prompt=r["prompt"]) if isinstance(r["prompt"], str) else
+             Case(r["id"], messages=tuple(r["prompt"])) for r in rows)
+    return [len(encode(tok, render_prompt(tok, c)).ids) for c in cases]
 
 
 def _pad_as_recipe(tok, recipe: Recipe) -> None:
