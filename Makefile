@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo judge-demo lint test browser vllm bench schema clean
+.PHONY: setup demo judge-demo lint test fuzz browser vllm promptfoo bench schema clean
 
 setup: $(VENV)/.installed
 
@@ -54,15 +54,34 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
 	touch $@
 
+# promptfoo (Node.js), pinned, in a folder of the project's own: the client-matrix test drives its
+# OpenAI providers against evalkit serve (tests/test_serve_clients.py; skipped, loudly, without it).
+# 0.121 is the last line that runs on Node 20 (0.122 needs Node 22). Without npm this says so and
+# goes on. A new PROMPTFOO_VERSION installs again.
+PROMPTFOO_VERSION = 0.121.20
+PROMPTFOO_DIR ?= .promptfoo
+promptfoo: $(PROMPTFOO_DIR)/.installed-$(PROMPTFOO_VERSION)
+$(PROMPTFOO_DIR)/.installed-$(PROMPTFOO_VERSION):
+	@command -v npm >/dev/null 2>&1 || { echo "make promptfoo: npm not found; the promptfoo test will be skipped"; exit 0; }; \
+	rm -rf $(PROMPTFOO_DIR) && mkdir -p $(PROMPTFOO_DIR) && cd $(PROMPTFOO_DIR) && echo '{"private": true}' > package.json && \
+	npm install --no-audit --no-fund --loglevel=error --save-exact promptfoo@$(PROMPTFOO_VERSION) && touch $(@F)
+
 # Lint before the tests: CI runs `make lint test`.
 lint: setup
 	$(BIN)/ruff check evalkit trainers tests bench
 	$(BIN)/mypy
 
 # Tests run in a random order (pytest-randomly); the seed is printed, and `SEED=N make test` replays it.
-test: setup browser vllm
+test: setup browser vllm promptfoo
 	@seed=$${SEED:-$$RANDOM}; echo "test order: --randomly-seed=$$seed"; \
 	$(BIN)/python -m pytest -q -p randomly --randomly-seed=$$seed
+
+# Every fuzz test (tests marked `fuzz`), long, a failure shrunk to a minimal example: `make test` runs
+# them bounded (100 examples per suite/recipe/data test, 150 request bodies). FUZZ_SEED=N replays a run (each run prints its seed);
+# FUZZ_COLLECT=FILE lists every failure as a JSON line and goes on, instead of stopping at the first.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SHRINK=1 $(BIN)/python -m pytest -q -m fuzz -p no:randomly
 
 bench: setup
 	$(BIN)/python bench/bench_matrix.py

@@ -33,9 +33,9 @@ def _case_prompts(ctx, limit: int) -> list[str]:
     """The first `limit` rendered cases of the first task with a dataset (what the run will score)."""
     for task in ctx.suite.tasks:
         if isinstance(task, CasesTask):
-            from evalkit.tasks.generation import load_cases
+            from evalkit.tasks.generation import task_cases
 
-            return [ctx.render(c).text for c in load_cases(task.data, limit)]
+            return [ctx.render(c).text for c in task_cases(task, limit=limit)]
     return []
 
 
@@ -188,9 +188,9 @@ def leakage(ctx, log) -> list[CheckRecord]:
     on the index its trainer stored in its provenance. An adapter without an index made with this
     normalization gets no record: its leakage cannot be told (one with provenance says so)."""
     from evalkit.leakage import NORMALIZATION, adapter_overlap
-    from evalkit.tasks.generation import load_cases
+    from evalkit.tasks.generation import task_cases
 
-    cases: dict[str, list[Case]] = {task.name: load_cases(task.data, task.limit) for task in ctx.suite.tasks
+    cases: dict[str, list[Case]] = {task.name: task_cases(task) for task in ctx.suite.tasks
                                     if isinstance(task, CasesTask)}
     records = []
     for lv in ctx.variants:
@@ -281,7 +281,7 @@ def _score_deltas(ctx, results, lv, twin) -> dict[str, dict[str, Any]]:
             continue
         twin_samples = [s for s in tr.samples if s.variant == twin.name]
         if not twin_samples and task.kind == "generate":
-            cases = generation.load_cases(task.data, task.limit)
+            cases = generation.task_cases(task)
             twin_samples = generation.score_outputs(
                 task, twin.name, cases, ctx.generate(twin, cases, task.generation, desc=f"{task.name} (twin)"))
         for metric, binary in tr.binary.items():
@@ -415,7 +415,7 @@ def length_match(ctx, log) -> list[CheckRecord]:
     1 - the gate's `confidence:`, default 95%) and the quantiles side by side. A model tuned on
     short prompts and evaluated (or deployed) on long ones is outside what it learned."""
     from evalkit.pitfalls import length_match as compare
-    from evalkit.tasks.generation import load_cases
+    from evalkit.tasks.generation import task_cases
 
     tasks = [task for task in ctx.suite.tasks if isinstance(task, CasesTask)]
     lengths: dict[str, list[int]] = {}  # rendered on first need: most runs have no adapter to compare
@@ -432,7 +432,7 @@ def length_match(ctx, log) -> list[CheckRecord]:
             records.append(_skipped("length_match", lv.name, skipped))
             continue
         assert isinstance(train, list)  # not skipped
-        lengths = lengths or {task.name: [len(ctx.render(c).ids) for c in load_cases(task.data, task.limit)]
+        lengths = lengths or {task.name: [len(ctx.render(c).ids) for c in task_cases(task)]
                               for task in tasks}
         gate = _gate_for(ctx, "length_match", lv.name)
         level = (gate.confidence if gate else None) or 0.95

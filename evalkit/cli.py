@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -78,12 +79,24 @@ def print_summary(record: RunRecord, run_dir: Path) -> None:
     if any(c.significant for c in record.comparisons):
         print(f"\n  * significant at 5% after Holm's adjustment over the run's "
               f"{len(record.comparisons)} comparisons")
+    print(f"\n{verdict_line(record)}   (run folder: {run_dir})")
+
+
+def verdict_line(record: RunRecord) -> str:
+    """PASS only when some gate was checked, with the gates each variant got: a gate that applied
+    to nothing cannot read as a pass."""
     n_fail = sum(not g.passed for g in record.gates)
-    verdict = "PASS" if record.verdict == "pass" else "FAIL"
     n_skip = sum(bool(g.skipped) for g in record.gates)
+    n_pass = len(record.gates) - n_fail - n_skip
+    if not record.gates:
+        return "NO GATES: nothing was checked (the suite has no gates; scores are in the report)"
+    per_variant = Counter(g.variant for g in record.gates if not g.skipped)
     skipped = f", {n_skip} skipped" if n_skip else ""
-    print(f"\n{verdict}: {len(record.gates) - n_fail - n_skip} passed, {n_fail} failed{skipped}   "
-          f"(run folder: {run_dir})")
+    if not per_variant:
+        return f"NOTHING CHECKED: all {n_skip} gates were skipped"
+    verdict = "PASS" if record.verdict == "pass" else "FAIL"
+    return (f"{verdict}: {n_pass} passed, {n_fail} failed{skipped} "
+            f"({', '.join(f'{v} {n}' for v, n in per_variant.items())})")
 
 
 def _print_vs_baseline(record: RunRecord) -> None:
@@ -214,11 +227,23 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Each suite, and everything it names that can be checked without a model; the worst exit code."""
     from evalkit.config import load_suite
+    from evalkit.preflight import check_inputs
 
-    suite = load_suite(args.suite)
-    print(f"{args.suite}: ok ({len(suite.variants)} variants, {len(suite.tasks)} tasks, {len(suite.gates)} gates)")
-    return 0
+    code = 0
+    for path in args.suites:
+        try:
+            suite = load_suite(path)
+            checked = check_inputs(suite)
+        except EvalkitError as e:
+            _err(str(e))
+            code = max(code, int(e.exit_code))
+            continue
+        print(f"{path}: ok ({len(suite.variants)} variants, {len(suite.tasks)} tasks, {len(suite.gates)} gates)")
+        for line in checked:
+            print(f"  checked {line}")
+    return code
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -278,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("history", help="the promotions of a baseline store, one line each")
     h.add_argument("store")
     h.set_defaults(fn=cmd_history)
-    v = sub.add_parser("validate", help="check a suite file without running anything")
-    v.add_argument("suite")
+    v = sub.add_parser("validate", help="check suites and the files they name (recipes, data, schemas, rubrics) "
+                                        "without running anything")
+    v.add_argument("suites", nargs="+", metavar="suite")
     v.set_defaults(fn=cmd_validate)
     t = sub.add_parser("train", help="train an adapter from a recipe (reused when up to date)")
     t.add_argument("recipe")

@@ -20,11 +20,14 @@ from evalkit.errors import ConfigError
 def read_text(file: Path, what: str = "file") -> str:
     """A config file's text: a missing file, a folder or bytes that are not UTF-8 text are
     config errors naming the file (and the line of the first bad byte)."""
-    if file.is_dir():
-        raise ConfigError(f"{file} is a folder, not a {what}")
-    if not file.is_file():
-        raise ConfigError(f"{what} not found: {file}")
-    data = file.read_bytes()
+    try:
+        if file.is_dir():
+            raise ConfigError(f"{file} is a folder, not a {what}")
+        if not file.is_file():
+            raise ConfigError(f"{what} not found: {file}")
+        data = file.read_bytes()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte, no permission
+        raise ConfigError(f"cannot read the {what} {str(file)[:200]!r}: {getattr(e, 'strerror', None) or e}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -39,10 +42,22 @@ def read_text(file: Path, what: str = "file") -> str:
 
 def read_json(file: Path, what: str = "file") -> Any:
     """A JSON file's value; bad text or bad JSON is a ConfigError naming the file and line."""
+    return _loads(read_text(file, what), file, None)
+
+
+def _loads(text: str, file: Path, lineno: int | None) -> Any:
+    """json.loads, its failures as ConfigErrors: bad syntax (at its line), and the values the json
+    module cannot hold, which it raises as other errors (nesting deeper than Python's recursion
+    limit; an integer of more than 4300 digits)."""
     try:
-        return json.loads(read_text(file, what))
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"invalid JSON: {e.msg} (column {e.colno})", file=file, line=e.lineno) from None
+        line = e.lineno if lineno is None else lineno
+        raise ConfigError(f"invalid JSON: {e.msg} (column {e.colno})", file=file, line=line) from None
+    except RecursionError:
+        raise ConfigError("invalid JSON: arrays or objects nested too deeply", file=file, line=lineno) from None
+    except ValueError as e:  # int_max_str_digits
+        raise ConfigError(f"invalid JSON: {str(e).split(';')[0]}", file=file, line=lineno) from None
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -73,11 +88,7 @@ def _parse_lines(path: Path, f: Iterable[bytes]) -> Iterator[tuple[int, Any]]:
                               ) from None
         if not text.strip():
             continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"invalid JSON: {e.msg} (column {e.colno})", file=path, line=lineno) from None
-        yield lineno, value
+        yield lineno, _loads(text, path, lineno)
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:

@@ -10,12 +10,12 @@ rounded floats) and within GRADED_TOLERANCE otherwise.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from evalkit.config.suite import Gate, Suite, Task, Variant
+from evalkit.config.suite import Gate, Suite, Task, gate_targets
 from evalkit.formatting import fmt_number
 from evalkit.record import CheckRecord, GateRecord
 from evalkit.stats import PairedComparison, clopper_pearson, mean_bound, metric_interval
@@ -40,24 +40,6 @@ class Scores:
         return len(self.values) - len(self.valid)
 
 
-# The variants a check without `variant:` covers: merge_equivalence compares merged variants with
-# their unmerged twins; backend_parity every variant a server serves, base included (a server can
-# serve the wrong base); the others look at every adapter (one the check could not run for fails).
-CHECK_APPLIES: dict[str, Callable[[Suite, Variant], bool]] = {
-    "merge_equivalence": lambda suite, v: v.merge,
-    "backend_parity": lambda suite, v: suite.backend_of(v).kind != "hf",
-}
-
-
-def gate_targets(gate: Gate, suite: Suite) -> list[str]:
-    """`variant:` when given, else every non-base variant (never the one compared against) that
-    the gate's check, if any, applies to."""
-    if gate.variant:
-        return [gate.variant]
-    applies = CHECK_APPLIES.get(gate.check or "", lambda suite, v: not v.is_base)
-    return [v.name for v in suite.variants if v.name != gate.vs and applies(suite, v)]
-
-
 def exact(x: float) -> Fraction:
     """The number as written in the suite (0.8 is 4/5, not the binary float nearest to it)."""
     return Fraction(repr(float(x)))
@@ -74,9 +56,7 @@ def evaluate_gates(suite: Suite, scores: Mapping[tuple[str, str, str], Scores],
     whose every score is invalid (unless its task says `invalid: drop`)."""
     results = []
     for gate in suite.gates:
-        # a check gate that applies to no variant is a misconfigured gate: it fails for "*"
-        targets = gate_targets(gate, suite) or (["*"] if gate.check else [])
-        for variant in targets:
+        for variant in gate_targets(gate, suite):  # never empty: the suite refuses such a gate
             results.append(evaluate_gate(gate, variant, scores, comparisons, checks))
     tasks = {t.name: t for t in suite.tasks}
     for (task, metric, variant), s in scores.items():

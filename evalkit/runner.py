@@ -11,11 +11,10 @@ the first result the cache cannot answer (never, on a rerun).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -30,10 +29,11 @@ from evalkit.cache import Cache
 from evalkit.config import load_suite
 from evalkit.config.suite import BackendConfig, Suite, Task, Variant
 from evalkit.context import RunContext, RunVariant, served_fingerprint, template_hash, variant_fingerprint
-from evalkit.errors import ConfigError, ExitCode, ModelError, NothingToEvaluate, YamlPath
+from evalkit.errors import ExitCode, NothingToEvaluate
 from evalkit.gates import Scores, evaluate_gates, gate_targets
 from evalkit.models.adapters import AdapterInfo, inspect_adapter
 from evalkit.models.base import ResolvedBase, cache_root, file_sha256, load_tokenizer, resolve_base
+from evalkit.preflight import check_inputs
 from evalkit.record import (
     SCHEMA_VERSION,
     BaseRecord,
@@ -67,20 +67,21 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
     suite = load_suite(suite_path, baseline=baseline)
     if not suite.tasks:
         raise NothingToEvaluate(f"{suite.path.name}: the suite has no tasks")
-    for task in suite.tasks:  # fail in seconds, before any training or model load
-        preflight = getattr(_task_kind(task), "preflight", None)
+    check_inputs(suite, baseline=False)  # fail in seconds, before any training or model load
+    for task in suite.tasks:
+        preflight = getattr(_task_kind(task), "preflight", None)  # a judge's endpoint
         if preflight is not None:
-            with _locate_task_errors(suite, task):
+            with suite.locating(("tasks", task._index)):
                 preflight(task)
-    with _locate_errors(suite, ("baseline",)):  # a missing, changed or mismatched bundle fails before training
+    with suite.locating(("baseline",)):  # a missing, changed or mismatched bundle fails before training
         promoted = Baseline.open(suite, log)
     suite = _train_adapters(suite, log)
     infos = {}
     for v in suite.variants:
         if v.adapter:
-            with _locate_errors(suite, suite.variant_path(v.name)):
+            with suite.locating(suite.variant_path(v.name)):
                 infos[v.name] = inspect_adapter(v.adapter, allow_pickle=v.allow_pickle)
-    with _locate_errors(suite, ("base",)):
+    with suite.locating(("base",)):
         resolved = resolve_base(suite.base, suite.dir)
     if promoted is not None:
         promoted.check_base(resolved.sha256)
@@ -92,7 +93,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
         results: dict[str, TaskResult] = {}
         for task in suite.tasks:
             log(f"task {task.name} ({task.kind})")
-            with _locate_task_errors(suite, task):
+            with suite.locating(("tasks", task._index)):
                 results[task.name] = _task_kind(task).run(ctx, task)
         checks += _post_checks(ctx, results, log)
         joined = promoted.join(results, [lv.name for lv in ctx.variants]) if promoted else None
@@ -106,34 +107,9 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
     write_run(run_dir, record, samples)
     _write_reports(run_dir, record, log)
     code = ExitCode.OK if record.verdict == "pass" else ExitCode.GATE_FAILED
+    if record.gates and all(g.skipped for g in record.gates):
+        code = ExitCode.NOTHING_TO_EVALUATE  # every gate was skipped: nothing was checked, so no pass
     return RunResult(record=record, run_dir=run_dir, exit_code=int(code))
-
-
-@contextlib.contextmanager
-def _locate_errors(suite: Suite, path: YamlPath) -> Iterator[None]:
-    """A user-facing error raised while acting on one part of the suite (its adapter, its base) is
-    re-raised at that part's FILE:LINE PATH, unless it already names a file."""
-    try:
-        yield
-    except ConfigError as e:
-        if e.file is not None:
-            raise
-        raise suite.error(path, e.message, e.hint) from None
-    except ModelError as e:
-        raise suite.error(path, str(e)) from None
-
-
-@contextlib.contextmanager
-def _locate_task_errors(suite: Suite, task: Task) -> Iterator[None]:
-    """A task's own error (bad parameters, an unreachable judge) names the suite file and the
-    task's line; its YAML path is the task's, or the one the task gave."""
-    try:
-        yield
-    except ConfigError as e:
-        if e.file is None:
-            e.file, e.line, e.path = suite.path, e.line or task.line, e.path or task.where()
-            e.args = (e.format(),)
-        raise
 
 
 def _write_reports(run_dir: Path, record: RunRecord, log: Log) -> None:
@@ -153,7 +129,8 @@ def _train_adapters(suite: Suite, log: Log) -> Suite:
     variants = []
     for v in suite.variants:
         if v.train:
-            result = trainers.ensure_adapter(v.train, log=log)
+            with suite.locating(suite.variant_path(v.name)):
+                result = trainers.ensure_adapter(v.train, log=log)
             v = v.model_copy(update={"adapter": Path(result.adapter_dir)})
         variants.append(v)
     return suite.model_copy(update={"variants": tuple(variants)})
@@ -165,10 +142,10 @@ def _load_variants(suite: Suite, resolved: ResolvedBase, infos: dict[str, Adapte
     models load on the first request the cache cannot answer, so an unchanged rerun that the cache
     answers whole never loads one; the tokenizer is enough to render prompts and key the cache. A
     server is asked what it serves (GET /models and a probe) before any work."""
-    with _locate_errors(suite, ("base",)):
+    with suite.locating(("base",)):
         tokenizer = load_tokenizer(resolved)
     hf = HFBackend(resolved, tokenizer, log=log,
-                   locate=lambda name: _locate_errors(suite, ("base",) if name is None else suite.variant_path(name)))
+                   locate=lambda name: suite.locating(("base",) if name is None else suite.variant_path(name)))
     ctx = RunContext(suite=suite, base=resolved, tokenizer=tokenizer, variants=[], cache=cache, log=log,
                      progress=progress, hf=hf)
     template = template_hash(tokenizer)
@@ -209,7 +186,7 @@ def _remote_backends(suite: Suite, resolved: ResolvedBase, tokenizer: Any, infos
     try:
         for cfg, variants in groups.values():
             served = {v.name: v.served_name or v.name for v in variants}
-            with _locate_errors(suite, suite.backend_path(variants[0])):
+            with suite.locating(suite.backend_path(variants[0])):
                 backend = _server_backend(cfg, served, variants, resolved, tokenizer, infos, log)
                 out.update(dict.fromkeys(served, backend))  # closed below if a later check fails
                 backend.check()

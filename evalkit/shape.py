@@ -51,8 +51,23 @@ def context_dir(info: ValidationInfo) -> Path:
 
 
 def resolve(info: ValidationInfo, value: str | Path) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else (context_dir(info) / p).resolve()
+    """`value` against the context's folder; a path no file can have is refused (a NUL byte, or
+    `~user` for a user this machine does not know)."""
+    try:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (context_dir(info) / p).resolve()
+    except (RuntimeError, ValueError, OSError) as e:
+        raise invalid(f"not a usable path: {shown(str(value), 80)} ({e})") from None
+
+
+def shown(value: Any, limit: int = 300) -> str:
+    """A user's value in an error message: its repr, cut when long; an integer past Python's
+    4300-digit limit for printing (YAML's hex `0xfff...` makes them) is named, not printed."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else f"a huge {type(value).__name__}"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def existing(what: str, folder: bool = False) -> BeforeValidator:
@@ -61,7 +76,11 @@ def existing(what: str, folder: bool = False) -> BeforeValidator:
         if not isinstance(value, str | Path):
             return value  # the type check reports it
         path = resolve(info, value)
-        if not (path.is_dir() if folder else path.is_file()):
+        try:
+            found = path.is_dir() if folder else path.is_file()
+        except OSError as e:  # a name longer than the file system allows
+            raise invalid(f"{what} not found: {e.strerror}: {shown(str(path), 80)}") from None
+        if not found:
             raise invalid(f"{what} not found: {path}")
         return path
     return BeforeValidator(check)
@@ -105,17 +124,20 @@ def _message(err: Mapping[str, Any]) -> tuple[str, str | None]:
     if kind == "literal_error":
         choices = [c.strip("'") for c in ctx.get("expected", "").replace(" or ", ", ").split(", ")]
         close = did_you_mean(value, choices) if isinstance(value, str) else ""
-        return f"{value!r} is not one of: {', '.join(choices)}" + (close if "did you mean" in close else ""), None
+        return f"{shown(value)} is not one of: {', '.join(choices)}" + (close if "did you mean" in close else ""), None
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         return f"unknown kind {ctx.get('tag')!r}; expected one of: {ctx.get('expected_tags', '')}", None
     if kind in _BOUNDS:
         op, key = _BOUNDS[kind]
-        return f"must be {op} {ctx.get(key)}, got {value!r}", None
+        return f"must be {op} {ctx.get(key)}, got {shown(value)}", None
     head = kind.split("_")[0]
     if kind.endswith(("_type", "_parsing")) and head in _EXPECTED:
-        return f"expected {_EXPECTED[head]}, got {value!r}", None
+        return f"expected {_EXPECTED[head]}, got {shown(value)}", None
+    if kind == "is_instance_of":  # a Path field given a number, a list, ...
+        expected = "a path (a string)" if ctx.get("class") in ("Path", "PosixPath") else f"a {ctx.get('class')}"
+        return f"expected {expected}, got {shown(value)}", None
     if kind == "string_pattern_mismatch":
-        return f"{value!r} does not match the pattern {ctx.get('pattern')}", None
+        return f"{shown(value)} does not match the pattern {ctx.get('pattern')}", None
     return err["msg"], None
 
 
@@ -132,7 +154,7 @@ def error_parts(e: ValidationError, data: Any) -> tuple[YamlPath, str, str | Non
     expected = [_EXPECTED[x["type"].split("_")[0]] for x, p in zip(candidates, paths)
                 if p == path and x["type"].endswith("_type") and x["type"].split("_")[0] in _EXPECTED]
     if len(set(expected)) > 1:  # a union's alternatives at one place: name them all
-        message = f"expected {' or '.join(dict.fromkeys(expected))}, got {candidates[i].get('input')!r}"
+        message = f"expected {' or '.join(dict.fromkeys(expected))}, got {shown(candidates[i].get('input'))}"
     return path, message, hint
 
 

@@ -87,6 +87,32 @@ def learnable_tiny_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter on the tiny Llama, strong enough to change its answers."""
+    from helpers import make_adapter
+
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "lora", seed=3, scale_b=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir, tiny_lora, tmp_path_factory):
+    """`evalkit serve` on the tiny Llama as models base, lora, other (LoRA) and dora, shared by the
+    serve tests (test_serve, test_serve_clients, test_serve_fuzz); its body timeout is 0.5 s."""
+    from helpers import make_adapter
+
+    from evalkit.serve.protocol import Limits
+    from evalkit.serve.server import make_server
+
+    other = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "other", seed=4, scale_b=40)
+    dora = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "dora", seed=5, scale_b=40, use_dora=True)
+    srv = make_server(str(tiny_model_dir), {"lora": tiny_lora, "other": other, "dora": dora}, port=0,
+                      log=lambda _: None, limits=Limits(body_timeout_s=0.5))
+    srv.start()
+    yield srv
+    srv.close()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules on the tiny model (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
@@ -101,8 +127,15 @@ def one_torch_thread():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """A skipped vLLM test is a gap in what was checked: say so where nobody can miss it."""
-    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "vllm" in getattr(r, "keywords", {})]
+    """A skipped vLLM or promptfoo test is a gap in what was checked: say so where nobody can miss it."""
+    def reason(report) -> str:
+        return report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+
+    all_skipped = terminalreporter.stats.get("skipped", [])
+    skipped = [r for r in all_skipped if "vllm" in getattr(r, "keywords", {})]
     if skipped:
-        reason = skipped[0].longrepr[2] if isinstance(skipped[0].longrepr, tuple) else ""
-        terminalreporter.write_sep("!", f"{len(skipped)} vLLM backend test(s) SKIPPED: {reason}", red=True, bold=True)
+        terminalreporter.write_sep("!", f"{len(skipped)} vLLM backend test(s) SKIPPED: {reason(skipped[0])}", red=True, bold=True)
+    skipped = [r for r in all_skipped if "make promptfoo" in reason(r)]
+    if skipped:
+        terminalreporter.write_sep("!", f"{len(skipped)} promptfoo client test(s) SKIPPED: {reason(skipped[0])}", red=True,
+                                   bold=True)

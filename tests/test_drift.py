@@ -62,7 +62,7 @@ def test_confidence_on_an_unbounded_drift_metric_is_refused_where_it_is_written(
     from evalkit.config import load_suite
     from evalkit.errors import ConfigError
 
-    doc = {"name": "d", "base": {"path": str(tmp_path)}, "variants": [{"name": "base"}, {"name": "a"}],
+    doc = {"name": "d", "base": {"path": str(tmp_path)}, "variants": [{"name": "base"}, {"name": "a", "adapter": str(tmp_path)}],
            "tasks": [{"name": "drift", "kind": "drift"}],
            "gates": [{"metric": "drift.top1_agreement", "min": 0.9, "confidence": 0.95},
                      {"metric": "drift.kl", "max": 0.05, "confidence": 0.95}]}

@@ -72,7 +72,7 @@ def test_callers_keep_their_row_checks(tmp_path):
         load_cases(p)
     with pytest.raises(ConfigError, match=r"rows.jsonl:1: each row needs 'messages' or 'prompt'"):
         judge._load_anchors(p, SimpleNamespace(mode="rubric", scale=(1.0, 5.0)))
-    with pytest.raises(ConfigError, match=r"rows.jsonl row 1: expected 'messages'"):
+    with pytest.raises(ConfigError, match=r"rows.jsonl:1: expected 'messages'"):
         load_training_rows(p)
     p.write_text("")
     with pytest.raises(ConfigError, match=r"rows\.jsonl: no rows"):

@@ -173,7 +173,7 @@ def test_check_gates():
     checks = [CheckRecord(name="adapter_active", variant="lora", passed=True, message="ok")]
     g = Gate(check="adapter_active")
     assert evaluate_gates(_suite("loss", [g]), {}, {}, checks)[0].passed
-    missing = evaluate_gates(_suite("loss", [Gate(check="merge_equivalence")]), {}, {}, checks)
+    missing = evaluate_gates(_suite("loss", [Gate(check="merge_equivalence", variant="lora")]), {}, {}, checks)
     assert [r.passed for r in missing] == [False] and "did not run" in missing[0].message
 
 

@@ -359,7 +359,7 @@ def test_api_key_appears_in_no_file_of_a_run(tmp_path, tiny_model_dir, key_env, 
             "tasks": [{"name": "helpful", "kind": "judge", "data": "data.jsonl", "max_new_tokens": 4,
                        "rubric": "rubric.md",
                        "judge": {"base_url": srv.url, "model": "judge", "api_key_env": KEY_ENV, "timeout": 5}}],
-            "gates": [{"metric": "helpful.rubric", "min": 0.0}]})
+            "gates": [{"metric": "helpful.rubric", "variant": "base", "min": 0.0}]})
         out, cache = tmp_path / "run", tmp_path / "cache" / "results.sqlite"
         first = evaluate(suite, out=out, cache_path=cache, progress=False, log=logs.append)
         calls = srv.counts["chat"]

@@ -129,7 +129,7 @@ def test_a_pad_token_outside_the_vocabulary_is_a_located_error(tiny_model_dir, t
         trainers.ensure_adapter(RECIPES / "lora-eos-masked.yml", log=lambda m: None, overrides={
             "base": {"path": str(tiny_model_dir)}, "data": {"train": str(data), "check_against": []},
             "output": str(tmp_path / "a"), "training": {"pad_token": "<no such token>", "max_steps": 1}})
-    assert e.value.path == "training.pad_token" and e.value.file.name == "lora-eos-masked.yml"
+    assert e.value.path == "training.pad_token (override)" and e.value.file.name == "lora-eos-masked.yml"
     assert not (tmp_path / "a").exists()  # nothing half-written
 
 def word_rows(n: int, words_per_prompt: int, seed: int = 0) -> list[dict]:

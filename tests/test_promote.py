@@ -158,7 +158,7 @@ def test_history_cli_report_and_browser_show_every_promotion(capsys, world):
     assert run(suite("h1", ["B"], [{"metric": "extract.rouge_l", "min": 0}]), "h1")[0] == 0
     assert _cli(capsys, "promote", str(root / "h1"), "--variant", "B", "--store", str(store))[0] == 0
     # the next run fails a gate: promoting it needs --force, which the history records
-    failing = suite("h2", ["B"], [{"metric": "extract.rouge_l", "min": 1.5}], baseline=str(store))
+    failing = suite("h2", ["B"], [{"metric": "extract.rouge_l", "min": 1.0}], baseline=str(store))
     assert run(failing, "h2")[0] == 1
     code, text = _cli(capsys, "promote", str(root / "h2"), "--variant", "B", "--store", str(store))
     assert code == 4 and "gates failed (extract.rouge_l[B])" in text and "--force" in text, text

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import make_adapter, sequential_then_together, suite_of, variant, write_jsonl
+from helpers import sequential_then_together, suite_of, variant, write_jsonl
 
 from evalkit.errors import ConfigError
 from evalkit.serve.cli import serve_main
@@ -26,19 +26,13 @@ HI = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory, tiny_model_dir):
-    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "lora", seed=3, scale_b=40)
+def adapter(tiny_lora):
+    return tiny_lora
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, adapter, tmp_path_factory):
-    other = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "other", seed=4, scale_b=40)
-    dora = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("serve") / "dora", seed=5, scale_b=40, use_dora=True)
-    srv = make_server(str(tiny_model_dir), {"lora": adapter, "other": other, "dora": dora}, port=0,
-                      log=lambda _: None, limits=Limits(body_timeout_s=0.5))
-    srv.start()
-    yield srv
-    srv.close()
+def server(tiny_server):
+    return tiny_server
 
 
 def client(url: str, key: str = "unused") -> openai.OpenAI:
@@ -442,6 +436,14 @@ BAD = [  # (body, status, param or code)
     ({"model": "base", "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"model": "base", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ({"model": "nope", "prompt": "x"}, 404, "model"),
+    # found by the fuzz test (each was a 500, or worse)
+    ({"model": "base", "prompt": ["x", ""]}, 400, "prompt"),  # an empty prompt failed its whole batch
+    ({"model": "base", "prompt": "x", "logit_bias": {"49152": 1}}, 400, "logit_bias"),  # past the vocabulary
+    ({"model": "base", "prompt": "x", "logit_bias": {"-1": 1}}, 400, "logit_bias"),  # biased the last token
+    ({"model": "base", "prompt": "x", "logit_bias": {"²": 1}}, 400, "logit_bias"),
+    ({"model": "base", "messages": [{"role": "user", "content": "\udfff"}]}, 400, "messages[0].content"),
+    ({"model": "\ud800", "prompt": "x"}, 400, "model"),
+    ({"model": "base", "prompt": ["x"] * 65, "n": 16}, 400, "n"),  # was "busy, retry later" with nothing queued
 ]
 
 
@@ -453,9 +455,149 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     assert err["error"]["type"] == "invalid_request_error" and err["error"]["message"]
 
 
+# ---------------------------------------------------------------- the OpenAI spec, parameter by parameter
+
+def _post(url: str, path: str, body: dict) -> tuple[int, str]:
+    """Status and text of a POST (a stream's events as text)."""
+    req = urllib.request.Request(url.removesuffix("/v1") + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_every_openai_parameter_is_accepted_at_its_default(server):
+    """The spec walk: every parameter the `openai` package's request types declare for
+    /v1/completions and /v1/chat/completions (and the fields of stream_options, of each message
+    role, of a text part and of a json_schema) is sent alone at its documented default and as null,
+    then all at once as clients like promptfoo send them: each request is a 200. A parameter a new
+    `openai` release adds fails the coverage check until openai_spec says what its default is."""
+    import openai.types.chat as oc
+    import openai_spec as spec
+    from openai.types.shared_params.response_format_json_schema import JSONSchema
+
+    coverage = {"completions": (set(spec.COMPLETIONS), spec.params("completions")),
+                "chat": (set(spec.CHAT), spec.params("chat")),
+                "stream_options": (set(spec.STREAM_OPTIONS), spec.typed_dict_keys(oc.ChatCompletionStreamOptionsParam)),
+                "text part": (set(spec.TEXT_PART), spec.typed_dict_keys(oc.ChatCompletionContentPartTextParam)),
+                "json_schema": (set(spec.JSON_SCHEMA), spec.typed_dict_keys(JSONSchema)),
+                **{f"{role} message": ({"role", "content", *spec.MESSAGE_FIELDS[role]}, spec.typed_dict_keys(t))
+                   for role, t in spec.message_types().items()}}
+    for what, (table, declared) in coverage.items():
+        assert table == declared, f"{what}: openai_spec lacks {sorted(declared - table)}, has extra {sorted(table - declared)}"
+
+    refused = []
+    # --max-tokens-cap 16 (completions' default) keeps the defaults cheap: a chat's is then 16, not 256
+    capped = make_server(engine=server.engine, port=0, log=lambda _: None, limits=Limits(max_tokens_cap=16))
+    capped.start()
+
+    def expect_200(path: str, body: dict, what: str) -> None:
+        status, text = _post(capped.url, path, body)
+        if status != 200:
+            refused.append(f"{what}: {status} {text[:200]}")
+
+    def each(table: dict) -> list[tuple[str, object]]:  # every (key, value): the default, and null
+        return [(k, v) for k, d in table.items() if d is not spec.REQUIRED for v in ([d] if d is None else [d, None])]
+
+    try:
+        plain = {"completions": {"model": "lora", "prompt": "Hi", "max_tokens": 1},
+                 "chat": {"model": "lora", "messages": HI, "max_tokens": 1}}
+        for endpoint, table in (("completions", spec.COMPLETIONS), ("chat", spec.CHAT)):
+            path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
+            for key, value in each(table):
+                expect_200(path, plain[endpoint] | {key: value}, f"{endpoint} {key}={value!r}")
+            everything = {k: v for k, v in table.items() if v is not spec.REQUIRED}
+            expect_200(path, plain[endpoint] | everything, f"{endpoint} with every default at once")
+            for key, value in each(spec.STREAM_OPTIONS):
+                expect_200(path, plain[endpoint] | {"stream": True, "stream_options": {key: value}},
+                           f"{endpoint} stream_options.{key}={value!r}")
+        chat = plain["chat"]
+        for role in ("developer", "system", "user", "assistant"):
+            for key, value in each(spec.MESSAGE_FIELDS[role]):
+                message = {"role": role, "content": "Hello.", key: value}
+                expect_200("/v1/chat/completions", chat | {"messages": [*HI, message, *HI]}, f"{role} message {key}={value!r}")
+        for key, value in each(spec.TEXT_PART):
+            part = {"type": "text", "text": "Say hello."} | {key: value}
+            expect_200("/v1/chat/completions", chat | {"messages": [{"role": "user", "content": [part]}]},
+                       f"text part {key}={value!r}")
+        for key, value in each(spec.JSON_SCHEMA):
+            schema = {"name": "answer", "schema": {"type": "object"}} | {key: value}
+            expect_200("/v1/chat/completions", chat | {"response_format": {"type": "json_schema", "json_schema": schema}},
+                       f"json_schema {key}={value!r}")
+    finally:
+        capped.close()
+    assert not refused, "\n".join(refused)
+
+
+UNSUPPORTED = [  # (endpoint, body, param, message): a value other than the default is refused, and says why
+    ("completions", {"best_of": 2}, "best_of", "best_of: choosing the best of several candidates is not supported, so "
+     "evalkit serve accepts only null or 1 (got 2); ask for n choices instead"),
+    ("completions", {"best_of": True}, "best_of", None),
+    ("completions", {"suffix": "}"}, "suffix", None),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools: tool calling is not "
+     'supported, so evalkit serve accepts only null or [] (got [{"type": "function", "function": {"name...)'),
+    ("chat", {"tool_choice": "required"}, "tool_choice", None),
+    ("chat", {"functions": [{"name": "f"}]}, "functions", None),
+    ("chat", {"function_call": {"name": "f"}}, "function_call", None),
+    ("chat", {"audio": {"voice": "alloy", "format": "wav"}}, "audio", None),
+    ("chat", {"modalities": ["text", "audio"]}, "modalities", None),
+    ("chat", {"prediction": {"type": "content", "content": "x"}}, "prediction", None),
+    ("chat", {"moderation": {"model": "omni-moderation-latest"}}, "moderation", None),
+    ("chat", {"web_search_options": {}}, "web_search_options", None),
+    ("chat", {"reasoning_effort": "high"}, "reasoning_effort",
+     'reasoning_effort: the served models do not reason, so evalkit serve accepts only null or "none" (got "high")'),
+    ("chat", {"verbosity": "low"}, "verbosity", None),
+    ("chat", {"messages": [*HI, {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}]},
+     "messages[1].tool_calls", None),
+    ("chat", {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c"}]}, "messages[0].role",
+     "messages[0].role: tool messages are not supported: evalkit serve does not call tools"),
+    ("chat", {"messages": [{"role": "function", "name": "f", "content": "42"}]}, "messages[0].role", None),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "extra", "param", "message"), UNSUPPORTED, ids=[u[2] for u in UNSUPPORTED])
+def test_unsupported_values_are_refused_naming_the_parameter(server, endpoint, extra, param, message):
+    """A 400 whose `param` names the parameter, and whose message is one sentence: the place, what
+    is not supported, what is accepted (the message once read "best_of: 'best_of': best_of is not
+    supported; use n by evalkit serve")."""
+    if endpoint == "completions":
+        path, body = "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 1}
+    else:
+        path, body = "/v1/chat/completions", {"model": "base", "messages": HI, "max_tokens": 1}
+    status, text = _post(server.url, path, body | extra)
+    err = json.loads(text)["error"]
+    assert (status, err["param"], err["type"]) == (400, param, "invalid_request_error"), err
+    got = err["message"]
+    key = param.rsplit(".", 1)[-1]
+    assert got.startswith(f"{param}: ") and f"'{key}'" not in got and "\n" not in got and ". " not in got, got
+    assert "supported" in got or "do not" in got, got  # why
+    if message is not None:
+        assert got == message
+
+
+def test_ignored_parameters_take_any_value(server):
+    """What never changes an answer (who asks, storage, billing tier, caching) is accepted whatever it says."""
+    c = client(server.url)
+    plain = c.chat.completions.create(model="lora", messages=HI, max_tokens=4).choices[0].message.content
+    tagged = c.chat.completions.create(model="lora", messages=HI, max_tokens=4, user="u-1", metadata={"run": "7"},
+                                       store=True, service_tier="flex", safety_identifier="h", prompt_cache_key="k",
+                                       extra_body={"prompt_cache_options": {"mode": "explicit"}},
+                                       stream_options=None, parallel_tool_calls=False)
+    assert tagged.choices[0].message.content == plain
+
+
 def test_bad_http_gets_json_errors(server):
     status, body = raw(server.url, "/v1/chat/completions", b'{"model": "base", "messages": "\xff\xfe"}')
     assert status == 400 and "not UTF-8" in body["error"]["message"]
+    # found by the fuzz test: JSON that Python's parser refuses with other errors than a syntax error
+    for text, says in ((b"[" * 100_000, "nested too deeply"), (b'{"n": ' + b"9" * 5000 + b"}", "4300 digits")):
+        for path in ("/v1/completions", "/tokenize"):
+            status, body = raw(server.url, path, text)
+            assert status == 400 and says in body["error"]["message"], (path, body)
+    status, body = raw(server.url, "/detokenize", b'{"tokens": [5, null]}')  # null passed the id check
+    assert (status, body["error"]["message"]) == (400, "tokens: null is not a token id (an integer in 0..49151)")
     for method in ("PUT", "DELETE", "OPTIONS", "PATCH"):
         status, body = raw(server.url, "/v1/chat/completions", b"{}", method=method)
         assert (status, body["error"]["code"]) == (405, "method_not_allowed"), method
@@ -482,6 +624,25 @@ def test_sampling_parameters_are_honoured(server):
     again = c.completions.create(model="base", prompt="x", max_tokens=6, temperature=1.5, top_p=0.9, seed=1,
                                  extra_body={"top_k": 5, "min_p": 0.05})
     assert first.choices[0].text == again.choices[0].text
+
+
+def test_edges_of_the_sampling_ranges_generate(server):
+    """Values the shapes accept at the edge of their ranges generate instead of failing their batch:
+    a temperature of 5e-324 (was NaN probabilities) is greedy; the default max_tokens stays within
+    the server's --max-tokens-cap (was 256 for a chat whatever the cap)."""
+    c = client(server.url)
+    greedy = c.completions.create(model="base", prompt="x", max_tokens=4).choices[0].text
+    assert c.completions.create(model="base", prompt="x", max_tokens=4, temperature=5e-324).choices[0].text == greedy
+    r = c.completions.create(model="base", prompt="x", max_tokens=4, temperature=1.0, top_p=1e-300, seed=1,
+                             extra_body={"repetition_penalty": 1e-9, "top_k": 10**12, "min_p": 1.0})
+    assert r.choices[0].finish_reason == "length"
+    capped = make_server(engine=server.engine, port=0, log=lambda _: None, limits=Limits(max_tokens_cap=3))
+    capped.start()
+    try:
+        r = client(capped.url).chat.completions.create(model="lora", messages=HI)
+        assert r.usage.completion_tokens <= 3
+    finally:
+        capped.close()
 
 
 def test_request_timeout_is_a_504(tiny_model_dir):

@@ -79,11 +79,26 @@ def test_a_recipe_extends_another_with_its_paths(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "child.yml").write_text(f"extends: {RECIPES / 'lora.yml'}\nname: x\n")
     assert trainers.load_recipe(tmp_path / "sub" / "child.yml").data.train.resolve() == lora.data.train
-    for text, message in (("extends: nope.yml\n", "child.yml:1 extends: no other recipe at"),
-                          (f"extends: {RECIPES / 'lora-short.yml'}\n", "must be a recipe that extends no other")):
+    (tmp_path / "sub" / "child.yml").write_text(f"extends: {RECIPES / 'lora-short.yml'}\nname: x\n")  # a chain
+    assert trainers.load_recipe(tmp_path / "sub" / "child.yml").training.max_steps == 6
+    for text, message in (("extends: nope.yml\n", "child.yml:1 extends: no recipe at"),
+                          ("extends: child.yml\n", "child.yml:1 extends: `extends:` makes a cycle: child.yml -> child.yml"),
+                          ("extends: [a.yml]\n", "child.yml:1 extends: `extends:` takes the path of another recipe")):
         (tmp_path / "sub" / "child.yml").write_text(text)
         with pytest.raises(ConfigError, match=re.escape(message)):
             trainers.load_recipe(tmp_path / "sub" / "child.yml")
+
+
+def test_extends_cycles_and_a_parents_mistakes_are_located(tmp_path):
+    (tmp_path / "a.yml").write_text("extends: b.yml\nname: a\n")
+    (tmp_path / "b.yml").write_text("extends: a.yml\n")
+    with pytest.raises(ConfigError, match=re.escape("b.yml:1 extends: `extends:` makes a cycle: a.yml -> b.yml -> a.yml")):
+        trainers.load_recipe(tmp_path / "a.yml")
+    # an unknown key in the recipe extended is reported in that file, at its line
+    (tmp_path / "b.yml").write_text(MINIMAL + "training:\n  learnin_rate: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=re.escape("b.yml:6 training.learnin_rate: unknown key 'learnin_rate'; "
+                                                    "did you mean 'learning_rate'?")):
+        trainers.load_recipe(tmp_path / "a.yml")
 
 
 MINIMAL = "method: lora\nbase: {path: ./model}\ndata: {train: train.jsonl}\noutput: out\n"
@@ -129,19 +144,19 @@ def test_recipe_structure_errors(tmp_path, text, where, message):
 
 def test_rows_become_prompt_completion_with_the_target_serialized():
     row = extract_rows(1)[0]
-    trl_row = to_trl_row(row, "x")
+    trl_row = to_trl_row(row)
     assert trl_row["prompt"] == row["messages"]
     assert trl_row["completion"] == [{"role": "assistant", "content": json.dumps(row["target"])}]
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-    assert to_trl_row(chat, "x") == {"prompt": chat["messages"][:1], "completion": chat["messages"][1:]}
-    assert to_trl_row({"prompt": "a", "completion": "b"}, "x") == {"prompt": "a", "completion": "b"}
+    assert to_trl_row(chat) == {"prompt": chat["messages"][:1], "completion": chat["messages"][1:]}
+    assert to_trl_row({"prompt": "a", "completion": "b"}) == {"prompt": "a", "completion": "b"}
     with pytest.raises(ConfigError, match="needs a 'target'"):
-        to_trl_row({"messages": [{"role": "user", "content": "hi"}]}, "x")
+        to_trl_row({"messages": [{"role": "user", "content": "hi"}]})
 
 
 def test_mixed_formats_rejected_and_split_is_deterministic(tmp_path):
     path = write_rows(tmp_path / "d.jsonl", extract_rows(1) + [{"prompt": "a", "completion": "b"}])
-    with pytest.raises(ConfigError, match="mixes chat rows"):
+    with pytest.raises(ConfigError, match=r"d.jsonl:2: mixes chat rows"):
         load_training_rows(path)
     rows = [{"id": str(i)} for i in range(20)]
     train, held = split_rows(rows, 0.1, seed=0)

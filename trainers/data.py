@@ -32,30 +32,41 @@ def completion_text(target: Any) -> str:
     return target if isinstance(target, str) else json.dumps(target, ensure_ascii=False)
 
 
-def to_trl_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+def to_trl_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One row as trl's prompt/completion row; a row of no accepted shape is a ConfigError (unlocated)."""
     messages = row.get("messages")
     if messages is not None:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise ConfigError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                     for m in messages):
+            raise ConfigError("'messages' must be a list of {role, content} objects")
         turns = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        if not all(isinstance(t["content"], str) for t in turns):
+            raise ConfigError("each message's 'content' must be a string")
         if "target" in row:
             return {"prompt": turns, "completion": [{"role": "assistant", "content": completion_text(row["target"])}]}
         if turns and turns[-1]["role"] == "assistant" and len(turns) > 1:
             return {"prompt": turns[:-1], "completion": turns[-1:]}
-        raise ConfigError(f"{where}: a messages row needs a 'target' or a final assistant turn")
+        raise ConfigError("a messages row needs a 'target' or a final assistant turn")
     if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
         return {"prompt": row["prompt"], "completion": row["completion"]}
-    raise ConfigError(f"{where}: expected 'messages' (+ 'target') or 'prompt' + 'completion' strings")
+    raise ConfigError("expected 'messages' (+ 'target') or 'prompt' + 'completion' strings")
 
 
 def load_training_rows(path: Path) -> list[dict[str, Any]]:
-    """The raw rows (for leakage checks) converted to trl rows, with an `id` each; one format per file."""
+    """The raw rows (for leakage checks) converted to trl rows, with an `id` each; one format per file.
+    Each mistake is a ConfigError at its FILE:LINE."""
     out: list[dict[str, Any]] = []
-    for i, row in enumerate(read_rows(path)):
-        trl_row = to_trl_row(row, f"{path.name} row {i + 1}")
+    for i, (lineno, row) in enumerate(read_jsonl(path)):
+        try:
+            trl_row = to_trl_row(row)
+        except ConfigError as e:
+            raise ConfigError(e.message, file=path, line=lineno) from None
         if out and isinstance(out[0]["prompt"], str) != isinstance(trl_row["prompt"], str):
-            raise ConfigError(f"{path.name} row {i + 1}: mixes chat rows and raw prompt/completion rows")
+            raise ConfigError("mixes chat rows and raw prompt/completion rows (one format per file)",
+                              file=path, line=lineno)
         out.append({"id": str(row.get("id", f"#{i}")), **trl_row})
+    if not out:
+        raise ConfigError("no rows", file=path)
     return out
 
 

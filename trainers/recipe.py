@@ -15,7 +15,7 @@ from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, model
 
 from evalkit.errors import ConfigError, YamlPath, fmt_path, line_of
 from evalkit.models.base import BaseSpec
-from evalkit.shape import Shape, error_parts, existing, invalid, resolved
+from evalkit.shape import Shape, error_parts, existing, invalid, resolved, shown
 
 
 def _one_or_many(value: Any) -> Any:
@@ -103,6 +103,8 @@ class Recipe(Shape):
 
     _base_dir: Path = PrivateAttr(Path("."))  # where a relative base path resolves
     _source: Path | None = PrivateAttr(None)  # the recipe file
+    _origins: dict[YamlPath, tuple[Path, int]] = PrivateAttr(default_factory=dict)  # see `error`
+    _overridden: set[str] = PrivateAttr(default_factory=set)
 
     @model_validator(mode="after")
     def _preset(self) -> Recipe:
@@ -134,6 +136,11 @@ class Recipe(Shape):
     @property
     def source(self) -> Path | None:
         return self._source
+
+    def error(self, path: YamlPath, message: str, hint: str | None = None) -> ConfigError:
+        """A mistake in part of this recipe found after loading (a target module the base lacks, a
+        base that cannot be read): `FILE:LINE PATH: message` where that part is written."""
+        return _located(message, path, self._source, self._origins, self._overridden, hint)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able resolved recipe (absolute paths), as recorded in provenance."""
@@ -187,47 +194,66 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+Origins = dict[YamlPath, tuple[Path, int]]  # where each key of a recipe (and what it extends) is written
+
+
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read and validate a recipe file; `overrides` win over the file (see module doc)."""
-    from evalkit.config.loader import read_yaml
-
     path = Path(path)
-    raw, lines = read_yaml(path, "recipe")
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError("a recipe must be a mapping", file=path, line=line_of(lines, ()))
-    if "extends" in raw:
-        raw = _extend(path, raw, line_of(lines, ("extends",)))
+    raw, origins = _read(path, ())
     data = _merge(raw, overrides or {}, Path.cwd())
     try:
         recipe = Recipe.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as e:
-        raise _error(e, data, path, lines, set(_dotted(overrides or {}))) from None
+        raise _error(e, data, path, origins, set(_dotted(overrides or {}))) from None
     recipe._base_dir, recipe._source = path.resolve().parent, path.resolve()
+    recipe._origins, recipe._overridden = origins, set(_dotted(overrides or {}))
     return recipe
 
 
-def _extend(path: Path, raw: dict[str, Any], line: int | None) -> dict[str, Any]:
-    """`extends: OTHER.yml`: that recipe (its relative paths against its own folder), with this
-    file's keys over it."""
+def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], Origins]:
+    """A recipe file's mapping, over the recipe it `extends:` (a chain of them; its relative paths
+    against its own folder), with where each key is written."""
     from evalkit.config.loader import read_yaml
 
-    parent, own = raw["extends"], {k: v for k, v in raw.items() if k != "extends"}
-    file = path.parent / parent if isinstance(parent, str) else None
-    if file is None or not file.is_file() or file.resolve() == path.resolve():
-        raise ConfigError(f"no other recipe at {file}" if file else "give a recipe file",
-                          file=path, line=line, path="extends")
-    inherited, _ = read_yaml(file, "recipe")
-    if not isinstance(inherited, dict) or "extends" in inherited:
-        raise ConfigError(f"{file.name} must be a recipe that extends no other", file=path, line=line,
+    raw, lines = read_yaml(path, "recipe")
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError("a recipe must be a mapping", file=path, line=line_of(lines, ()))
+    origins = {key: (path, line) for key, line in lines.items()}
+    if "extends" not in raw:
+        return raw, origins
+    parent, line = raw.pop("extends"), line_of(lines, ("extends",))
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"`extends:` takes the path of another recipe, got {shown(parent, 80)}", file=path, line=line,
                           path="extends")
-    return _deep_merge(_merge({}, inherited, file.resolve().parent), own)
+    file = path.parent / parent
+    try:
+        found = file.is_file()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+        raise ConfigError(f"not a usable path: {shown(parent, 80)} ({e})", file=path, line=line, path="extends") from None
+    if not found:
+        raise ConfigError(f"no recipe at {file}", file=path, line=line, path="extends")
+    chain = (*chain, path.resolve())
+    if file.resolve() in chain:
+        names = " -> ".join(p.name for p in (*chain[chain.index(file.resolve()):], file.resolve()))
+        raise ConfigError(f"`extends:` makes a cycle: {names}", file=path, line=line, path="extends")
+    inherited, inherited_origins = _read(file, chain)
+    return _deep_merge(_merge({}, inherited, file.resolve().parent), raw), {**inherited_origins, **origins}
 
 
-def _error(e: ValidationError, data: Any, file: Path, lines: dict[YamlPath, int], overridden: set[str]) -> ConfigError:
+def _error(e: ValidationError, data: Any, file: Path, origins: Origins, overridden: set[str]) -> ConfigError:
     path, message, hint = error_parts(e, data)
+    return _located(message, path, file, origins, overridden, hint)
+
+
+def _located(message: str, path: YamlPath, file: Path | None, origins: Origins, overridden: set[str],
+             hint: str | None) -> ConfigError:
     ypath = fmt_path(path)
     if any(ypath == o or ypath.startswith((o + ".", o + "[")) for o in overridden):
         return ConfigError(message, file=file, path=f"{ypath} (override)", hint=hint)
-    return ConfigError(message, file=file, line=line_of(lines, path), path=ypath, hint=hint)
+    at = path
+    while at not in origins and at:
+        at = at[:-1]
+    where, line = origins.get(at, (file, None))
+    return ConfigError(message, file=where, line=line, path=ypath, hint=hint)

@@ -7,19 +7,21 @@ looks finished. trl, peft, datasets and bitsandbytes are imported only when trai
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from evalkit.compat import checkpointing_arg, disable_cpu_bf16_repack, trained_tokens, undo_cpu_bf16_repack
-from evalkit.errors import ConfigError, EvalkitError, missing_extra
+from evalkit.errors import ConfigError, ModelError, YamlPath, missing_extra
 from evalkit.formatting import fmt_number
 from evalkit.leakage import NORMALIZATION, find_overlap, train_index
 from evalkit.memory import PeakMemory
@@ -55,7 +57,8 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
     """The recipe's adapter: reused when its provenance fingerprint matches, else (re)trained."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    resolved = resolve_base(recipe.base, base_dir=recipe.base_dir)
+    with _located(recipe, ("base",)):
+        resolved = resolve_base(recipe.base, base_dir=recipe.base_dir)
     data_record = file_record(recipe.data.train)
     recipe_dict = recipe.to_dict()
     parts = fingerprint_parts(recipe_dict, data_record["sha256"], resolved)
@@ -105,6 +108,20 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
     log(f"saved adapter to {out} in {provenance['wall_time_s']:.0f}s ({provenance['tokens_per_s']:.0f} tokens/s, "
         f"train loss {fmt_number(run['final_train_loss'], '.3f')}, eval loss {fmt_number(run['final_eval_loss'], '.3f')})")
     return TrainResult(out, False, provenance)
+
+
+@contextlib.contextmanager
+def _located(recipe: Recipe, path: YamlPath) -> Iterator[None]:
+    """An error raised while acting on one part of the recipe (loading its base) is reported at the
+    recipe's line for that part, unless it names a file of its own."""
+    try:
+        yield
+    except ConfigError as e:
+        if e.file is not None:
+            raise
+        raise recipe.error(path, e.message, e.hint) from None
+    except ModelError as e:
+        raise recipe.error(path, str(e)) from None
 
 
 def check_leakage(recipe: Recipe, rows: list[dict[str, Any]], log: Log) -> list[dict[str, Any]]:
@@ -200,16 +217,23 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
     _check_quantization(recipe)
     set_seed(recipe.seed)
     model, tok = _model_for_training(recipe, resolved, rows, settings, model, libs.peft, log)
+    check_target_modules(recipe, model)
     _pad_as_recipe(tok, recipe)
     train_rows, eval_rows = split_rows(rows, recipe.data.eval_fraction, recipe.seed)
     stopping = recipe.training.early_stopping
-    trainer = _sft_trainer(libs, model, tok, _sft_config(libs.trl, recipe, settings, out_dir, bool(eval_rows), tok),
-                           _lora_config(libs.peft, recipe), train_rows, eval_rows,
-                           collator=_classic_collator(tok, log) if recipe.training.collator == "language_modeling"
-                           else None)
+    try:
+        trainer = _sft_trainer(libs, model, tok, _sft_config(libs.trl, recipe, settings, out_dir, bool(eval_rows), tok),
+                               _lora_config(libs.peft, recipe), train_rows, eval_rows,
+                               collator=_classic_collator(tok, log) if recipe.training.collator == "language_modeling"
+                               else None)
+    except ValueError as e:  # peft's, on target modules it cannot adapt (checked above: a net for what that misses)
+        if not isinstance(e, libs.peft.utils.NoMatchingPeftModuleError) and "Target module" not in str(e):
+            raise
+        raise recipe.error(("lora", "target_modules"),
+                           f"peft: {str(e).splitlines()[0].rstrip('.')}; {_linear_modules_text(model)}") from None
     if len(trainer.train_dataset) == 0:  # trl drops rows whose completion max_length cut off entirely
-        raise ConfigError(f"no training row fits in max_length {recipe.training.max_length} tokens with its answer",
-                          file=recipe.source, path="training.max_length")
+        raise recipe.error(("training", "max_length"),
+                           f"no training row fits in max_length {recipe.training.max_length} tokens with its answer")
     if recipe.quantization is not None and settings["dtype"] == "float32":
         _keep_adapter_float32(trainer)
     _log_steps(trainer, log)
@@ -282,8 +306,8 @@ def _pad_as_recipe(tok, recipe: Recipe) -> None:
     if t.pad_token is not None:
         token = tok.eos_token if t.pad_token == "eos" else t.pad_token
         if token not in tok.get_vocab():
-            raise ConfigError(f"pad token {token!r} is not in the vocabulary of the base's tokenizer",
-                              file=recipe.source, path="training.pad_token", hint="give `eos` or a token it has")
+            raise recipe.error(("training", "pad_token"), f"pad token {token!r} is not in the vocabulary of the base's "
+                               "tokenizer", hint="give `eos` or a token it has")
         tok.pad_token = token
     if t.padding_side is not None:
         tok.padding_side = t.padding_side
@@ -320,8 +344,7 @@ def _check_quantization(recipe: Recipe) -> None:
         return
     _import("bitsandbytes", "quant")
     if recipe.quantization.quant_type != "nf4" or not recipe.quantization.double_quant:
-        raise ConfigError("this runner trains QLoRA on an NF4 base with double quantization",
-                          file=recipe.source, path="quantization")
+        raise recipe.error(("quantization",), "this runner trains QLoRA on an NF4 base with double quantization")
 
 
 def _model_for_training(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, Any]], settings: dict[str, Any],
@@ -330,15 +353,18 @@ def _model_for_training(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[
     import torch
 
     quantized = recipe.quantization is not None
-    if model is None:
-        model, tok = load_base(resolved, quantize="nf4" if quantized else None,
-                               dtype=getattr(torch, settings["dtype"]), device=settings["device"])
-    else:
-        from evalkit.models.base import load_tokenizer
+    with _located(recipe, ("base",)):
+        if model is None:
+            model, tok = load_base(resolved, quantize="nf4" if quantized else None,
+                                   dtype=getattr(torch, settings["dtype"]), device=settings["device"])
+        else:
+            from evalkit.models.base import load_tokenizer
 
-        tok = load_tokenizer(resolved)
+            tok = load_tokenizer(resolved)
     if tok.chat_template is None and not isinstance(rows[0]["prompt"], str):
-        raise EvalkitError(f"base '{resolved.spec.ref}' has no chat template; chat rows need one")
+        raise recipe.error(("base",), f"base '{resolved.spec.ref}' has no chat template, and the rows of "
+                           f"{recipe.data.train.name} are chat messages",
+                           hint="give prompt/completion rows, or a base whose tokenizer has a chat template")
     if quantized:
         if undone := guard_4bit_for_training(model):
             log(f"undid the CPU bf16 repack on {undone} 4-bit layers (a no-grad forward ran before training)")
@@ -372,15 +398,66 @@ def _sft_config(trl, recipe: Recipe, settings: dict[str, Any], out_dir: Path, ha
             eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps or t.logging_steps,
             max_length=t.max_length, completion_only_loss=t.completion_only_loss)
     except ValueError as e:  # e.g. an unknown optim or scheduler name
-        raise ConfigError(str(e).splitlines()[0], file=recipe.source, path="training") from None
+        raise recipe.error(("training",), str(e).splitlines()[0]) from None
 
 
 def _lora_config(peft, recipe: Recipe):
     lora = recipe.lora
-    return peft.LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora, bias="none",
-        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
-        task_type="CAUSAL_LM")
+    try:
+        return peft.LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora, bias="none",
+            target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+            task_type="CAUSAL_LM")
+    except ValueError as e:  # a combination peft refuses
+        raise recipe.error(("lora",), str(e).splitlines()[0]) from None
+
+
+# layers LoRA can adapt (peft.tuners.lora refuses any other), by class name: transformers' Conv1D
+# (GPT-2) and bitsandbytes' 4-bit and 8-bit layers (subclasses of Linear) included
+_LORA_LAYERS = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
+_LINEAR_LAYERS = ("Linear", "Conv1D")
+
+
+def _is_layer(module, kinds: tuple[str, ...]) -> bool:
+    return any(c.__name__ in kinds for c in type(module).__mro__)
+
+
+def _linear_modules_text(model) -> str:
+    names = dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                          if name and _is_layer(m, _LINEAR_LAYERS))
+    return f"its linear modules are {', '.join(names)}" if names else "it has no linear module"
+
+
+def check_target_modules(recipe: Recipe, model) -> None:
+    """Every name in `lora.target_modules` must match a layer of the base that LoRA can adapt, as
+    peft matches them (a name: a module path or its last parts; a string: a regex of the whole
+    path), before training starts. peft refuses only when none matches, and skips a misspelled
+    name among good ones without a word."""
+    targets = recipe.lora.target_modules
+    if targets == "all-linear":
+        return
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise recipe.error(("lora", "target_modules"), f"{targets!r} is not a valid regular expression ({e})",
+                               hint="give a list of module names, or all-linear") from None
+        if not any(pattern.fullmatch(name) and _is_layer(m, _LORA_LAYERS) for name, m in modules):
+            raise recipe.error(("lora", "target_modules"), f"{targets!r} matches no layer of the base LoRA can adapt "
+                               f"(a string is a regex of whole module paths); {_linear_modules_text(model)}",
+                               hint="give a list of module names, or all-linear")
+        return
+    matched = {t: [m for name, m in modules if name == t or name.endswith("." + t)] for t in targets}
+    missing = [t for t, ms in matched.items() if not ms]
+    if missing:
+        raise recipe.error(("lora", "target_modules"),
+                           f"{missing} not found in the base; {_linear_modules_text(model)}")
+    unfit = {t: type(ms[0]).__name__ for t, ms in matched.items() if not any(_is_layer(m, _LORA_LAYERS) for m in ms)}
+    if unfit:
+        shown = ", ".join(f"'{t}' is a {kind}" for t, kind in unfit.items())
+        raise recipe.error(("lora", "target_modules"), f"LoRA adapts linear, embedding and convolution layers: "
+                           f"{shown}; {_linear_modules_text(model)}")
 
 
 def _sft_trainer(libs: _Libraries, model, tok, args, peft_config, train_rows: list[dict[str, Any]],

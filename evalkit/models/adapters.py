@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evalkit.errors import ConfigError, ModelError
+from evalkit.errors import ConfigError, ModelError, did_you_mean
 from evalkit.fileio import read_json
 from evalkit.models.base import ResolvedBase, file_sha256
 
@@ -53,6 +53,9 @@ def inspect_adapter(path: Path, *, allow_pickle: bool = False) -> AdapterInfo:
     if not cfg_path.is_file():
         raise ConfigError(f"not a peft adapter folder (no adapter_config.json): {path}")
     config = read_json(cfg_path, "adapter config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"an adapter config must be a JSON object, not {type(config).__name__}", file=cfg_path,
+                          line=1)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         pickle_file = path / "adapter_model.bin"
@@ -129,6 +132,7 @@ def attach_adapter(model, name: str, info: AdapterInfo):
     """Load an adapter by name onto `model`, wrapping it in a PeftModel the first time."""
     from peft import PeftModel
 
+    _check_peft_type(info)
     try:
         if isinstance(model, PeftModel):
             model.load_adapter(str(info.path), adapter_name=name, is_trainable=False)
@@ -136,3 +140,19 @@ def attach_adapter(model, name: str, info: AdapterInfo):
         return PeftModel.from_pretrained(model, str(info.path), adapter_name=name, is_trainable=False)
     except Exception as e:
         raise ModelError(f"adapter {info.path} (variant '{name}') failed to load: {type(e).__name__}: {e}") from None
+
+
+def _check_peft_type(info: AdapterInfo) -> None:
+    """An adapter_config.json whose peft_type this peft does not know (peft would raise a bare KeyError).
+    Checked when attaching, where peft is imported anyway (importing it takes seconds)."""
+    import peft
+
+    kind = info.config.get("peft_type")
+    known = [t.value for t in peft.PeftType]
+    if kind in known:
+        return
+    close = did_you_mean(kind, known) if isinstance(kind, str) else ""
+    if not close.startswith("; did you mean"):
+        close = "; a LoRA or DoRA adapter has peft_type 'LORA'"
+    what = "has no peft_type" if kind is None else f"peft_type {kind!r} is not an adapter type peft {peft.__version__} knows"
+    raise ModelError(f"{info.path / 'adapter_config.json'}: {what}{close}")

@@ -2,7 +2,10 @@
 
 GGUF files are converted once to a safetensors folder in the user cache (keyed by the file's
 sha256), because transformers dequantizes GGUF to float32 on every load (~16 s) but reloads
-the converted folder in well under a second with identical logits.
+the converted folder in well under a second with identical logits. The converted folder records
+the GGUF it came from and its own content hash (`evalkit_source.json`), so the folder named as
+`base: {path: ...}` is the same base as its GGUF (same identity, no base mismatch) for as long
+as its files are the ones converted.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import io
 import json
 import os
 import shutil
+import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +31,8 @@ from evalkit.fileio import atomic_write
 from evalkit.shape import Shape, invalid
 
 WEIGHT_SUFFIXES = (".safetensors",)
+SOURCE_FILE = "evalkit_source.json"  # in a converted folder: the GGUF it came from (not part of its content)
+GGUF_MAGIC = b"GGUF"
 
 
 def cache_root() -> Path:
@@ -87,10 +94,23 @@ def file_sha256(path: Path, _chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _content_files(folder: Path) -> list[Path]:
+    """The files that make a model folder what it is: weights, configs, the chat template."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != SOURCE_FILE and (
+        p.suffix in WEIGHT_SUFFIXES or p.suffix == ".bin" or p.name.endswith(".json") or p.suffix == ".jinja"))
+
+
+def _hash_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
 def dir_sha256(folder: Path) -> str:
     """Hash of every weight and config file; memoized on (name, size, mtime) in the cache."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (
-        p.suffix in WEIGHT_SUFFIXES or p.suffix == ".bin" or p.name.endswith(".json") or p.suffix == ".jinja"))
+    files = _content_files(folder)
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     memo = cache_root() / "hashes" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32] + ".json")
     try:
@@ -99,11 +119,7 @@ def dir_sha256(folder: Path) -> str:
             return saved["sha256"]
     except (OSError, ValueError, KeyError):
         pass
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode())
-        h.update(file_sha256(p).encode())
-    digest = h.hexdigest()
+    digest = _hash_files(files)
     memo.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(memo, json.dumps({"stamp": stamp, "sha256": digest}))
     return digest
@@ -132,7 +148,8 @@ def resolve_base(spec: BaseSpec, base_dir: Path | None = None) -> ResolvedBase:
             path = base_dir / path
         if not (path / "config.json").is_file():
             raise ConfigError(f"not a model folder (no config.json): {path}")
-        return ResolvedBase(spec, str(path), dir_sha256(path))
+        content = dir_sha256(path)
+        return ResolvedBase(spec, str(path), converted_from(path, content) or content)
     if spec.kind == "gguf":
         if spec.ref.startswith("pkg:"):
             gguf = resolve_pkg_path(spec.ref)
@@ -142,15 +159,32 @@ def resolve_base(spec: BaseSpec, base_dir: Path | None = None) -> ResolvedBase:
                 gguf = base_dir / gguf
             if not gguf.is_file():
                 raise ConfigError(f"GGUF file not found: {gguf}")
+        check_gguf_magic(gguf)
         digest = file_sha256(gguf)
         return ResolvedBase(spec, str(convert_gguf(gguf, digest)), digest)
     raise ConfigError(f"unknown base kind '{spec.kind}'")
+
+
+def check_gguf_magic(gguf: Path) -> None:
+    """A file that does not start with GGUF's magic bytes is refused before transformers reads it."""
+    with open(gguf, "rb") as f:
+        head = f.read(len(GGUF_MAGIC))
+    if head != GGUF_MAGIC:
+        raise ConfigError(f"{gguf} is not a GGUF file: it starts with {head!r}, not {GGUF_MAGIC!r}"
+                          if head else f"{gguf} is not a GGUF file: it is empty",
+                          hint="give a .gguf model file, or `path:` for a Hugging Face model folder")
+
+
+# what transformers' GGUF reader raises on a truncated or corrupt file (struct.error: a header cut
+# short; ValueError: tensor data that does not fill its shape, an unknown architecture)
+_GGUF_READ_ERRORS = (struct.error, ValueError, KeyError, IndexError, EOFError, OSError)
 
 
 def convert_gguf(gguf: Path, digest: str) -> Path:
     """Dequantize a GGUF once into a safetensors folder under the cache; reuse it afterwards."""
     out = cache_root() / "models" / digest[:32]
     if (out / "config.json").is_file():
+        _record_source(out, gguf.name, digest, lambda: dir_sha256(out))
         return out
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("loading a GGUF file needs the 'gguf' package: pip install gguf")
@@ -158,21 +192,52 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
 
     print(f"evalkit: converting {gguf.name} to safetensors once (cached in {out})", flush=True)
     # transformers draws its own bars here (plain tqdm, on stderr): kept out of evalkit's log
-    with contextlib.redirect_stderr(io.StringIO()):
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except _GGUF_READ_ERRORS as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        what = "its header is cut short or corrupt" if isinstance(e, struct.error) else f"{type(e).__name__}"
+        raise ModelError(f"{gguf}: cannot read this GGUF file (truncated or corrupt?): {what}: {detail}") from None
     unmark_gguf_quantized(model)  # the weights are plain float tensors: save a normal folder
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "evalkit_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
+        _record_source(tmp, gguf.name, digest, lambda: _hash_files(_content_files(tmp)))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _record_source(folder: Path, gguf_name: str, digest: str, content_sha256: Callable[[], str]) -> None:
+    """Write which GGUF a converted folder came from, with the folder's content hash (once: a folder
+    converted by an older evalkit gets its content hash the first time its GGUF is resolved)."""
+    try:
+        record = json.loads((folder / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict) and record.get("sha256") == digest and record.get("content_sha256"):
+        return
+    atomic_write(folder / SOURCE_FILE, json.dumps({"gguf": gguf_name, "sha256": digest,
+                                                   "content_sha256": content_sha256()}))
+
+
+def converted_from(folder: Path, content_sha256: str) -> str | None:
+    """The content hash of the GGUF a folder was converted from, while the folder's files are still
+    the ones converted: the two forms of one model are one base. None for any other folder."""
+    try:
+        record = json.loads((folder / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("content_sha256") != content_sha256:
+        return None
+    digest = record.get("sha256")
+    return digest if isinstance(digest, str) and len(digest) == 64 else None
 
 
 def _hub_error(resolved: ResolvedBase, exc: Exception) -> ModelError:

@@ -69,10 +69,10 @@ def json_schema(case: Case, output: Output, *, schema: dict[str, Any]) -> Score:
     if not isinstance(schema, (dict, bool)):
         raise ConfigError(f"json_schema: 'schema' must be a JSON Schema object or a path to one, "
                           f"got {type(schema).__name__}")
+    validator = _validator(json.dumps(schema, sort_keys=True))  # first: a broken schema fails the dry run
     value, err = parse_json_output(output.text)
     if err:
         return Score(0.0, f"not JSON: {err}")
-    validator = _validator(json.dumps(schema, sort_keys=True))
     error = best_match(validator.iter_errors(value))
     if error is None:
         return Score(1.0)

@@ -83,7 +83,7 @@ def _json_mode(json: bool | str | None, target: Any) -> bool:
     raise ConfigError(f"exact_match: 'json' must be auto, true or false, got {json!r}")
 
 
-@register("exact_match")
+@register("exact_match", needs_target=True)
 def exact_match(case: Case, output: Output, *, ignore_case: bool = False, strip: bool = True,
                 normalize_whitespace: bool = True, remove_punctuation: bool = False,
                 json: bool | str | None = None) -> Score:
@@ -113,7 +113,7 @@ def exact_match(case: Case, output: Output, *, ignore_case: bool = False, strip:
     return Score(0.0, f"expected {clip(repr(want), 60)}, got {clip(repr(got), 60)}")
 
 
-@register("contains", primary="text")
+@register("contains", primary="text", needs_target=True, target_param="text")
 def contains(case: Case, output: Output, *, text: str | None = None,
              ignore_case: bool = False) -> Score:
     """The output contains `text` (default: the case's target) as a substring."""
@@ -163,7 +163,7 @@ def _f_measure(overlap: int, n_pred: int, n_gold: int) -> Score:
     return Score(2 * p * r / (p + r), f"precision {p:.2f}, recall {r:.2f}")
 
 
-@register("f1", binary=False)
+@register("f1", binary=False, needs_target=True)
 def f1(case: Case, output: Output) -> Score:
     """SQuAD-style token F1: multiset overlap of normalized tokens."""
     gold = _as_text(case.target)
@@ -187,7 +187,7 @@ def _lcs_length(a: list[str], b: list[str]) -> int:
     return prev[-1]
 
 
-@register("rouge_l", binary=False)
+@register("rouge_l", binary=False, needs_target=True)
 def rouge_l(case: Case, output: Output) -> Score:
     """ROUGE-L F-measure (beta = 1) on lowercased whitespace tokens."""
     gold = _as_text(case.target)

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from evalkit.backends.base import render_prompt, special_tokens_for_text
+from evalkit.errors import fmt_path
 from evalkit.serve import protocol as api
 from evalkit.serve.engine import BASE, Delta, Engine, Event, Failed, Finished, Job, PromptLogprobs, TokenLogprob
 from evalkit.serve.guided import GrammarError, Grammars
@@ -158,9 +160,16 @@ class Api:
         except UnicodeDecodeError as e:
             raise ApiError(400, f"the request body is not UTF-8 (byte 0x{body[e.start]:02x} at offset {e.start})") from None
         try:
-            return json.loads(text)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ApiError(400, f"invalid JSON body: {e.msg} (line {e.lineno} column {e.colno})") from None
+        except RecursionError:
+            raise ApiError(400, "invalid JSON body: nested too deeply") from None
+        except ValueError as e:  # an integer of more digits than Python converts (4300)
+            raise ApiError(400, f"invalid JSON body: {e}") from None
+        if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+            _refuse_lone_surrogates(data)
+        return data
 
     def _check_model(self, name: str) -> None:
         if name not in self.engine.names:
@@ -274,21 +283,28 @@ class Api:
 
     def _check_ids(self, ids: Sequence[Any], param: str) -> None:
         vocab = self.engine.vocab_size
-        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ApiError(400, f"{param}: token id {bad!r} is outside the vocabulary (0..{vocab - 1})", param=param)
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab][:1]
+        if bad:  # a list: the id itself may be null
+            is_id = isinstance(bad[0], int) and not isinstance(bad[0], bool)
+            what = f"token id {bad[0]} is outside the vocabulary" if is_id else f"{api.brief(bad[0])} is not a token id"
+            raise ApiError(400, f"{param}: {what} (an integer in 0..{vocab - 1})", param=param)
 
     def _completion_prompts(self, req: api.CompletionRequest) -> list[_Prompt]:
         out = []
         special = special_tokens_for_text(self.engine.tokenizer)
-        for p in req.prompts:
+        prompts = req.prompts
+        if not prompts:
+            raise ApiError(400, "prompt: must not be empty", param="prompt")
+        for i, p in enumerate(prompts):
             if isinstance(p, str):
-                out.append(_Prompt(self._encode(p, special), p))
+                prompt = _Prompt(self._encode(p, special), p)
             else:
                 self._check_ids(p, "prompt")
-                if not p:
-                    raise ApiError(400, "prompt: a token list must not be empty", param="prompt")
-                out.append(_Prompt(list(p), self.engine.tokenizer.decode(p)))
+                prompt = _Prompt(list(p), self.engine.tokenizer.decode(p))
+            if not prompt.ids:  # nothing to continue from ("" when the tokenizer adds no BOS)
+                where = "prompt" if len(prompts) == 1 and req.prompt is p else f"prompt[{i}]"
+                raise ApiError(400, f"{where}: the prompt is empty (no tokens to continue from)", param="prompt")
+            out.append(prompt)
         return out
 
     def _chat_prompt(self, req: api.ChatRequest) -> tuple[_Prompt, str | None]:
@@ -316,7 +332,11 @@ class Api:
         if asked is not None and asked > self.limits.max_tokens_cap:
             raise ApiError(400, f"max_tokens: must be <= {self.limits.max_tokens_cap} (the server's --max-tokens-cap), "
                                 f"got {asked}", param="max_tokens")
-        tokens = asked if asked is not None else default if default is not None else min(DEFAULT_CHAT_MAX_TOKENS, window - n)
+        if asked is not None:
+            tokens = asked
+        else:  # the default fits the cap, and a chat's the context window too
+            tokens = min(default if default is not None else min(DEFAULT_CHAT_MAX_TOKENS, window - n),
+                         self.limits.max_tokens_cap)
         if n + tokens > window or n >= window:
             raise ApiError(400, f"This model's maximum context length is {window} tokens. However, you requested "
                                 f"{n + tokens} tokens ({n} in the prompt, {tokens} for the completion). Please reduce "
@@ -328,7 +348,11 @@ class Api:
               logprobs: int | None, prompt_logprobs: int | None = None,
               grammar: str | None = None) -> tuple[list[Job], list[_Choice]]:
         limits = [limit(p) for p in prompts]  # every prompt is checked before any job starts
+        self._check_ids([token for token, _ in req.sampling().logit_bias], "logit_bias")
         n_jobs = len(prompts) * req.n
+        if n_jobs > self.limits.max_queue:  # more than the server ever queues: retrying cannot help
+            raise ApiError(400, f"the request asks for {n_jobs} sequences ({len(prompts)} prompt(s) x n={req.n}), more "
+                                f"than the server queues at once ({self.limits.max_queue})", param="n")
         if self.engine.queued + n_jobs > self.limits.max_queue:
             raise ApiError(503, f"the server is busy ({self.engine.queued} sequences waiting); retry later",
                            code="server_busy")
@@ -466,6 +490,32 @@ class Api:
                 return {"index": i, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}
             return None
         return chunk
+
+
+# a UTF-16 surrogate written as a JSON escape; valid pairs decode to one character, lone ones stay
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _refuse_lone_surrogates(data: Any) -> None:
+    """A 400 naming the first string (or key) with a lone surrogate: it is not Unicode, so no
+    tokenizer takes it and no response could repeat it as UTF-8."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [((*path, k), v) for k, v in value.items()]
+            strings = list(value)
+        elif isinstance(value, list):
+            stack += [((*path, i), v) for i, v in enumerate(value)]
+            strings = []
+        else:
+            strings = [value] if isinstance(value, str) else []
+        for text in strings:
+            bad = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+            if bad is not None:
+                where = fmt_path(path) or "the body"
+                raise ApiError(400, f"{where}: a lone UTF-16 surrogate (\\u{ord(bad):04x}) is not valid Unicode",
+                               param=fmt_path(path) or None)
 
 
 def _reason(choice: _Choice) -> str | None:

@@ -31,6 +31,7 @@ BASE = "base"
 # floats; batches are cut to keep that under about 1 GiB.
 LOGITS_BUDGET = 2**28
 MAX_WINDOWS = 10  # the longest a request waits for others to join its batch, in batching windows
+GREEDY_BELOW = 1e-5  # a temperature below this picks the likeliest token (as vLLM's)
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,7 @@ class _Row:
         self.done = False
         self.last = -1
         self.generator = None
-        if job.sampling.temperature > 0:
+        if job.sampling.temperature >= GREEDY_BELOW:
             seed = job.sampling.seed if job.sampling.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator(device=engine.device).manual_seed(seed % 2**63)
         self.hold = max((len(s) for s in job.stop), default=1) - 1
@@ -387,7 +388,8 @@ class _Row:
         import torch
 
         s, job = self.job.sampling, self.job
-        if s.plain and job.guide is None and s.temperature == 0:
+        greedy = s.temperature < GREEDY_BELOW  # dividing by a tinier one overflows to inf (NaN probabilities)
+        if s.plain and job.guide is None and greedy:
             return int(logits.argmax())
         x = logits.clone()
         if s.logit_bias:
@@ -402,7 +404,7 @@ class _Row:
             x -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).to(x.dtype)
         if job.guide is not None:
             job.guide.mask(x)
-        if s.temperature == 0:
+        if greedy:
             return int(x.argmax())
         x = x / s.temperature
         if s.top_k > 0:
@@ -415,6 +417,8 @@ class _Row:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest set reaching top_p
             probs[order[drop]] = 0.0
+        if not (bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0):  # nothing left to sample from
+            return int(x.argmax())
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
 
     def _send(self, entry: TokenLogprob | None, final: bool = False) -> bool:

@@ -1,11 +1,15 @@
 """The OpenAI API as `evalkit serve` speaks it: typed requests, response and stream-chunk bodies.
 
-Requests are strict shapes: a wrong type or value is a 400 naming the parameter, a parameter the
-server cannot honour is a 400 saying so, and an unknown one is a 400 with a suggestion. Nothing
-is silently ignored except the few fields that never change an answer (`user`, `metadata`, ...).
+Requests are strict shapes, by the OpenAI spec: every documented parameter is accepted at its
+default (or null, which means the default); a wrong type or value is a 400 naming the parameter, a
+parameter the server cannot honour is a 400 saying why when it asks for more than its default,
+and an unknown one is a 400 with a suggestion. Nothing is silently ignored except the few fields
+that never change an answer (`user`, `metadata`, ...).
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -41,34 +45,82 @@ class ApiError(Exception):
         self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-# Parameters that change what a model would answer but that this server cannot honour.
-REFUSED = {
-    "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
-    "functions": "function calling is not supported", "function_call": "function calling is not supported",
-    "suffix": "suffix (insertion) is not supported", "best_of": "best_of is not supported; use n",
-    "audio": "audio output is not supported", "modalities": "only text output is supported",
-    "prediction": "predicted outputs are not supported",
+@dataclass(frozen=True)
+class Unsupported:
+    """An OpenAI parameter this server cannot honour. At its documented default (or null, or left
+    out) it asks for nothing, so it is accepted; any other value is a 400 saying why."""
+
+    why: str
+    defaults: tuple[Any, ...] = ()
+    instead: str = ""
+
+    def check(self, key: str, value: Any) -> None:
+        if value is None or any(_same(value, d) for d in self.defaults):
+            return
+        accepted = " or ".join(["null", *(json.dumps(d) for d in self.defaults)])
+        raise invalid(f"{self.why}, so evalkit serve accepts only {accepted} (got {brief(value)})"
+                      + (f"; {self.instead}" if self.instead else ""), at=(key,))
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Equal and of the same JSON type: `true` is not the default 1, nor `1.0`."""
+    return type(value) is type(default) and value == default
+
+
+def brief(value: Any, limit: int = 40) -> str:
+    """A value as JSON for a message, cut at `limit` characters."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_TOOLS = "tool calling is not supported"
+_FUNCTIONS = "function calling is not supported"
+# The OpenAI parameters that change what a model would answer but that this server cannot honour.
+UNSUPPORTED = {
+    "best_of": Unsupported("choosing the best of several candidates is not supported", (1,), "ask for n choices instead"),
+    "suffix": Unsupported("inserting text before a suffix is not supported", ("",)),
+    "tools": Unsupported(_TOOLS, ([],)), "tool_choice": Unsupported(_TOOLS, ("none", "auto")),
+    "functions": Unsupported(_FUNCTIONS, ([],)), "function_call": Unsupported(_FUNCTIONS, ("none", "auto")),
+    "audio": Unsupported("audio output is not supported"),
+    "modalities": Unsupported("only text output is supported", (["text"],)),
+    "prediction": Unsupported("predicted outputs are not supported"),
+    "moderation": Unsupported("moderation is not supported"),
+    "web_search_options": Unsupported("web search is not supported"),
+    "reasoning_effort": Unsupported("the served models do not reason", ("none",)),
+    "verbosity": Unsupported("setting the verbosity of an answer is not supported", ("medium",)),
 }
-_HARMLESS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+# The OpenAI parameters that never change an answer (billing, storage, caching, abuse tracking):
+# accepted with any value and ignored.
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key",
+           "prompt_cache_retention", "prompt_cache_options")
 
 
 class _Request(Shape):
-    """Closed like every shape: an unknown key is a 400 with a suggestion."""
+    """Closed like every shape: an unknown key is a 400 with a suggestion. `null` for a parameter
+    that has a default means the default (as in OpenAI's API); the keys in `unsupported` are
+    checked and the `ignored` ones accepted, and both are dropped before validation (the model has
+    no field for them)."""
+
+    unsupported: ClassVar[Mapping[str, Unsupported]] = {}
+    ignored: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, Mapping):
-            cls._first_check(data)
-            fields = [f.alias or n for n, f in cls.model_fields.items()]
-            for key, value in data.items():
-                if key in cls.refused and value not in (None, [], "none") and not (key == "best_of" and value == 1):
-                    raise invalid(f"'{key}': {REFUSED[key]} by evalkit serve", at=(key,))
-                if key not in fields and key not in cls.extra_keys and key not in cls.refused:
-                    raise invalid(f"unsupported parameter '{key}'{did_you_mean(str(key), fields)}", at=(key,))
-        return data
-
-    refused: ClassVar[tuple[str, ...]] = ()
+        if not isinstance(data, Mapping):
+            return data
+        cls._first_check(data)
+        fields = {f.alias or n: f for n, f in cls.model_fields.items()}
+        kept = {}
+        for key, value in data.items():
+            if key in fields:
+                if value is not None or fields[key].is_required():
+                    kept[key] = value
+            elif key in cls.unsupported:
+                cls.unsupported[key].check(key, value)
+            elif key not in cls.ignored:
+                raise invalid(f"unsupported parameter '{key}'{did_you_mean(str(key), fields)}", at=(key,))
+        return kept
 
     @classmethod
     def _first_check(cls, data: Mapping[str, Any]) -> None:
@@ -76,8 +128,13 @@ class _Request(Shape):
 
 
 class StreamOptions(_Request):
+    ignored: ClassVar[tuple[str, ...]] = ("include_obfuscation",)  # padding against length side channels
+
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+_TOKEN_ID = re.compile(r"-?[0-9]{1,30}")  # ASCII digits: str.isdigit() also takes "²", which int() refuses
 
 
 class _Sampling(_Request):
@@ -85,8 +142,8 @@ class _Sampling(_Request):
     evaluation server answers the same question the same way unless asked to sample. The keys
     that never change an answer (`user`, ...) are accepted and ignored."""
 
-    extra_keys: ClassVar[tuple[str, ...]] = _HARMLESS
-    refused: ClassVar[tuple[str, ...]] = tuple(REFUSED)
+    unsupported: ClassVar[Mapping[str, Unsupported]] = UNSUPPORTED
+    ignored: ClassVar[tuple[str, ...]] = IGNORED
 
     model: str
     max_tokens: int | None = Field(None, ge=0)
@@ -113,8 +170,8 @@ class _Sampling(_Request):
     def _bias(self) -> tuple[tuple[int, float], ...]:
         out = []
         for key, value in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ApiError(400, f"logit_bias: keys are token ids, got {key!r}", param="logit_bias")
+            if not _TOKEN_ID.fullmatch(key):
+                raise ApiError(400, f"logit_bias: keys are token ids, got {brief(key)}", param="logit_bias")
             out.append((int(key), value))
         return tuple(out)
 
@@ -128,7 +185,7 @@ class _Sampling(_Request):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]]  # an empty one is refused by the app, by its index
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -141,6 +198,8 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(_Request):
+    ignored: ClassVar[tuple[str, ...]] = ("prompt_cache_breakpoint",)
+
     type: Literal["text"]
     text: str
 
@@ -151,9 +210,20 @@ class TextPart(_Request):
 
 
 class Message(_Request):
+    # what an assistant message of an earlier reply carries, null when it is plain text
+    unsupported: ClassVar[Mapping[str, Unsupported]] = {
+        "tool_calls": Unsupported(_TOOLS, ([],)), "function_call": Unsupported(_FUNCTIONS),
+        "audio": Unsupported("audio is not supported"), "refusal": Unsupported("refusal messages are not supported")}
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @classmethod
+    def _first_check(cls, data: Mapping[str, Any]) -> None:
+        if data.get("role") in ("tool", "function"):
+            raise invalid(f"{data['role']} messages are not supported: evalkit serve does not call {data['role']}s",
+                          at=("role",))
 
     @property
     def text(self) -> str:

@@ -14,32 +14,50 @@ if TYPE_CHECKING:
     from evalkit.context import RunContext
 
 
-def load_cases(path: Path, limit: int | None = None) -> list[Case]:
-    """Read a jsonl dataset; a bad row is reported as FILE:LINE with what is wrong."""
+def load_cases(path: Path, limit: int | None = None, *, need_target: str | None = None) -> list[Case]:
+    """Read a jsonl dataset; a bad row is reported as FILE:LINE with what is wrong. `need_target`:
+    the scorer that compares with each case's target (a row without one is an error)."""
     path = Path(path)
     cases: list[Case] = []
+    seen: dict[str, int] = {}  # case id -> its line
     for lineno, row in iter_jsonl(path):
         if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
             raise ConfigError("each row needs `messages` (a chat) or `prompt`", file=path, line=lineno)
-        messages = row.get("messages")
-        if messages is not None and not (isinstance(messages, list) and all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-            raise ConfigError("`messages` must be a list of {role, content}", file=path, line=lineno)
-        case_id = str(row.get("id", f"{path.stem}:{lineno}"))
+        messages, prompt = row.get("messages"), row.get("prompt")
+        if messages is not None and not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise ConfigError("`messages` must be a non-empty list of {role, content} with string values",
+                              file=path, line=lineno)
+        if messages is None and not isinstance(prompt, str):
+            raise ConfigError(f"`prompt` must be a string, not {type(prompt).__name__}", file=path, line=lineno)
+        if need_target and row.get("target") is None:
+            raise ConfigError(f"no `target`: scorer '{need_target}' compares each output with its case's target",
+                              file=path, line=lineno)
+        case_id = row.get("id", f"{path.stem}:{lineno}")
+        if isinstance(case_id, bool) or not isinstance(case_id, str | int):
+            raise ConfigError(f"`id` must be a string or an integer, not {case_id!r}", file=path, line=lineno)
+        case_id = str(case_id)
+        if case_id in seen:
+            raise ConfigError(f"duplicate case id '{case_id}' (first at line {seen[case_id]})", file=path, line=lineno)
+        seen[case_id] = lineno
         meta = {k: v for k, v in row.items() if k not in ("id", "messages", "prompt", "target")}
         cases.append(Case(id=case_id, messages=tuple(messages) if messages else None,
-                          prompt=row.get("prompt"), target=row.get("target"), meta=meta))
+                          prompt=prompt if messages is None else None, target=row.get("target"), meta=meta))
         if limit is not None and len(cases) >= limit:
             break
-    ids = [c.id for c in cases]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ConfigError(f"duplicate case id '{dup}'", file=path)
+    if not cases:
+        raise ConfigError("no cases: the file has no rows", file=path)
     return cases
 
 
+def task_cases(task: CasesTask, *, limit: int | None = -1) -> list[Case]:
+    """A task's cases as the run scores them (the task's `limit` unless another is given)."""
+    return load_cases(task.data, task.limit if limit == -1 else limit, need_target=task.target_scorer)
+
+
 def run(ctx: RunContext, task: GenerateTask) -> TaskResult:
-    cases = load_cases(task.data, task.limit)
+    cases = task_cases(task)
     outputs = ctx.generate_many(ctx.variants, cases, task.generation, desc=task.name)
     samples = [s for lv in ctx.variants for s in score_outputs(task, lv.name, cases, outputs[lv.name])]
     return TaskResult(samples=samples, binary={s.name: s.binary for s in task.scorers},

@@ -404,9 +404,9 @@ def run_canary(ctx: RunContext, name: str, build: Callable[[], list[Any]], *, ba
     return out
 
 
-def preflight(task: LmEvalTask) -> None:
+def check_tasks(task: LmEvalTask) -> list[str]:
     """Before any training or model load: every listed task exists (data is loaded by `run`)."""
-    resolve_specs(task.tasks, task_manager(task.tasks), task.where("tasks"))
+    return resolve_specs(task.tasks, task_manager(task.tasks), task.where("tasks"))
 
 
 def run(ctx: RunContext, task: LmEvalTask) -> TaskResult:

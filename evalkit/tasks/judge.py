@@ -14,13 +14,13 @@ from typing import Any
 
 from evalkit.config.suite import JudgeTask
 from evalkit.context import RunContext, _progress
-from evalkit.errors import ConfigError, NothingToEvaluate
-from evalkit.fileio import iter_jsonl
+from evalkit.errors import ConfigError
+from evalkit.fileio import iter_jsonl, read_text
 from evalkit.judge import verdicts as V
 from evalkit.judge.client import SEED_POLICY, JudgeClient, JudgeConfig
 from evalkit.judge.client import preflight as _endpoint_preflight
 from evalkit.tasks.base import SampleResult, TaskResult
-from evalkit.tasks.generation import load_cases
+from evalkit.tasks.generation import task_cases
 from evalkit.types import Score
 
 
@@ -59,7 +59,9 @@ class PreparedJudge:
 
 def prepare(task: JudgeTask) -> PreparedJudge:
     """Read the task's files (paths were resolved and checked when the suite loaded)."""
-    rubric = task.rubric.read_text() if task.rubric is not None else V.DEFAULT_PAIRWISE_RUBRIC
+    rubric = read_text(task.rubric, "rubric file") if task.rubric is not None else V.DEFAULT_PAIRWISE_RUBRIC
+    if not rubric.strip():
+        raise ConfigError("the rubric file is empty: write the criteria the judge grades by", file=task.rubric)
     jt = PreparedJudge(task, rubric)
     if task.anchors is not None:
         jt = PreparedJudge(task, rubric, _load_anchors(task.anchors, jt))
@@ -131,9 +133,7 @@ def _score(jt: PreparedJudge, item: _Item, verdicts: Sequence[V.Verdict]) -> Sco
 
 def run(ctx: RunContext, task: JudgeTask) -> TaskResult:
     jt = prepare(task)
-    cases = load_cases(task.data, task.limit)
-    if not cases:
-        raise NothingToEvaluate(f"task '{task.name}': no cases in {task.data}")
+    cases = task_cases(task)
     names = [lv.name for lv in ctx.variants]
     ref = task.vs or ctx.suite.reference
     assert ref is not None  # set by validator

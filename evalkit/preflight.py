@@ -1,0 +1,100 @@
+"""What can be checked without a model, checked before anything runs: `evalkit run` and
+`evalkit validate` alike. The suite's shapes, scorers and JSON Schemas are checked as it loads;
+here, every file it names (recipes and their training data, task data, rubrics, anchors, drift
+passages), the canaries' lm-eval tasks and MMLU slices, and the baseline store. Each check says
+what it looked at (`evalkit validate` prints it); a mistake is a ConfigError at its FILE:LINE.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from evalkit import scorers
+from evalkit.config.suite import CasesTask, DriftTask, JudgeTask, LmEvalTask, MmluTask, Suite, Task
+
+
+def check_inputs(suite: Suite, *, baseline: bool = True) -> list[str]:
+    """One line per thing checked. `baseline`: also open the baseline store, when it exists yet (the
+    run opens it itself, and refuses a missing one)."""
+    checked = []
+    recipes: set[Path] = set()
+    for v in suite.variants:
+        if v.train is not None and v.train not in recipes:  # variants may share a recipe
+            recipes.add(v.train)
+            with suite.locating(("variants", suite.variants.index(v), "train")):
+                checked.append(_recipe(v.train))
+    for task in suite.tasks:
+        with suite.locating(("tasks", task._index)):
+            checked += _task(suite, task)
+    if baseline and suite.baseline is not None:
+        checked.append(_baseline(suite))
+    return checked
+
+
+def _rel(path: Path) -> str:
+    """A path as the user would type it from here."""
+    path = path.resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _recipe(path: Path) -> str:
+    from evalkit.tasks.generation import load_cases
+    from trainers.data import load_training_rows
+    from trainers.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    rows = load_training_rows(recipe.data.train)
+    against = [f"{len(load_cases(p))} cases in {_rel(p)}" for p in recipe.data.check_against]
+    return (f"recipe {_rel(path)} ({recipe.method}): {len(rows)} training rows in {_rel(recipe.data.train)}"
+            + (f"; leakage checked against {', '.join(against)}" if against else ""))
+
+
+def _task(suite: Suite, task: Task) -> list[str]:
+    out = []
+    if isinstance(task, CasesTask):
+        from evalkit.tasks.generation import task_cases
+
+        n = len(task_cases(task, limit=None))  # every row: a broken one past `limit` is still a mistake
+        out.append(f"task {task.name}: {n} cases in {_rel(task.data)}"
+                   + (f" (target checked for {task.target_scorer})" if task.target_scorer else ""))
+        for spec in task.scorers:  # their files were read and checked as the suite loaded
+            files = scorers.get(spec.name).path_params
+            out += [f"task {task.name}: {spec.name} file {_rel(suite.dir / v)} (read and checked)"
+                    for k, v in spec.params.items() if k in files and isinstance(v, str)]
+    if isinstance(task, JudgeTask):
+        from evalkit.tasks.judge import prepare
+
+        jt = prepare(task)
+        if task.rubric is not None:
+            out.append(f"task {task.name}: rubric {_rel(task.rubric)} ({len(jt.rubric.split())} words)")
+        if task.anchors is not None:
+            out.append(f"task {task.name}: {len(jt.anchors)} anchors in {_rel(task.anchors)}")
+        out.append(f"task {task.name}: judge endpoint {task.judge.base_url} not contacted (a run asks it first)")
+    elif isinstance(task, DriftTask):
+        from evalkit.tasks.drift import passages
+
+        got, source = passages(task, suite.seed)
+        out.append(f"task {task.name}: {len(got)} passages from {_rel(task.data) if task.data else source.split(' (')[0]}")
+    elif isinstance(task, MmluTask) and task.source != "hub":  # the hub needs a network: checked when it runs
+        from evalkit.tasks.mmlu import plan
+
+        sl, source = plan(task, suite.seed, suite.dir)
+        out.append(f"task {task.name}: MMLU slice of {len(sl.ids)} questions from {source.split(' (')[0]}")
+    elif isinstance(task, LmEvalTask):
+        from evalkit.tasks.harness import check_tasks
+
+        out.append(f"task {task.name}: lm-eval tasks {', '.join(check_tasks(task))} exist")
+    return out
+
+
+def _baseline(suite: Suite) -> str:
+    from evalkit.baseline import Baseline
+
+    assert suite.baseline is not None  # a suite with a baseline
+    store = suite.baseline.store
+    if not store.exists():
+        return f"baseline store {_rel(store)}: not there yet (the run reads it when it starts)"
+    with suite.locating(("baseline",)):
+        b = Baseline.open(suite, lambda _: None)
+    assert b is not None  # a suite with a baseline
+    return (f"baseline store {_rel(store)}: bundle {b.bundle.promotion.bundle} verified against its "
+            "manifest, task settings compared")
