@@ -166,3 +166,14 @@ def test_validate_goes_on_past_a_bad_suite_and_exits_with_the_worst(capsys, work
     bad.write_text("name: [\n")
     code, text = cli(capsys, "validate", str(bad), good)
     assert code == ExitCode.USAGE_ERROR and "bad.yml:" in text and "s.yml: ok" in text
+
+
+@pytest.mark.parametrize("text, where, message", [
+    ("name: a\nbase: {path: model}\nname: b\n", "s.yml:3 name", "duplicate key 'name' (first at line 1)"),
+    ("name: &r [*r]\n", "s.yml:1 name[0]", "a recursive alias"),
+    ("name: " + "[" * 3000 + "]" * 3000 + "\n", "s.yml", "nested too deeply"),
+    ("name: s\n[a, b]: 1\n", "s.yml:2", "invalid YAML"),
+])
+def test_yaml_that_cannot_mean_what_it_says(capsys, workdir, text, where, message):
+    (workdir / "s.yml").write_text(text)
+    refused(capsys, str(workdir / "s.yml"), where, message)

@@ -22,7 +22,7 @@ MAX_NODES = 200_000
 
 
 def _line_map(node: yaml.Node, file: Path) -> dict[YamlPath, int]:
-    """Each YAML path's line; a recursive or exploding alias is refused at its line."""
+    """Each YAML path's line; a duplicate key, a recursive or exploding alias is refused at its line."""
     lines: dict[YamlPath, int] = {}
     on_path: set[int] = set()
 
@@ -36,9 +36,13 @@ def _line_map(node: yaml.Node, file: Path) -> dict[YamlPath, int]:
         lines.setdefault(path, node.start_mark.line + 1)
         on_path.add(id(node))
         if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
             for k, v in node.value:
-                key = k.value
-                lines[path + (key,)] = k.start_mark.line + 1
+                key, line = k.value, k.start_mark.line + 1
+                if (k.tag, key) in seen and key != "<<":  # YAML keeps the last silently: an edit that does nothing
+                    raise ConfigError(f"duplicate key '{key}' (first at line {seen[k.tag, key]})", file=file,
+                                      line=line, path=fmt_path(path + (key,)))
+                seen[k.tag, key] = lines[path + (key,)] = line
                 walk(v, path + (key,))
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
