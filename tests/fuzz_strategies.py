@@ -57,6 +57,18 @@ def fuzz_examples(default: int = DEFAULT_EXAMPLES) -> int:
     return int(os.environ.get("FUZZ_EXAMPLES") or default)
 
 
+def announce(request: Any, test_file: str, examples: int) -> None:
+    """Print a fuzz module's seed and example count, with the command that replays it, where it
+    shows under -q and when the tests pass."""
+    line = (f"fuzz: FUZZ_SEED={FUZZ_SEED} FUZZ_EXAMPLES={examples} "
+            f"(replay: FUZZ_SEED={FUZZ_SEED} pytest -m fuzz {Path(test_file).relative_to(REPO)})")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+
 def fuzz_settings(default: int = DEFAULT_EXAMPLES) -> settings:
     """Bounded (FUZZ_EXAMPLES), no deadline (2 shared cores make timings noisy), and no example
     database written into the repo; the seed is applied with hypothesis' @seed(FUZZ_SEED).

@@ -31,7 +31,19 @@ from typing import Any
 
 import pytest
 import yaml
-from fuzz_strategies import DATA, FUZZ_SEED, RECIPES, REPO, SUITES, copy_project, fuzz_examples, fuzz_settings, mutated_jsonl, mutated_yaml
+from fuzz_strategies import (
+    DATA,
+    FUZZ_SEED,
+    RECIPES,
+    REPO,
+    SUITES,
+    announce,
+    copy_project,
+    fuzz_examples,
+    fuzz_settings,
+    mutated_jsonl,
+    mutated_yaml,
+)
 from fuzz_strategies import shipped_text as shipped
 from hypothesis import event, given, seed
 from hypothesis import strategies as st
@@ -100,13 +112,7 @@ def test_fuzz_targets_found() -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _announce(request: pytest.FixtureRequest) -> None:
-    line = (f"fuzz: FUZZ_SEED={FUZZ_SEED} FUZZ_EXAMPLES={fuzz_examples()} "
-            f"(replay: FUZZ_SEED={FUZZ_SEED} pytest -m fuzz {Path(__file__).relative_to(REPO)})")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():  # shown under -q and when the tests pass
-            reporter.write_line(line)
+    announce(request, __file__, fuzz_examples())
 
 
 @pytest.fixture(scope="module")

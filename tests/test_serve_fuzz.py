@@ -20,12 +20,11 @@ import json
 import os
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import openai_spec
 import pytest
-from fuzz_strategies import FUZZ_SEED, REPO, fuzz_examples, fuzz_settings
+from fuzz_strategies import FUZZ_SEED, announce, fuzz_examples, fuzz_settings
 from hypothesis import given, seed
 from hypothesis import strategies as st
 
@@ -52,13 +51,7 @@ def fuzz_server(tiny_server):
 
 @pytest.fixture(scope="module", autouse=True)
 def _announce(request: pytest.FixtureRequest) -> None:
-    line = (f"fuzz: FUZZ_SEED={FUZZ_SEED} FUZZ_EXAMPLES={fuzz_examples(EXAMPLES)} "
-            f"(replay: FUZZ_SEED={FUZZ_SEED} pytest -m fuzz {Path(__file__).relative_to(REPO)})")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():  # shown under -q and when the test passes
-            reporter.write_line(line)
+    announce(request, __file__, fuzz_examples(EXAMPLES))
 
 
 # ---------------------------------------------------------------- values
