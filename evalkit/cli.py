@@ -254,6 +254,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    import shlex
+
+    from evalkit.init import init
+
+    given = [("--data", args.data), ("--test", args.test), ("--base", args.base)]
+    command = shlex.join(["evalkit", "init", *(x for flag, value in given if value for x in (flag, value))])
+    result = init(Path(args.data), test=Path(args.test) if args.test else None, base=args.base, folder=Path(args.dir),
+                  force=args.force, command=command)
+    for line in result.detected:
+        print(f"detected {line}")
+    for path, what in result.written:
+        print(f"wrote {_shown(path)}: {what}")
+    print(f"validated {_shown(result.suite)}: ok")
+    for line in result.checked:
+        print(f"  checked {line}")
+    suite = _shown(result.suite)
+    print(f"next:\n  evalkit validate {suite}\n  evalkit run {suite}")
+    return 0
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it from here."""
+    path = path.resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from evalkit.report import render_report
 
@@ -311,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("--force", action="store_true", help="retrain even when the adapter is up to date")
     t.set_defaults(fn=cmd_train)
+    i = sub.add_parser("init", help="write a starter suite.yml and recipe.yml (and a train/test split) for a data file")
+    i.add_argument("--data", required=True, metavar="ROWS.jsonl",
+                   help="rows: messages or prompt, with target or completion (split into data/train.jsonl and "
+                        "data/test.jsonl unless --test is given)")
+    i.add_argument("--test", metavar="TEST.jsonl", help="the test rows (then --data is all training rows)")
+    i.add_argument("--base", help="a .gguf file, pkg:PACKAGE/FILE.gguf, a local model folder, or a hub id "
+                                  "(default: the embedded SmolLM2-135M-Instruct)")
+    i.add_argument("--dir", default=".", help="where to write (default: the current folder)")
+    i.add_argument("--force", action="store_true", help="overwrite files written before")
+    i.set_defaults(fn=cmd_init)
     rep = sub.add_parser("report", help="re-render report.html for a run folder")
     rep.add_argument("run_dir")
     rep.add_argument("--baseline", help="another run folder to compare against")

@@ -57,7 +57,9 @@ def evaluate_gates(suite: Suite, scores: Mapping[tuple[str, str, str], Scores],
     results = []
     for gate in suite.gates:
         for variant in gate_targets(gate, suite):  # never empty: the suite refuses such a gate
-            results.append(evaluate_gate(gate, variant, scores, comparisons, checks))
+            result = evaluate_gate(gate, variant, scores, comparisons, checks)
+            if not (gate.is_implicit and result.skipped):  # a default gate gates what its check could check
+                results.append(result)
     tasks = {t.name: t for t in suite.tasks}
     for (task, metric, variant), s in scores.items():
         if s.values and not s.valid and tasks[task].invalid == "loss":

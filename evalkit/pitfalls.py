@@ -1,7 +1,7 @@
 """The quiet ways a fine-tune fails that the guides write about, as pure functions of recorded data:
 runaway generation (outputs cut at max_new_tokens where the base stopped), an unhealthy training
-run (eval loss turned up while train loss fell, NaN losses, a learning rate still warming up), and
-training prompts whose lengths do not resemble the eval's. `evalkit.checks` feeds them a run's
+run (eval loss turned up while train loss fell, NaN losses, a train loss that barely moved, a
+learning rate still warming up), and training prompts whose lengths do not resemble the eval's. `evalkit.checks` feeds them a run's
 samples and an adapter's provenance and turns their verdicts into check records.
 """
 from __future__ import annotations
@@ -66,15 +66,25 @@ def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
+MIN_TREND_POINTS = 3  # logged points a trend needs: two points cannot tell a rise from a schedule's turn
+LOSS_END_POINTS = 3  # the end of the train loss: the mean of the last few logged points (one batch is noisy)
+
+
 def training_health(log: Sequence[Mapping[str, Any]], *, peak_lr: float | None, max_eval_rise: float,
-                    max_gap: float) -> tuple[bool, list[str], dict[str, Any]]:
+                    max_gap: float, min_loss_drop: float | None,
+                    min_points: int = MIN_TREND_POINTS) -> tuple[bool, list[str], dict[str, Any]]:
     """(passed, findings, details) from a trainer's per-step log (`step`, `loss`, `eval_loss`,
     `learning_rate`). Fails on a NaN/inf loss, on eval loss ending more than `max_eval_rise` (a
     fraction) above its minimum while train loss fell since (overfitting: the step it turned is
-    named), on a final eval loss more than `max_gap` nats above the train loss, and on a learning
-    rate that rose at every logged step without reaching its peak (warmup never ended)."""
+    named), on a final eval loss more than `max_gap` nats above the train loss, on a loss that
+    fell by less than `min_loss_drop` (a fraction of where it started: see `_loss_drop`; None: not
+    checked), and on a learning rate that rose at every logged step without reaching its peak
+    (warmup never ended). A trend needs `min_points` logged points: with fewer, `details["notes"]`
+    says so and nothing is concluded."""
     findings: list[str] = []
-    details: dict[str, Any] = {"max_eval_rise": max_eval_rise, "max_gap": max_gap}
+    notes: list[str] = []
+    details: dict[str, Any] = {"max_eval_rise": max_eval_rise, "max_gap": max_gap, "min_loss_drop": min_loss_drop,
+                               "notes": notes}
     bad = [(e["step"], k, e[k]) for e in log for k in ("loss", "eval_loss", "grad_norm")
            if k in e and not _finite(e[k])]
     if bad:
@@ -104,19 +114,64 @@ def training_health(log: Sequence[Mapping[str, Any]], *, peak_lr: float | None, 
         if gap > max_gap:
             findings.append(f"final eval loss {evals[-1][1]:.4g} is {gap:.3g} nats/token above the train loss "
                             f"{train[-1][1]:.4g} (max_gap {max_gap:g})")
+    if min_loss_drop is not None:
+        finding = _loss_drop(train, evals, min_loss_drop, min_points, details)
+        if finding:
+            findings.append(finding)
+        elif "loss_drop" not in details and train:
+            notes.append(f"{_points(len(train), 'train-loss')}: too few to tell whether it learned")
     lrs = [e["learning_rate"] for e in log if _finite(e.get("learning_rate"))]
-    if peak_lr and len(lrs) >= 2:
+    details["lr_points"] = len(lrs)
+    if peak_lr and len(lrs) >= max(2, min_points):
         details["lr_max"] = max(lrs)
         if all(b > a for a, b in itertools.pairwise(lrs)) and lrs[-1] < 0.99 * peak_lr:
-            findings.append(f"the learning rate never left warmup: it rose at every logged step to "
-                            f"{lrs[-1]:.3g}, short of its peak {peak_lr:g}")
+            findings.append(f"the learning rate never left warmup: it rose at every one of {len(lrs)} logged "
+                            f"steps to {lrs[-1]:.3g}, short of its peak {peak_lr:g}")
             details["lr_never_left_warmup"] = True
+    elif peak_lr and lrs:
+        notes.append(f"{_points(len(lrs), 'learning-rate')}: too few to tell the schedule")
     return not findings, findings, details
 
 
+def _points(n: int, what: str) -> str:
+    return f"{n} logged {what} point{'s' if n != 1 else ''}"
+
+
+def _loss_drop(train: Sequence[tuple[int, float]], evals: Sequence[tuple[int, float]], min_drop: float,
+               min_points: int, details: dict[str, Any]) -> str | None:
+    """How far the loss fell, as a fraction of where it started; a finding when by less than
+    `min_drop`. Measured on the held-out rows when they were evaluated before training (step 0)
+    and after: the same rows, so no batch noise. Else on the train loss, from its first logged
+    point to the mean of its last LOSS_END_POINTS (one batch against a few: on the demo, a run at
+    lr 1e-7 "falls" 31% this way by batch noise alone). A loss that starts at 0 cannot fall."""
+    before = [loss for s, loss in evals if s == 0]
+    after = [(s, loss) for s, loss in evals if s > 0]
+    if before and after:
+        source, start, (last, end) = "held-out", before[0], after[-1]
+        how = "before training vs the last evaluation"
+    elif len(train) >= max(2, min_points):
+        k = min(LOSS_END_POINTS, len(train) - 1)  # the end never includes the start
+        source, start, last, end = "train", train[0][1], train[-1][0], sum(loss for _, loss in train[-k:]) / k
+        how = f"the end is the mean of the last {k} logged"
+    else:
+        return None
+    drop = (start - end) / start if start > 0 else 0.0
+    details |= {"loss_source": source, "loss_start": start, "loss_end": end, "loss_drop": drop}
+    if start <= 0 or drop >= min_drop:
+        return None
+    what = ("the loss rose: diverging (learning rate too high?)" if drop < 0 else
+            "the adapter learned little (learning rate too low, or too few steps?)")
+    return (f"{source} loss {start:.3g} -> {end:.3g} over {last} steps ({-drop:+.0%}; {how}): {what}; "
+            f"min_loss_drop {min_drop:.0%}")
+
+
 def health_summary(details: Mapping[str, Any]) -> str:
-    """One line on a healthy run: where eval loss ended against its minimum, and the gap."""
+    """One line on a healthy run: how far train loss fell, where eval loss ended against its
+    minimum, the gap, and what too few points could not tell."""
     parts = []
+    if "loss_drop" in details:
+        parts.append(f"{details['loss_source']} loss {details['loss_start']:.3g} -> {details['loss_end']:.3g} "
+                     f"({-details['loss_drop']:+.0%})")
     if "eval_min" in details:
         parts.append(f"eval loss {details['eval_final']:.4g} at the end, minimum {details['eval_min']:.4g} "
                      f"at step {details['eval_min_step']} ({details['eval_rise']:+.1%})")
@@ -126,22 +181,29 @@ def health_summary(details: Mapping[str, Any]) -> str:
         parts.append("no eval loss logged (eval_fraction 0?): overfitting cannot be told")
     if "gap" in details:
         parts.append(f"eval - train loss {details['gap']:+.3g}")
-    return "; ".join(parts)
+    return "; ".join(parts + list(details.get("notes") or ()))
 
 
 # ------------------------------------------------------------------------ prompt lengths
 
+SHIFT_QUANTILES = ("p10", "p50", "p90")  # the effect size: how far the body and both tails moved
+
+
 @dataclass(frozen=True)
 class LengthMatch:
-    """Training vs eval prompt lengths (tokens): the two-sample Kolmogorov-Smirnov test and the
-    quantiles side by side."""
+    """Training vs eval prompt lengths (tokens): the two-sample Kolmogorov-Smirnov test (is there a
+    difference?), the relative shift of the quantiles (how large is it?) and the quantiles side by
+    side."""
 
     n_train: int
     n_eval: int
     distance: float  # KS D: the largest gap between the two empirical CDFs
     p_value: float
+    shift: float  # max over SHIFT_QUANTILES of max(a, b) / min(a, b) - 1: 0.25 is one side 25% longer
+    shift_at: str  # the quantile where it is largest
     train_quantiles: dict[str, float]
     eval_quantiles: dict[str, float]
+    significant: bool
     passed: bool
 
 
@@ -150,11 +212,27 @@ def quantiles(values: Sequence[int]) -> dict[str, float]:
     return {**{f"p{round(q * 100)}": float(np.quantile(x, q)) for q in QUANTILES}, "max": float(x.max())}
 
 
-def length_match(train: Sequence[int], evaluated: Sequence[int], *, alpha: float, max_distance: float) -> LengthMatch:
-    """Fails when the KS test rejects "same distribution" at `alpha` and the distance exceeds
-    `max_distance` (with huge samples a trivial difference is significant: the distance says how
-    large it is)."""
+def relative_shift(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, str]:
+    """(largest max/min - 1 over SHIFT_QUANTILES, where): symmetric, so 60 vs 400 tokens and 400
+    vs 60 both read 5.67 (567%)."""
+    def ratio(x: float, y: float) -> float:
+        lo, hi = min(x, y), max(x, y)
+        return hi / lo - 1 if lo > 0 else (math.inf if hi > 0 else 0.0)
+
+    return max(((ratio(a[q], b[q]), q) for q in SHIFT_QUANTILES), key=lambda rq: rq[0])
+
+
+def length_match(train: Sequence[int], evaluated: Sequence[int], *, alpha: float, max_distance: float,
+                 max_shift: float | None) -> LengthMatch:
+    """Fails when the KS test rejects "same distribution" at `alpha` (a difference exists), the
+    quantiles moved by more than `max_shift` (it is large: narrow distributions 58 vs 55 tokens
+    differ significantly, and trivially; None: not required, the test alone decides), and the KS
+    distance exceeds `max_distance` (0: any)."""
     d, p = ks_two_sample(train, evaluated)
-    return LengthMatch(n_train=len(train), n_eval=len(evaluated), distance=d, p_value=p,
-                       train_quantiles=quantiles(train), eval_quantiles=quantiles(evaluated),
-                       passed=not (p < alpha and d > max_distance))
+    tq, eq = quantiles(train), quantiles(evaluated)
+    shift, at = relative_shift(tq, eq)
+    significant = p < alpha
+    large = max_shift is None or shift > max_shift
+    return LengthMatch(n_train=len(train), n_eval=len(evaluated), distance=d, p_value=p, shift=shift, shift_at=at,
+                       train_quantiles=tq, eval_quantiles=eq, significant=significant,
+                       passed=not (significant and large and d > max_distance))

@@ -11,6 +11,10 @@ from pathlib import Path
 from evalkit import scorers
 from evalkit.config.suite import CasesTask, DriftTask, JudgeTask, LmEvalTask, MmluTask, Suite, Task
 
+# `prompt` text under `template: auto`: fine for a base model, poor for an instruct one (which the run
+# tells from the tokenizer, and warns about)
+RAW_NOTE = "; `prompt` text, sent raw (a chat model wants `template: chat`)"
+
 
 def check_inputs(suite: Suite, *, baseline: bool = True) -> list[str]:
     """One line per thing checked. `baseline`: also open the baseline store, when it exists yet (the
@@ -42,10 +46,11 @@ def _recipe(path: Path) -> str:
     from trainers.recipe import load_recipe
 
     recipe = load_recipe(path)
-    rows = load_training_rows(recipe.data.train)
+    rows = load_training_rows(recipe.data.train, recipe.data.template)
     against = [f"{len(load_cases(p))} cases in {_rel(p)}" for p in recipe.data.check_against]
     return (f"recipe {_rel(path)} ({recipe.method}): {len(rows)} training rows in {_rel(recipe.data.train)}"
-            + (f"; leakage checked against {', '.join(against)}" if against else ""))
+            + (f"; leakage checked against {', '.join(against)}" if against else "")
+            + (RAW_NOTE if recipe.data.template == "auto" and isinstance(rows[0]["prompt"], str) else ""))
 
 
 def _task(suite: Suite, task: Task) -> list[str]:
@@ -53,9 +58,10 @@ def _task(suite: Suite, task: Task) -> list[str]:
     if isinstance(task, CasesTask):
         from evalkit.tasks.generation import task_cases
 
-        n = len(task_cases(task, limit=None))  # every row: a broken one past `limit` is still a mistake
-        out.append(f"task {task.name}: {n} cases in {_rel(task.data)}"
-                   + (f" (target checked for {task.target_scorer})" if task.target_scorer else ""))
+        cases = task_cases(task, limit=None)  # every row: a broken one past `limit` is still a mistake
+        out.append(f"task {task.name}: {len(cases)} cases in {_rel(task.data)}"
+                   + (f" (target checked for {task.target_scorer})" if task.target_scorer else "")
+                   + (RAW_NOTE if task.template == "auto" and any(c.messages is None for c in cases) else ""))
         for spec in task.scorers:  # their files were read and checked as the suite loaded
             files = scorers.get(spec.name).path_params
             out += [f"task {task.name}: {spec.name} file {_rel(suite.dir / v)} (read and checked)"

@@ -137,7 +137,7 @@ class SuiteNode(pytest.Collector):
                 gate_id = f"{gate.id}[{variant}]"
                 self.gate_ids.add(gate_id)
                 yield GateItem.from_parent(self, name=gate_id, gate_id=gate_id, spec=gate.id, check=gate.check,
-                                           line=gate.line)
+                                           line=gate.line, implicit=gate.is_implicit)
 
 
 class ConfigErrorItem(pytest.Item):
@@ -155,9 +155,10 @@ class ConfigErrorItem(pytest.Item):
 class GateItem(pytest.Item):
     parent: SuiteNode  # made only by SuiteNode.collect
 
-    def __init__(self, *, gate_id: str, spec: str, check: str | None, line: int | None, **kwargs: Any):
+    def __init__(self, *, gate_id: str, spec: str, check: str | None, line: int | None, implicit: bool = False,
+                 **kwargs: Any):
         super().__init__(**kwargs)
-        self.gate_id, self.spec, self.check, self.line = gate_id, spec, check, line
+        self.gate_id, self.spec, self.check, self.line, self.implicit = gate_id, spec, check, line, implicit
 
     def runtest(self) -> None:
         from evalkit.errors import EvalkitError
@@ -174,6 +175,11 @@ class GateItem(pytest.Item):
             if not gate.passed:
                 pytest.fail(f"{gate_text(gate)}\nreport: {run.run_dir / 'report.html'}", pytrace=False)
             return
+        variant = self.gate_id.removeprefix(f"{self.spec}[").removesuffix("]")
+        skipped = next((c.skipped for c in run.record.checks if c.name == self.check and c.variant == variant
+                        and c.skipped), None)
+        if self.implicit and skipped:  # a default gate gates only what its check could check
+            pytest.skip(f"{self.gate_id}: {skipped}")
         self._missing(run.record)
 
     def _missing(self, record: RunRecord) -> None:

@@ -19,6 +19,7 @@ it) and every field written, null where it does not apply (a fully cached varian
 1.4 each task's `settings` (what its scores depend on besides the cases) and the run's `baseline`
 (the promoted variant it was compared with, read from a baseline store, and the store's history).
 1.5 `skipped` on checks and gates: a check that did not apply (an adapter without provenance).
+1.6 each task's `rendering`: whether its prompts went through the chat template or as raw text.
 
 The JSON Schema shipped in evalkit/schemas/results.schema.json is generated from these types:
 `python -m evalkit.record --schema --write` regenerates it; a test checks the shipped file is the
@@ -41,7 +42,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "results.schema.json"
 
 Num = float | None  # a number that may not exist (no valid score, not computed); NaN/inf are written as null
@@ -144,6 +145,9 @@ class VariantRecord:
     backend: BackendRecord = field(default_factory=lambda: BackendRecord(engine="hf"))
 
 
+Rendering = Literal["chat_template", "raw", "mixed"]  # how a task's cases reached the model
+
+
 @dataclass(frozen=True, kw_only=True)
 class TaskRecord:
     """One task of the suite as run."""
@@ -160,6 +164,10 @@ class TaskRecord:
     settings: Mapping[str, Any] | None = field(default=None, metadata=doc(
         "what the task's scores depend on besides its cases (scorers with their parameters, generation, "
         "judge), as compared with a promoted baseline's; null in records older than 1.4"))
+    rendering: Rendering | None = field(default=None, metadata=doc(
+        "how the cases' prompts reached the model: chat_template (chats, through the base's chat template), raw "
+        "(`prompt` text as is) or mixed; null for kinds that build their own prompts (lm-eval, drift) and in "
+        "records older than 1.6"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -496,7 +504,7 @@ def migrate(obj: Mapping[str, Any]) -> dict[str, Any]:
     if major != MAJOR:
         raise RecordError(f"schema_version {version!r} is not supported (this evalkit reads {MAJOR}.x)")
     out = copy.deepcopy(dict(obj))
-    for to_minor, step in ((1, _from_1_0), (2, _from_1_1), (3, _from_1_2)):  # 1.4 and 1.5 only added fields
+    for to_minor, step in ((1, _from_1_0), (2, _from_1_1), (3, _from_1_2)):  # 1.4 to 1.6 only added fields
         if minor < to_minor:
             step(out)
     out["schema_version"] = SCHEMA_VERSION

@@ -27,7 +27,7 @@ from evalkit.backends.vllm import VllmBackend, VllmServer, adapter_rank, unserva
 from evalkit.baseline import Baseline, Joined
 from evalkit.cache import Cache
 from evalkit.config import load_suite
-from evalkit.config.suite import BackendConfig, Suite, Task, Variant
+from evalkit.config.suite import BackendConfig, CasesTask, Suite, Task, Variant
 from evalkit.context import RunContext, RunVariant, served_fingerprint, template_hash, variant_fingerprint
 from evalkit.errors import ExitCode, NothingToEvaluate
 from evalkit.gates import Scores, evaluate_gates, gate_targets
@@ -42,6 +42,7 @@ from evalkit.record import (
     ComparisonRecord,
     Cost,
     MetricRecord,
+    Rendering,
     RunRecord,
     SuiteRecord,
     TaskRecord,
@@ -89,6 +90,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
     ctx: RunContext | None = None
     try:
         ctx = _load_variants(suite, resolved, infos, cache, log, progress)
+        renderings = _renderings(suite, ctx.tokenizer, log)
         checks = _pre_checks(ctx, infos, log)
         results: dict[str, TaskResult] = {}
         for task in suite.tasks:
@@ -97,7 +99,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
                 results[task.name] = _task_kind(task).run(ctx, task)
         checks += _post_checks(ctx, results, log)
         joined = promoted.join(results, [lv.name for lv in ctx.variants]) if promoted else None
-        record, samples = _assemble(suite, ctx, infos, results, checks, started, joined)
+        record, samples = _assemble(suite, ctx, infos, results, checks, started, renderings, joined)
     finally:
         for backend in ctx.backends if ctx is not None else ():
             backend.close()  # a server evalkit started stops here, however the run ended
@@ -210,6 +212,29 @@ def _server_backend(cfg: BackendConfig, served: dict[str, str], variants: list[V
     return VllmBackend(cfg, served, tokenizer, server=server, log=log)
 
 
+def _renderings(suite: Suite, tokenizer: Any, log: Log) -> dict[str, Rendering]:
+    """How each task's cases reach the model (the record says it). `prompt` text sent raw to a base
+    that has a chat template is warned about: an instruct model answers raw text poorly, and
+    nothing else would say so."""
+    from evalkit.tasks.generation import rendering, task_cases
+
+    out = {}
+    for task in suite.tasks:
+        if not isinstance(task, CasesTask):
+            continue
+        cases = task_cases(task)
+        out[task.name] = rendering(cases)
+        raw = sum(c.messages is None for c in cases)
+        if raw and task.template == "auto" and getattr(tokenizer, "chat_template", None):
+            warning = suite.error(
+                ("tasks", task._index, "data"), f"{raw} of {len(cases)} cases are `prompt` text, sent raw, but the base has a "
+                                    "chat template: an instruct model answers raw text poorly",
+                hint="give the rows as `messages`, or set `template: chat` on the task to send each prompt as a "
+                     "user turn (`template: none` says raw text is meant)")
+            log(f"WARNING: {warning}")
+    return out
+
+
 def _pre_checks(ctx: RunContext, infos: dict[str, AdapterInfo], log: Log) -> list[CheckRecord]:
     checks = []
     for lv in ctx.variants:
@@ -260,7 +285,7 @@ def _task_kind(task: Task) -> ModuleType:
 
 
 def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], results: dict[str, TaskResult],
-              checks: list[CheckRecord], started: float, joined: Joined | None = None
+              checks: list[CheckRecord], started: float, renderings: dict[str, Rendering], joined: Joined | None = None
               ) -> tuple[RunRecord, list[dict[str, Any]]]:
     values: dict[tuple[str, str, str], dict[str, float | None]] = defaultdict(dict)  # (task, metric, variant) -> case -> v
     samples: list[dict[str, Any]] = []
@@ -296,7 +321,7 @@ def _assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resu
         variants=tuple(_variant_record(lv, ctx) for lv in ctx.variants) + ((joined.variant,) if joined else ()),
         tasks=tuple(TaskRecord(name=t, kind=suite_task(suite, t).kind, n_cases=len({s.case_id for s in tr.samples}),
                                binary=tr.binary, invalid=suite_task(suite, t).invalid, extras=tr.extras,
-                               settings=suite_task(suite, t).settings())
+                               settings=suite_task(suite, t).settings(), rendering=renderings.get(t))
                     for t, tr in results.items()),
         metrics=tuple(metrics),
         comparisons=tuple(_comparison_records(suite, comparisons)),

@@ -119,7 +119,7 @@ def test_gate_ids_are_distinct(suite_dir, tiny_model_dir, tiny_adapter):
         "  - {metric: extract.exact_match, max_drop: 1}\n")
     suite = load_suite(write(suite_dir, text))
     assert [g.id for g in suite.gates] == ["extract.exact_match", "extract.exact_match#2",
-                                           "extract.exact_match-vs-base", "stops_generating"]  # on by default
+                                           "extract.exact_match-vs-base", "stops_generating", "no_leakage"]  # on by default
 
 
 def test_gates_on_different_variants_keep_their_ids(suite_dir, tiny_model_dir, tiny_adapter):
@@ -128,7 +128,7 @@ def test_gates_on_different_variants_keep_their_ids(suite_dir, tiny_model_dir, t
         "  - {check: adapter_active, variant: base}\n"
         "  - {check: adapter_active}\n")
     suite = load_suite(write(suite_dir, text))
-    assert [g.id for g in suite.gates][1:-1] == ["adapter_active", "adapter_active", "adapter_active#3"]
+    assert [g.id for g in suite.gates][1:-2] == ["adapter_active", "adapter_active", "adapter_active#3"]
 
 
 @pytest.mark.parametrize("name", ["demo.yml", "judge-demo.yml", "matrix.yml"])

@@ -72,8 +72,8 @@ def test_callers_keep_their_row_checks(tmp_path):
         load_cases(p)
     with pytest.raises(ConfigError, match=r"rows.jsonl:1: each row needs 'messages' or 'prompt'"):
         judge._load_anchors(p, SimpleNamespace(mode="rubric", scale=(1.0, 5.0)))
-    with pytest.raises(ConfigError, match=r"rows.jsonl:1: expected 'messages'"):
-        load_training_rows(p)
+    with pytest.raises(ConfigError, match=r"rows.jsonl:1: each row needs `messages` \(a chat\) or `prompt`"):
+        load_training_rows(p)  # the same row shape as evaluation (evalkit.rows)
     p.write_text("")
     with pytest.raises(ConfigError, match=r"rows\.jsonl: no rows"):
         load_training_rows(p)

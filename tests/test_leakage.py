@@ -67,22 +67,27 @@ def test_bundled_demo_data_does_not_leak():
 @pytest.mark.parametrize("normalization", [NORMALIZATION, "v0"])
 def test_run_check_reads_the_trainer_index_through_adapter_overlap(tmp_path, normalization):
     """The runner's no_leakage check reads `data.train_index` as trainers/sft.py writes it, and an index
-    made with another normalization is no index (adapter_overlap's None): warned about, never compared."""
+    made with another normalization is no index (adapter_overlap's None): skipped with the reason, never
+    compared. Leaked cases are counted as cases, not as case-row pairs."""
     rows = [user("What is 2+3?", id="e0"), user("Name a colour", id="e1")]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps({**r, "target": "x"}) + "\n" for r in rows))
-    index = train_index([user("what is 2+3", id="t7")])
+    index = train_index([user("what is 2+3", id="t7"), user("What is 2 + 3?", id="t8"), user("WHAT IS 2+3", id="t9")])
     provenance = {"data": {"train_index": index, "train_index_normalization": normalization}}
     ctx = SimpleNamespace(
         suite=SimpleNamespace(tasks=[GenerateTask.model_construct(name="extract", data=tmp_path / "eval.jsonl")]),
         variants=[SimpleNamespace(name="base", info=None),
                   SimpleNamespace(name="lora", info=SimpleNamespace(provenance=provenance)),
-                  SimpleNamespace(name="bought", info=SimpleNamespace(provenance={"leakage_index": index}))])
-    logs: list[str] = []
-    records = leakage(ctx, logs.append)
+                  SimpleNamespace(name="bought", info=SimpleNamespace(provenance=None))])
+    records = leakage(ctx, lambda msg: None)
+    by_variant = {r.variant: r for r in records}
+    assert by_variant["bought"].skipped and "no provenance" in by_variant["bought"].skipped
+    lora = by_variant["lora"]
     if normalization == NORMALIZATION:
-        assert [(r.variant, r.passed, r.details["overlaps"]) for r in records] == [
-            ("lora", False, [{"task": "extract", "case_id": "e0", "train_id": "t7"}])]
+        assert not lora.passed and not lora.skipped
+        assert lora.details["leaked_cases"] == {"extract": 1}
+        assert [o["train_id"] for o in lora.details["overlaps"]] == ["t7", "t9"]  # "2 + 3" is another text
+        assert lora.message.startswith("extract: 1 of 2 eval cases also in the training data of 'lora' (2 training "
+                                       "rows match): e0 (train t7, t9)")
     else:
-        assert records == []
-        assert f"WARNING: leakage: the provenance of 'lora' has no training-data index made with normalization " \
-               f"{NORMALIZATION}; leakage not checked" in logs[0]
+        assert lora.passed and lora.skipped
+        assert f"no training-data index made with normalization {NORMALIZATION}" in lora.skipped

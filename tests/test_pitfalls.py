@@ -12,7 +12,7 @@ import pytest
 import trainers
 from evalkit.config import load_suite
 from evalkit.errors import ConfigError
-from evalkit.pitfalls import length_match, runaway, training_health
+from evalkit.pitfalls import MIN_TREND_POINTS, health_summary, length_match, runaway, training_health
 from evalkit.runner import evaluate
 from evalkit.stats import KS_EXACT_MAX, ks_two_sample
 from tests.helpers import write_jsonl, write_suite
@@ -45,12 +45,14 @@ def curve(evals: list[float], trains: list[float], lrs: list[float] | None = Non
 
 def test_training_health_names_the_step_where_eval_loss_turned():
     passed, findings, d = training_health(curve([2.0, 1.5, 1.2, 1.4, 1.7], [2.1, 1.4, 0.9, 0.5, 0.2]),
-                                          peak_lr=1e-3, max_eval_rise=0.05, max_gap=10)
+                                          peak_lr=1e-3, max_eval_rise=0.05, max_gap=10, min_loss_drop=None)
     assert not passed and d["turned_at_step"] == 12 and "turned at step 12" in findings[0], findings
     assert "+42%" in findings[0]
     # eval loss rising while train loss rose too is not overfitting; a small rise is within tolerance
-    assert training_health(curve([2.0, 1.2, 1.4], [2.0, 1.0, 1.3]), peak_lr=None, max_eval_rise=0.05, max_gap=10)[0]
-    assert training_health(curve([2.0, 1.2, 1.25], [2.0, 1.0, 0.9]), peak_lr=None, max_eval_rise=0.05, max_gap=10)[0]
+    assert training_health(curve([2.0, 1.2, 1.4], [2.0, 1.0, 1.3]), peak_lr=None, max_eval_rise=0.05, max_gap=10,
+                           min_loss_drop=None)[0]
+    assert training_health(curve([2.0, 1.2, 1.25], [2.0, 1.0, 0.9]), peak_lr=None, max_eval_rise=0.05, max_gap=10,
+                           min_loss_drop=None)[0]
 
 
 @pytest.mark.parametrize("log, peak, finding", [
@@ -60,22 +62,135 @@ def test_training_health_names_the_step_where_eval_loss_turned():
     (curve([2.0, 1.9], [0.1, 0.05]), None, "above the train loss"),
 ])
 def test_training_health_flags_nan_warmup_and_gap(log, peak, finding):
-    passed, findings, _ = training_health(log, peak_lr=peak, max_eval_rise=0.05, max_gap=1.0)
+    passed, findings, _ = training_health(log, peak_lr=peak, max_eval_rise=0.05, max_gap=1.0, min_loss_drop=None)
     assert not passed and any(finding in f for f in findings), findings
+
+
+# the issue's 10-step cosine recipe at 2e-4 logged at steps 1 and 10 only: lr 0.0, then 6e-6 late in the decay
+ISSUE_LOG = [{"step": 1, "loss": 10.7, "learning_rate": 0.0}, {"step": 10, "loss": 9.9, "learning_rate": 6e-6}]
+
+
+def test_two_logged_learning_rates_are_too_few_to_tell_warmup():
+    passed, findings, d = training_health(ISSUE_LOG, peak_lr=2e-4, max_eval_rise=0.05, max_gap=1.0, min_loss_drop=0.1)
+    assert passed and not findings and d["lr_points"] == 2
+    assert "2 logged learning-rate points: too few to tell the schedule" in d["notes"]
+    assert "2 logged train-loss points: too few to tell whether it learned" in d["notes"]
+    assert "too few to tell the schedule" in health_summary(d)
+    # the rule before: two rising points "never left warmup" (min_points=2 keeps it reachable)
+    old = training_health(ISSUE_LOG, peak_lr=2e-4, max_eval_rise=0.05, max_gap=1.0, min_loss_drop=None, min_points=2)
+    assert not old[0] and "never left warmup" in old[1][0]
+    # three points rising short of the peak are a trend: warmup still running at the end
+    rising = [{"step": s, "learning_rate": lr} for s, lr in ((1, 1e-5), (5, 5e-5), (10, 1e-4))]
+    assert MIN_TREND_POINTS == 3
+    assert "never left warmup" in training_health(rising, peak_lr=2e-4, max_eval_rise=0.05, max_gap=1.0,
+                                                  min_loss_drop=None)[1][0]
+
+
+def losses(values: list[float]) -> list[dict]:
+    return [{"step": i + 1, "loss": v} for i, v in enumerate(values)]
+
+
+def test_a_loss_that_barely_moved_is_named():
+    barely = losses([10.7, 10.5, 10.4, 10.3, 10.2, 10.1, 10.0, 9.9, 9.9, 9.9])
+    passed, findings, d = training_health(barely, peak_lr=None, max_eval_rise=0.05, max_gap=1.0, min_loss_drop=0.1)
+    assert not passed and findings == [
+        "train loss 10.7 -> 9.9 over 10 steps (-7%; the end is the mean of the last 3 logged): the adapter learned "
+        "little (learning rate too low, or too few steps?); min_loss_drop 10%"], findings
+    assert d["loss_drop"] == pytest.approx(0.8 / 10.7)
+    # the same curve passes a looser gate; a rising loss is named as such
+    assert training_health(barely, peak_lr=None, max_eval_rise=0.05, max_gap=1.0, min_loss_drop=0.05)[0]
+    rose = training_health(losses([2.0, 3.0, 5.0, 8.0]), peak_lr=None, max_eval_rise=0.05, max_gap=1.0,
+                           min_loss_drop=0.1)
+    assert not rose[0] and "2 -> 5.33" in rose[1][0] and "+167%" in rose[1][0] and "diverging" in rose[1][0]
+    # the end is the mean of the last logged points: one noisy batch neither passes nor fails a run alone
+    healthy = training_health(losses([2.0, 1.0, 0.6, 0.4, 0.5, 0.3]), peak_lr=None, max_eval_rise=0.05, max_gap=1.0,
+                              min_loss_drop=0.1)
+    assert healthy[0] and healthy[2]["loss_end"] == pytest.approx(0.4)
+    assert health_summary(healthy[2]).startswith("train loss 2 -> 0.4 (-80%)")
+
+
+def test_the_held_out_loss_before_training_is_the_baseline_when_there_is_one():
+    # bench/bench_checks.py, lr 1e-7 on the demo: batch noise makes the train loss "fall" 31%; the
+    # held-out rows, evaluated before training (step 0) and after, did not move
+    log = [{"step": 0, "eval_loss": 0.215}, *losses([0.27, 0.21, 0.3, 0.19, 0.25, 0.18, 0.2, 0.17, 0.19]),
+           {"step": 9, "eval_loss": 0.2148}]
+    passed, findings, d = training_health(log, peak_lr=None, max_eval_rise=0.05, max_gap=1.0, min_loss_drop=0.1)
+    assert not passed and d["loss_source"] == "held-out" and findings[0].startswith(
+        "held-out loss 0.215 -> 0.215 over 9 steps (-0%; before training vs the last evaluation): the adapter "
+        "learned little"), findings
+    assert training_health(log[1:], peak_lr=None, max_eval_rise=0.05, max_gap=1.0, min_loss_drop=0.1)[0]  # train: -31%
+    # two evaluations suffice: the same rows before and after, not a trend
+    learned = [{"step": 0, "eval_loss": 2.0}, {"step": 10, "eval_loss": 0.5, "loss": 0.4}]
+    ok = training_health(learned, peak_lr=None, max_eval_rise=0.05, max_gap=1.0, min_loss_drop=0.1)
+    assert ok[0] and health_summary(ok[2]).startswith("held-out loss 2 -> 0.5 (-75%)")
+
+
+def test_logging_and_eval_steps_scale_with_the_run():
+    from trainers.recipe import TrainParams
+    from trainers.sft import step_schedule
+
+    # 10 steps: every step logged, eval every 2 (5 evaluations), where a fixed 10 logged steps 1 and 10 only
+    assert step_schedule(TrainParams(max_steps=10), train_rows=380) == {"total_steps": 10, "logging_steps": 1,
+                                                                        "eval_steps": 2}
+    # without max_steps: epochs x ceil(rows / (batch x accumulation)) = 2 x ceil(380 / 8) = 96
+    assert step_schedule(TrainParams(epochs=2, batch_size=4, grad_accum=2), train_rows=380) == {
+        "total_steps": 96, "logging_steps": 4, "eval_steps": 24}
+    assert step_schedule(TrainParams(epochs=0.5, batch_size=8), train_rows=5)["total_steps"] == 1
+    # what a recipe gives wins
+    assert step_schedule(TrainParams(max_steps=10, logging_steps=10, eval_steps=5), train_rows=380) == {
+        "total_steps": 10, "logging_steps": 10, "eval_steps": 5}
+
+
+def counts(d: dict[int, int]) -> list[int]:
+    return [k for k, n in d.items() for _ in range(n)]
+
+
+# the issue's case: narrow distributions, training median 58 tokens, evaluation 55: KS distance 0.6, p ~ 1e-6
+ISSUE_TRAIN = counts({55: 10, 56: 20, 57: 40, 58: 60, 59: 40, 60: 20, 61: 10})
+ISSUE_EVAL = counts({53: 2, 54: 3, 55: 6, 56: 4, 57: 3, 58: 2})
+
+
+def test_length_match_gates_on_the_size_of_a_shift_too():
+    m = length_match(ISSUE_TRAIN, ISSUE_EVAL, alpha=0.05, max_distance=0, max_shift=0.25)
+    assert m.p_value < 1e-5 and m.distance == pytest.approx(0.6) and m.significant
+    assert (m.train_quantiles["p50"], m.eval_quantiles["p50"]) == (58, 55)
+    assert m.shift == pytest.approx(58 / 55 - 1) and m.shift_at == "p50" and m.passed
+    # significance alone (the rule before) failed it; a tighter max_shift does too
+    assert not length_match(ISSUE_TRAIN, ISSUE_EVAL, alpha=0.05, max_distance=0, max_shift=None).passed
+    assert not length_match(ISSUE_TRAIN, ISSUE_EVAL, alpha=0.05, max_distance=0, max_shift=0.05).passed
+    # clearly mismatched: median 60 against 400 fails; the shift is symmetric
+    short, long = counts({50: 5, 60: 10, 70: 5}), counts({350: 5, 400: 10, 450: 5})
+    far = length_match(short, long, alpha=0.05, max_distance=0, max_shift=0.25)
+    assert not far.passed and far.shift == pytest.approx(6.0) and far.shift_at == "p10"
+    assert length_match(long, short, alpha=0.05, max_distance=0, max_shift=0.25).shift == far.shift
+    # a large shift on samples too small to show it is not significant: no conclusion
+    assert length_match([60, 62], [100, 90], alpha=0.05, max_distance=0, max_shift=0.25).passed
+
+
+def test_the_length_record_says_both_numbers():
+    from evalkit.checks import length_record
+
+    ok = length_record("a", ISSUE_TRAIN, {"t": ISSUE_EVAL}, level=0.95, max_distance=0, max_shift=0.25)
+    assert ok.passed and "train p50 58 " in ok.message and "eval p50 55 " in ok.message
+    assert "KS distance 0.600, p=1.09e-06, largest shift 5% (at p50): significant at 5% but small" in ok.message
+    bad = length_record("a", counts({50: 5, 60: 10, 70: 5}), {"t": counts({350: 5, 400: 10, 450: 5})}, level=0.95,
+                        max_distance=0, max_shift=0.25)
+    assert not bad.passed and "largest shift 600% (at p10): differ at 5%, shift > max_shift 25%" in bad.message
+    assert bad.details["max_shift"] == 0.25 and bad.details["tasks"]["t"]["shift"] == pytest.approx(6.0)
 
 
 def test_length_match_passes_alike_and_fails_ten_times_longer():
     rng = random.Random(0)
     train = [rng.randint(40, 80) for _ in range(300)]
-    alike = length_match(train, [rng.randint(40, 80) for _ in range(50)], alpha=0.05, max_distance=0)
+    alike = length_match(train, [rng.randint(40, 80) for _ in range(50)], alpha=0.05, max_distance=0, max_shift=0.25)
     assert alike.passed and alike.p_value > 0.05 and set(alike.train_quantiles) == {"p10", "p25", "p50", "p75",
                                                                                   "p90", "max"}
     longer = length_match([10 * n for n in train], [rng.randint(40, 80) for _ in range(50)], alpha=0.05,
-                          max_distance=0)
+                          max_distance=0, max_shift=0.25)
     assert not longer.passed and longer.distance == 1 and longer.p_value < 1e-10
     # with max_distance a significant but small shift passes
     shifted = [n + 3 for n in train]
-    assert length_match(shifted * 20, train * 20, alpha=0.05, max_distance=0.2).passed
+    assert length_match(shifted * 20, train * 20, alpha=0.05, max_distance=0.2, max_shift=None).passed
 
 
 def test_ks_matches_scipy():
@@ -97,10 +212,12 @@ def test_stops_generating_is_on_by_default_and_options_are_located(tmp_path):
     (tmp_path / "a").mkdir()
     suite = {"name": "s", "base": {"path": str(tmp_path)}, "variants": [{"name": "base"}, {"name": "a", "adapter": "a"}],
              "tasks": [{"name": "t", "data": str(data), "scorers": ["exact_match"]}]}
-    gates = load_suite(write_suite(tmp_path / "s.yml", suite)).gates
-    assert [(g.check, g.max_increase, g.line) for g in gates] == [("stops_generating", None, None)]
+    def stops(gates) -> list[tuple]:  # no_leakage is on by default too (test_leakage.py)
+        return [(g.max_increase, g.line is None) for g in gates if g.check == "stops_generating"]
+
+    assert stops(load_suite(write_suite(tmp_path / "s.yml", suite)).gates) == [(None, True)]  # a default gate
     suite["gates"] = [{"check": "stops_generating", "max_increase": 25, "confidence": 0.9}]
-    assert [g.max_increase for g in load_suite(write_suite(tmp_path / "s.yml", suite)).gates] == [25]
+    assert stops(load_suite(write_suite(tmp_path / "s.yml", suite)).gates) == [(25, False)]
     suite["gates"] = [{"check": "length_match"}, {"check": "training_health", "max_increase": 5}]
     with pytest.raises(ConfigError) as e:
         load_suite(write_suite(tmp_path / "s.yml", suite))
@@ -227,7 +344,8 @@ def test_without_provenance_the_training_checks_skip_with_a_reason(tiny_model_di
     for check in ("training_health", "length_match"):
         assert gates[f"{check}[a]"].passed and "no provenance" in (gates[f"{check}[a]"].skipped or "")
     assert (tmp_path / "run" / "junit.xml").read_text().count("<skipped ") == 2
-    assert (tmp_path / "run" / "report.html").read_text().count('class="pill skip">SKIP') == 4  # gates and checks
+    # the two gates, and the three checks that read provenance (no_leakage too, not gated here)
+    assert (tmp_path / "run" / "report.html").read_text().count('class="pill skip">SKIP') == 5
 
 
 def test_an_adapter_trained_with_eos_masked_runs_on(embedded_model_dir, tmp_path):
@@ -250,3 +368,82 @@ def test_an_adapter_trained_with_eos_masked_runs_on(embedded_model_dir, tmp_path
     assert shares["reference_cut"] == 0 and shares["variant_cut"] >= 8, shares
     assert f"{shares['variant_cut']}/10 outputs cut at max_new_tokens" in gate.message
     assert "vs 0/10 (0%) for base" in gate.message
+
+
+# ------------------------------------------------------------------------ issue 30: conclude only what the data shows
+
+def tiny_recipe(base: Path, data: Path, out: Path, **training) -> dict:
+    """The issue's recipe shape on the tiny model: 10 cosine steps, logging left to the runner."""
+    return {"base": {"path": str(base)}, "data": {"train": str(data), "check_against": [], "eval_fraction": 0.25},
+            "output": str(out),
+            "training": {"max_steps": 10, "batch_size": 4, "lr_scheduler": "cosine", "warmup_ratio": 0.03,
+                         "logging_steps": None, "eval_steps": None, "max_length": 64, **training}}
+
+
+def cli_run(suite: Path, out: Path, capsys) -> tuple[int, dict[str, dict]]:
+    """`evalkit run SUITE` in process: the exit code and the gates of results.json by id."""
+    from evalkit.cli import main
+
+    code = main(["run", str(suite), "--out", str(out), "-q"])
+    printed = capsys.readouterr()
+    if not (out / "results.json").is_file():
+        pytest.fail(f"exit {code}, no results.json:\n{printed.out[-2000:]}\n{printed.err[-2000:]}")
+    record = json.loads((out / "results.json").read_text())
+    return code, {g["id"]: g for g in record["gates"]}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_training_health_through_the_cli_says_too_few_points_and_names_a_run_that_learned_little(
+        learnable_tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", word_rows(40, 6))
+    train = {name: trainers.ensure_adapter(RECIPES / "lora.yml", log=lambda m: None, overrides=tiny_recipe(
+        learnable_tiny_dir, data, tmp_path / name, **training)) for name, training in (
+        ("issue", {"learning_rate": 2e-4, "logging_steps": 10, "eval_steps": 10}),  # lr logged at steps 1 and 10
+        ("slow", {"learning_rate": 2e-4}),  # the same run, logged at the runner's scaled defaults
+        ("healthy", {"learning_rate": 2e-2}))}
+    logged = {name: [e["step"] for e in r.provenance["log"] if "loss" in e] for name, r in train.items()}
+    assert logged["issue"] == [1, 10] and logged["slow"] == list(range(1, 11)), logged
+    # held-out loss before training (the baseline of learned-little), then every 2 steps
+    assert [e["step"] for e in train["slow"].provenance["log"] if "eval_loss" in e] == [0, 2, 4, 6, 8, 10]
+    settings = train["slow"].provenance["settings"]
+    assert [settings[k] for k in ("total_steps", "logging_steps", "eval_steps")] == [10, 1, 2]
+    suite = write_suite(tmp_path / "suite.yml", {
+        "name": "health", "base": {"path": str(learnable_tiny_dir)},
+        "variants": [{"name": "base"}, *({"name": n, "adapter": str(r.adapter_dir)} for n, r in train.items())],
+        "tasks": [{"name": "words", "data": str(write_jsonl(tmp_path / "test.jsonl", word_rows(4, 6, seed=2))),
+                   "scorers": ["exact_match"], "max_new_tokens": 2}],
+        "gates": [{"check": "training_health"}]})
+    code, gates = cli_run(suite, tmp_path / "run", capsys)
+    issue, slow, healthy = (gates[f"training_health[{n}]"] for n in ("issue", "slow", "healthy"))
+    # the issue's run: no false "never left warmup"; what it did show (held-out loss before and after) is named
+    assert "never left warmup" not in issue["message"], issue["message"]
+    assert "2 logged learning-rate points: too few to tell the schedule" in issue["message"]
+    assert not issue["passed"] and "held-out loss" in issue["message"] and "learned little" in issue["message"]
+    assert not slow["passed"] and code == 1
+    assert "over 10 steps" in slow["message"] and "the adapter learned little" in slow["message"], slow["message"]
+    assert healthy["passed"] and "train loss" in healthy["message"], healthy["message"]
+    # the gate's option moves the line: the slow run passes a gate that asks for less
+    suite.write_text(suite.read_text().replace("- check: training_health", "- check: training_health\n  min_loss_drop: 0"))
+    assert cli_run(suite, tmp_path / "run2", capsys)[1]["training_health[slow]"]["passed"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_length_match_through_the_cli_passes_a_small_shift_and_fails_a_large_one(learnable_tiny_dir, tmp_path,
+                                                                                  capsys):
+    test = write_jsonl(tmp_path / "test.jsonl", word_rows(20, 7, seed=2))
+    adapters = {name: trainers.ensure_adapter(RECIPES / "lora.yml", log=lambda m: None, overrides=tiny_recipe(
+        learnable_tiny_dir, write_jsonl(tmp_path / f"{name}.jsonl", word_rows(40, words)), tmp_path / name,
+        max_steps=1, max_length=512, learning_rate=2e-2, warmup_ratio=0)) for name, words in (("near", 8), ("far", 120))}
+    suite = write_suite(tmp_path / "suite.yml", {
+        "name": "lengths", "base": {"path": str(learnable_tiny_dir)},
+        "variants": [{"name": "base"}, *({"name": n, "adapter": str(r.adapter_dir)} for n, r in adapters.items())],
+        "tasks": [{"name": "words", "data": str(test), "scorers": ["exact_match"], "max_new_tokens": 2}],
+        "gates": [{"check": "length_match"}]})
+    code, gates = cli_run(suite, tmp_path / "run", capsys)
+    near, far = gates["length_match[near]"], gates["length_match[far]"]
+    # one word more per prompt: every training prompt is longer, so the test rejects, but by a few %
+    assert near["passed"] and "significant at 5% but small (shift <= max_shift 25%)" in near["message"], near["message"]
+    assert not far["passed"] and code == 1 and "shift > max_shift 25%" in far["message"], far["message"]
+    # max_shift: 0 is the rule before: significance alone fails the small shift too
+    suite.write_text(suite.read_text().replace("- check: length_match", "- check: length_match\n  max_shift: 0"))
+    assert not cli_run(suite, tmp_path / "run2", capsys)[1]["length_match[near]"]["passed"]

@@ -37,7 +37,8 @@ gates:
 """
 IDS = ["extract.exact_match[lora]", "extract.json_valid[lora]", "extract.json_valid[lora-merged]",
        "merge_equivalence[lora-merged]",  # a check gate covers the variants its check applies to
-       "stops_generating[lora]", "stops_generating[lora-merged]"]  # on by default: a base, adapters, generation
+       "stops_generating[lora]", "stops_generating[lora-merged]",  # on by default: a base, adapters, generation
+       "no_leakage[lora]", "no_leakage[lora-merged]"]  # on by default: adapters and cases
 
 FAKE_RUNNER = '''
 import json, sys, types
@@ -98,21 +99,21 @@ def _calls(pytester: pytest.Pytester) -> list[str]:
 def test_collects_one_item_per_gate_without_running(suite_dir):
     result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml", "--collect-only", "-q")
     assert result.ret == 0
-    assert result.outlines[:7] == [f"suite.yml::demo::{gid}" for gid in IDS] + [""]
+    assert result.outlines[:len(IDS) + 1] == [f"suite.yml::demo::{gid}" for gid in IDS] + [""]
     assert _calls(suite_dir) == []  # collection never runs the model
 
 
 def test_runs_the_suite_once_and_reports_each_gate(suite_dir):
     _can(suite_dir, _results(failing=("extract.json_valid[lora-merged]",)))
     result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml", "-v")
-    result.assert_outcomes(passed=5, failed=1)
+    result.assert_outcomes(passed=len(IDS) - 1, failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
     for line in ("suite.yml::demo::extract.exact_match[lora] PASSED",
                  "suite.yml::demo::extract.json_valid[lora-merged] FAILED",
                  "extract.json_valid[lora-merged] FAILED: extract.json_valid = 0.62 (n=50); < min 0.9 "
                  "(value 0.620, [0.500, 0.740], point estimate, threshold min 0.900)",
-                 "demo: FAIL: 5 of 6 gates passed"):
+                 "demo: FAIL: 7 of 8 gates passed"):
         assert line in out
     assert "Traceback" not in out
     assert len(_calls(suite_dir)) == 1
@@ -121,7 +122,7 @@ def test_runs_the_suite_once_and_reports_each_gate(suite_dir):
 def test_all_gates_pass_exits_zero(suite_dir):
     _can(suite_dir, _results())
     result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml", "--evalkit-out", "runs")
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=len(IDS))
     assert result.ret == pytest.ExitCode.OK
     assert _calls(suite_dir)[0].endswith(f"out={suite_dir.path / 'runs' / 'suite'}")
 
@@ -132,7 +133,7 @@ def test_a_gate_missing_from_the_run_fails(suite_dir, missing):
     results["gates"] = [g for g in results["gates"] if g["id"] != missing]
     _can(suite_dir, results)
     result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml")
-    result.assert_outcomes(passed=5, failed=1)
+    result.assert_outcomes(passed=len(IDS) - 1, failed=1)
     assert f"{missing}: the run recorded no such gate" in result.stdout.str()
 
 
@@ -150,11 +151,11 @@ def test_config_error_at_collection_is_one_clean_failure(suite_dir):
 def test_config_error_at_run_time_fails_every_item_cleanly(suite_dir):
     _can(suite_dir, {"raise": "data file not found: cases.jsonl"})
     result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml")
-    result.assert_outcomes(failed=6)
+    result.assert_outcomes(failed=len(IDS))
     out = result.stdout.str()
     # Count in the failure sections only: the short summary repeats the message, untruncated when CI is set.
     failures = out.split("short test summary info")[0]
-    assert failures.count("suite demo did not run: suite.yml:9 tasks[0].data: data file not found") == 6
+    assert failures.count("suite demo did not run: suite.yml:9 tasks[0].data: data file not found") == len(IDS)
     assert "Traceback" not in out and "During handling" not in out and len(_calls(suite_dir)) == 1
 
 
@@ -167,7 +168,7 @@ def test_fixture_shares_the_run_with_the_gate_items(suite_dir):
             assert run is evalkit_run("suite.yml")
     """))
     result = suite_dir.runpytest("-p", "no:randomly", "test_custom.py", "--evalkit", "suite.yml")
-    result.assert_outcomes(passed=6, failed=1)
+    result.assert_outcomes(passed=len(IDS), failed=1)
     assert len(_calls(suite_dir)) == 1
 
 
@@ -200,7 +201,7 @@ def test_a_check_that_ran_for_no_variant_fails_its_items(suite_dir):
                                   message="check 'merge_equivalence' did not run for variant '*'"))
     _can(suite_dir, results)
     result = suite_dir.runpytest("-p", "no:randomly", "--evalkit", "suite.yml")
-    result.assert_outcomes(passed=5, failed=1)
+    result.assert_outcomes(passed=len(IDS) - 1, failed=1)
     assert "check 'merge_equivalence' did not run for variant '*'" in result.stdout.str()
 
 
@@ -216,7 +217,7 @@ def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 def test_real_runner_on_a_tiny_suite(tiny_adapters, pytester, tiny_model_dir, monkeypatch):
     """`pytest --evalkit` against evalkit.runner.evaluate (a subprocess: the runner's imports stay out of
     this one): recorded gates pass or fail as the run says, and no_leakage fanned out to an adapter the
-    check could not run for (its index made with another normalization) fails instead of skipping."""
+    check could not run for (its index made with another normalization) is skipped with the reason."""
     root = pytester.path
     monkeypatch.setenv("EVALKIT_CACHE_DIR", str(root / "cache"))  # a fresh cache: the run really runs
     write_jsonl(root / "data.jsonl", EXTRACT_ROWS[:2])
@@ -230,13 +231,12 @@ def test_real_runner_on_a_tiny_suite(tiny_adapters, pytester, tiny_model_dir, mo
         "tasks": [{"name": "extract", "data": "data.jsonl", "scorers": ["rouge_l"], "max_new_tokens": 4}],
         "gates": [{"metric": "extract.rouge_l", "min": 0.0}, {"check": "no_leakage"}]})
     result = pytester.runpytest_subprocess("-p", "no:randomly", "--evalkit", "suite.yml", "--evalkit-out", "runs", "-v",
-                                           "-p", "no:cacheprovider")
+                                           "-rs", "-p", "no:cacheprovider")
     out = result.stdout.str()
-    result.assert_outcomes(passed=4, failed=2)
+    result.assert_outcomes(passed=4, failed=1, skipped=1)
     for line in ("suite.yml::tiny::extract.rouge_l[fresh] PASSED", "suite.yml::tiny::extract.rouge_l[stale] PASSED",
-                 "suite.yml::tiny::no_leakage[fresh] FAILED", "suite.yml::tiny::no_leakage[stale] FAILED",
-                 "1 eval case(s) also in the training data of 'fresh': extract/c0 (train c0)",
-                 "WARNING: leakage: the provenance of 'stale' has no training-data index made with normalization",
-                 "no_leakage[stale] FAILED: check 'no_leakage' did not run for variant 'stale'"):
+                 "suite.yml::tiny::no_leakage[fresh] FAILED", "suite.yml::tiny::no_leakage[stale] SKIPPED",
+                 "extract: 1 of 2 eval cases also in the training data of 'fresh': c0 (train c0)",
+                 "no_leakage[stale]: the provenance of 'stale' has no training-data index made with normalization"):
         assert line in out, out
     assert (root / "runs" / "suite" / "results.json").is_file()

@@ -150,7 +150,7 @@ def test_rows_become_prompt_completion_with_the_target_serialized():
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     assert to_trl_row(chat) == {"prompt": chat["messages"][:1], "completion": chat["messages"][1:]}
     assert to_trl_row({"prompt": "a", "completion": "b"}) == {"prompt": "a", "completion": "b"}
-    with pytest.raises(ConfigError, match="needs a 'target'"):
+    with pytest.raises(ConfigError, match="a training row needs its answer"):
         to_trl_row({"messages": [{"role": "user", "content": "hi"}]})
 
 
@@ -193,7 +193,9 @@ def test_each_recipe_trains_records_provenance_and_reuses(method, tiny_model_dir
     assert {"torch", "transformers", "peft", "trl", "bitsandbytes"} <= p["versions"].keys()
     assert p["steps"] == 2 and p["wall_time_s"] > 0 and p["tokens_per_s"] > 0 and p["peak_memory_mb"] > 0
     assert p["peak_memory_kind"] == "cpu_peak_rss"  # sampled over training, as a run samples generation
-    assert [c["step"] for c in p["log"]] == [1, 2] and all("loss" in c and "eval_loss" in c for c in p["log"])
+    # the held-out loss before training (step 0: training_health's baseline), then train and eval loss per step
+    assert [c["step"] for c in p["log"]] == [0, 1, 2] and "eval_loss" in p["log"][0]
+    assert all("loss" in c and "eval_loss" in c for c in p["log"][1:])
     assert p["leakage"][0]["overlap"] == 0
     # chat-template parity: the template saved with the adapter is the base's, and its hash is recorded
     saved = AutoTokenizer.from_pretrained(out)
@@ -329,8 +331,9 @@ def test_without_the_guard_the_trap_breaks_training(trap_recipe, trained_first, 
 
 
 def test_evalkit_run_trains_a_suite_variant_and_gates_on_leakage(tiny_model_dir, tmp_path, capsys):
-    """`train: RECIPE` in a suite: `evalkit run` trains the adapter, then reports (and gates on) an
-    eval case that slipped into the training data."""
+    """`train: RECIPE` in a suite: `evalkit run` trains the adapter, then reports (and gates on, by
+    default: the suite names no gate) an eval case that slipped into the training data, counted as
+    cases (1 of 3), not as case-row pairs."""
     import yaml
     from helpers import write_suite
 
@@ -345,11 +348,11 @@ def test_evalkit_run_trains_a_suite_variant_and_gates_on_leakage(tiny_model_dir,
     suite = write_suite(tmp_path / "suite.yml", {
         "name": "leaky", "base": {"path": str(tiny_model_dir)},
         "variants": [{"name": "base"}, {"name": "lora", "train": "recipe.yml"}],
-        "tasks": [{"name": "extract", "data": "eval.jsonl", "scorers": ["json_valid"], "max_new_tokens": 4}],
-        "gates": [{"check": "no_leakage"}]})
+        "tasks": [{"name": "extract", "data": "eval.jsonl", "scorers": ["json_valid"], "max_new_tokens": 4}]})
     code = main(["run", str(suite), "--out", str(tmp_path / "run"), "-q"])
     out = capsys.readouterr()
     assert code == 1, out.out + out.err
     assert "training lora (lora)" in out.err and (tmp_path / "adapter" / "evalkit_train.json").is_file()
-    assert f"WARNING: leakage: 1 eval case(s) also in the training data of 'lora': extract/{eval_rows[1]['id']}" in out.err
+    leaked = f"extract: 1 of 3 eval cases also in the training data of 'lora': {eval_rows[1]['id']}"
+    assert f"FAIL: no_leakage [lora]: {leaked}" in out.err
     assert "FAIL  no_leakage[lora]" in out.out

@@ -118,15 +118,15 @@ def test_validate_reads_the_training_rows(capsys, workdir):
     (workdir / "r.yml").write_text(RECIPE)
     write_jsonl(workdir / "train.jsonl", [*EXTRACT_ROWS[:2], {"prompt": "only a prompt"}])
     path = suite(workdir, variants=[{"name": "base"}, {"name": "lora", "train": "r.yml"}])
-    refused(capsys, path, "train.jsonl:3", "expected 'messages' (+ 'target') or 'prompt' + 'completion' strings")
+    refused(capsys, path, "train.jsonl:3", "a training row needs its answer: `target` or `completion`")
 
 
 @pytest.mark.parametrize("lines, where, message", [
     ([], "data.jsonl", "no cases: the file has no rows"),
     (["", "  "], "data.jsonl", "no cases: the file has no rows"),
     ([EXTRACT_ROWS[0], EXTRACT_ROWS[1], EXTRACT_ROWS[0]], "data.jsonl:3", "duplicate case id 'c0' (first at line 1)"),
-    ([{"id": "x", "prompt": "hi"}], "data.jsonl:1", "no `target`: scorer 'exact_match' compares each output"),
-    ([{"id": "x", "prompt": 5, "target": "a"}], "data.jsonl:1", "`prompt` must be a string"),
+    ([{"id": "x", "prompt": "hi"}], "data.jsonl:1", "no `target` (or `completion`): scorer 'exact_match' compares"),
+    ([{"id": "x", "prompt": 5, "target": "a"}], "data.jsonl:1", "`prompt` must be text"),
     ([{"id": "x", "messages": [{"role": "user"}], "target": "a"}], "data.jsonl:1", "`messages` must be a non-empty list"),
     ([{"id": ["x"], "prompt": "hi", "target": "a"}], "data.jsonl:1", "`id` must be a string or an integer"),
     ([EXTRACT_ROWS[0], "{not json"], "data.jsonl:2", "invalid JSON"),

@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, model
 
 from evalkit.errors import ConfigError, YamlPath, fmt_path, line_of
 from evalkit.models.base import BaseSpec
+from evalkit.rows import TEMPLATE_DOC, Template
 from evalkit.shape import Shape, error_parts, existing, invalid, resolved, shown
 
 
@@ -69,8 +70,13 @@ class TrainParams(Shape):
                                                                   "the tokenizer's, else eos)")
     padding_side: Literal["right", "left"] | None = Field(None, description="default: the tokenizer's")
     early_stopping: EarlyStopping | None = None
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = Field(None, ge=1, description="default: at every logging step")
+    logging_steps: int | None = Field(
+        None, ge=1, description="steps between train-loss logs (default: the run's total optimizer steps / 20, at "
+                                "least 1, so a short run logs enough points for training_health); step 1 is "
+                                "always logged")
+    eval_steps: int | None = Field(
+        None, ge=1, description="steps between held-out evaluations (default: total steps / 4, at least 1: 4-5 "
+                                "per run, each a forward over the held-out rows)")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     optim: str = Field("auto", min_length=1, description="auto: paged_adamw_8bit for QLoRA on CUDA, adamw_torch "
@@ -81,7 +87,9 @@ class TrainParams(Shape):
 
 
 class DataParams(Shape):
-    train: RecipeFile = Field(description="jsonl: suite rows (messages + target) or prompt/completion rows")
+    train: RecipeFile = Field(description="jsonl: the rows evaluation reads (messages or prompt, plus target or "
+                                          "completion: see evalkit.rows)")
+    template: Template = Field("auto", description=TEMPLATE_DOC)
     eval_fraction: float = Field(0.1, ge=0, le=0.9, description="held-out split of the train file (never the test "
                                                                 "file)")
     check_against: Annotated[tuple[RecipeFile, ...], BeforeValidator(_one_or_many), Field(strict=False)] = Field(

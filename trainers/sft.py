@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import re
 import shutil
@@ -39,7 +40,7 @@ from trainers.provenance import (
     stale_reason,
     write_provenance,
 )
-from trainers.recipe import Recipe, load_recipe
+from trainers.recipe import Recipe, TrainParams, load_recipe
 
 Log = Callable[[str], Any]
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "evalkit_train.json")
@@ -70,7 +71,7 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
         return TrainResult(out, True, old)
     log(f"training {recipe.name} ({recipe.method}) into {out}: {'forced' if force else stale_reason(old, parts)}")
 
-    rows = load_training_rows(recipe.data.train)
+    rows = load_training_rows(recipe.data.train, recipe.data.template)
     leakage = check_leakage(recipe, rows, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(out)
@@ -195,12 +196,42 @@ def resolve_settings(recipe: Recipe, device: str) -> dict[str, Any]:
     }
 
 
+LOG_POINTS = 20  # train-loss points a run logs by default: enough for training_health to see a trend
+EVAL_POINTS = 4  # held-out evaluations a run makes by default (each a forward over the held-out rows)
+
+
+def total_steps(t: TrainParams, train_rows: int) -> int:
+    """The optimizer steps a run will take: max_steps, else epochs x batches per epoch."""
+    if t.max_steps:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * math.ceil(train_rows / (t.batch_size * t.grad_accum))))
+
+
+def step_schedule(t: TrainParams, train_rows: int) -> dict[str, int]:
+    """Total steps and the logging / eval intervals: the recipe's when given, else scaled to the
+    run's length, so a 10-step run logs every step instead of at steps 1 and 10 only."""
+    total = total_steps(t, train_rows)
+    return {"total_steps": total, "logging_steps": t.logging_steps or max(1, total // LOG_POINTS),
+            "eval_steps": t.eval_steps or max(1, total // EVAL_POINTS)}
+
+
 def guard_4bit_for_training(model) -> int:
     """Make a 4-bit base safe to train on CPU whatever ran before: turn off the AVX512-BF16 repack
     (see `disable_cpu_bf16_repack`) and undo it on layers an earlier no-grad forward already
     repacked, whose gradients would otherwise be silently wrong. Returns how many were undone."""
     disable_cpu_bf16_repack(model)
     return sum(undo_cpu_bf16_repack(module) for module in model.modules())
+
+
+def _warn_raw_prompts(recipe: Recipe, rows: list[dict[str, Any]], tok, log: Log) -> None:
+    """`prompt` text trained raw on a base that has a chat template: likely a chat model fed the
+    wrong format, which nothing else would say (evaluation warns the same way)."""
+    if recipe.data.template == "auto" and isinstance(rows[0]["prompt"], str) and getattr(tok, "chat_template", None):
+        warning = recipe.error(("data", "train"), "the rows are `prompt` text, trained raw, but the base has a chat "
+                                                  "template: an instruct model learns from chats",
+                               hint="give the rows as `messages`, or set `data.template: chat` to train each prompt "
+                                    "as a user turn (`data.template: none` says raw text is meant)")
+        log(f"WARNING: {warning}")
 
 
 def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, Any]], out_dir: Path, *,
@@ -219,7 +250,9 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
     model, tok = _model_for_training(recipe, resolved, rows, settings, model, libs.peft, log)
     check_target_modules(recipe, model)
     _pad_as_recipe(tok, recipe)
+    _warn_raw_prompts(recipe, rows, tok, log)
     train_rows, eval_rows = split_rows(rows, recipe.data.eval_fraction, recipe.seed)
+    settings |= step_schedule(recipe.training, len(train_rows))
     stopping = recipe.training.early_stopping
     try:
         trainer = _sft_trainer(libs, model, tok, _sft_config(libs.trl, recipe, settings, out_dir, bool(eval_rows), tok),
@@ -378,7 +411,7 @@ def _sft_config(trl, recipe: Recipe, settings: dict[str, Any], out_dir: Path, ha
     Early stopping saves a checkpoint at every evaluation (weights only) to load the best at the end."""
     t = recipe.training
     stopping = t.early_stopping
-    saving = ({"save_strategy": "steps", "save_steps": t.eval_steps or t.logging_steps, "save_only_model": True,
+    saving = ({"save_strategy": "steps", "save_steps": settings["eval_steps"], "save_only_model": True,
                "load_best_model_at_end": True, "metric_for_best_model": stopping.metric,
                "greater_is_better": stopping.metric != "eval_loss"} if stopping is not None
               else {"save_strategy": "no"})
@@ -394,8 +427,9 @@ def _sft_config(trl, recipe: Recipe, settings: dict[str, Any], out_dir: Path, ha
             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim=settings["optim"],
             bf16=settings["precision"] == "bf16", fp16=settings["precision"] == "fp16",
             **{checkpointing_arg(trl.SFTConfig): settings["gradient_checkpointing"]},
-            logging_steps=t.logging_steps, logging_first_step=True,
-            eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps or t.logging_steps,
+            logging_steps=settings["logging_steps"], logging_first_step=True,
+            eval_strategy="steps" if has_eval else "no", eval_steps=settings["eval_steps"],
+            eval_on_start=has_eval,  # the base's held-out loss (step 0): what training_health measures learning by
             max_length=t.max_length, completion_only_loss=t.completion_only_loss)
     except ValueError as e:  # e.g. an unknown optim or scheduler name
         raise recipe.error(("training",), str(e).splitlines()[0]) from None

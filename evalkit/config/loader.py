@@ -1,11 +1,12 @@
 """YAML suite -> typed Suite. Every user mistake becomes `FILE:LINE PATH: message` (exit 4).
 
-yaml.safe_load gives the data; yaml.compose (same safe loader) gives the node tree, from which
+`Loader` (PyYAML's safe loader, numbers read as YAML 1.2 does) gives the data and the node tree, from which
 we map each YAML path to its line. The shapes in `evalkit.config.suite` check everything else
 (types, unknown keys, files, names); their errors are located with the line map.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,20 @@ from evalkit.config.suite import Suite
 from evalkit.errors import ConfigError, YamlPath, fmt_path, line_of
 from evalkit.fileio import read_text
 from evalkit.shape import parse
+
+
+class Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and JSON) do: `2e-4` and `1E3`, which YAML 1.1
+    reads as text for want of a dot, are floats (how the guides, trl and transformers write a
+    learning rate)."""
+
+
+_EXPONENT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
+for _first in "-+0123456789":
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT, [_first])
+    # add_implicit_resolver appends: this form must be tried before the int and timestamp forms
+    _resolvers = Loader.yaml_implicit_resolvers[_first]
+    _resolvers.insert(0, _resolvers.pop())
 
 # A YAML file expands to at most this many nodes (aliases repeat nodes: `&a [*a]` recurses, and
 # nested aliases multiply, a "billion laughs"): far above any suite, far below a hang.
@@ -54,13 +69,13 @@ def _line_map(node: yaml.Node, file: Path) -> dict[YamlPath, int]:
 
 
 def read_yaml(file: Path, what: str = "file") -> tuple[Any, dict[YamlPath, int]]:
-    """safe_load + line map; a YAML syntax error names the file, line and column, and so do the
+    """The data (safe loader) + line map; a YAML syntax error names the file, line and column, and so do the
     values PyYAML cannot build (nesting deeper than Python's recursion limit, an integer of more
     than 4300 digits)."""
     text = read_text(file, what)
     try:
-        data = yaml.safe_load(text)  # first: it refuses what the line map could not walk (a list as a key)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader). First: it refuses what the line map cannot walk
+        node = yaml.compose(text, Loader=Loader)
         lines = _line_map(node, file) if node is not None else {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)

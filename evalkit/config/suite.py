@@ -30,6 +30,7 @@ from evalkit.endpoint import EndpointSettings
 from evalkit.errors import ConfigError, ModelError, YamlPath, did_you_mean, fmt_path, line_of, located
 from evalkit.judge.client import JudgeConfig
 from evalkit.models.base import BaseSpec
+from evalkit.rows import TEMPLATE_DOC, Template
 from evalkit.shape import Shape, existing, invalid, resolve, resolved
 from evalkit.types import Scorer, stable_hash
 
@@ -253,7 +254,7 @@ class Task(Located):
 
 
 # task keys that choose cases, or say how they are run and compared, not what a case scores
-NOT_SETTINGS = frozenset({"name", "description", "data", "limit", "batch_size", "invalid", "detect_drop", "seed",
+NOT_SETTINGS = frozenset({"name", "description", "data", "template", "limit", "batch_size", "invalid", "detect_drop", "seed",
                           "confidence", "power", "discordance", "per_subject", "subjects", "source"})
 
 
@@ -288,7 +289,8 @@ class CasesTask(Task):
     """Kinds that generate an answer per case of a jsonl file."""
 
     data: Annotated[Path, existing("data file")] = Field(
-        description="jsonl: rows with messages or prompt, plus target")
+        description="jsonl: rows with messages or prompt, plus target or completion (see evalkit.rows)")
+    template: Template = Field("auto", description=TEMPLATE_DOC)
     scorers: tuple[ScorerEntry, ...] = Field((), strict=False)
     max_new_tokens: int = Field(64, ge=1)
     stop: tuple[Annotated[str, Field(min_length=1)], ...] = Field((), strict=False)
@@ -484,10 +486,13 @@ AnyTask = Annotated[Annotated[GenerateTask, Tag("generate")] | Annotated[MmluTas
 STOPS_MAX_INCREASE = 10.0
 HEALTH_MAX_EVAL_RISE = 0.05
 HEALTH_MAX_GAP = 1.0
+HEALTH_MIN_LOSS_DROP = 0.1  # bench/bench_checks.py: the demo adapters' held-out loss falls 59-85%, at lr 1e-7 0%
+LENGTH_MAX_SHIFT = 0.25  # the demo's prompts: same distribution 1%, a few tokens longer 7%, padded 205%
 CHECK_OPTIONS = {"max_abs_logit_diff": ("merge_equivalence",), "max_abs_logprob_diff": ("backend_parity",),
                  "min_top1_agreement": ("merge_equivalence", "backend_parity"),
                  "max_increase": ("stops_generating",), "max_eval_rise": ("training_health",),
-                 "max_gap": ("training_health",), "max_distance": ("length_match",)}
+                 "max_gap": ("training_health",), "min_loss_drop": ("training_health",),
+                 "max_distance": ("length_match",), "max_shift": ("length_match",)}
 
 
 class Gate(Located):
@@ -516,12 +521,33 @@ class Gate(Located):
                                 f"fraction of it (default {HEALTH_MAX_EVAL_RISE:g})")
     max_gap: float | None = Field(None, ge=0, description="training_health: largest final eval loss minus train "
                                                           f"loss, nats per token (default {HEALTH_MAX_GAP:g})")
+    min_loss_drop: float | None = Field(
+        None, ge=0, le=1, description="training_health: least fall of the loss as a fraction of where it started: "
+                                "the held-out loss before training vs the last evaluation, else the first logged "
+                                "train loss vs the mean of the last three (default "
+                                f"{HEALTH_MIN_LOSS_DROP:g}: a run that fell less learned little; 0: fails only when "
+                                "it rose)")
     max_distance: float | None = Field(
         None, ge=0, le=1, description="length_match: a significant difference fails only when the "
                                       "Kolmogorov-Smirnov distance also exceeds this (default 0: any)")
+    max_shift: float | None = Field(
+        None, ge=0, description="length_match: a significant difference fails only when the length quantiles "
+                                "(p10, p50, p90) also moved by more than this fraction, the larger side over the "
+                                f"smaller (default {LENGTH_MAX_SHIFT:g}: one side 25% longer)")
     name: str | None = Field(None, description="the gate's id in reports, JUnit and pytest")
 
     _id: str | None = PrivateAttr(None)  # the label made unique within the suite (`#2`)
+    _implicit: bool = PrivateAttr(False)  # on by default, not written: it gates only what its check could check
+
+    @classmethod
+    def implicit(cls, check: str) -> Gate:
+        gate = cls.model_validate({"check": check})
+        gate._implicit = True
+        return gate
+
+    @property
+    def is_implicit(self) -> bool:
+        return self._implicit
 
     @model_validator(mode="after")
     def _one_test(self) -> Gate:
@@ -622,9 +648,12 @@ class Suite(Shape):
         for g in gates:
             self._gates_something(g, names)
         bases = {v.is_base for v in self.variants}
-        if (not any(g.check == "stops_generating" for g in gates) and bases == {True, False}
-                and any(isinstance(t, CasesTask) for t in self.tasks)):
-            gates.append(Gate(check="stops_generating"))  # on by default: a runaway adapter scores quietly
+        if any(isinstance(t, CasesTask) for t in self.tasks) and False in bases:
+            # on by default: a runaway adapter and a test set it was trained on both score quietly
+            if not any(g.check == "stops_generating" for g in gates) and True in bases:
+                gates.append(Gate.implicit("stops_generating"))
+            if not any(g.check == "no_leakage" for g in gates):
+                gates.append(Gate.implicit("no_leakage"))
         object.__setattr__(self, "reference", reference)
         object.__setattr__(self, "gates", _unique_ids(gates))
         return self

@@ -1,4 +1,5 @@
-"""Generation tasks: jsonl rows (messages or prompt, plus target) -> batched greedy outputs -> scorers."""
+"""Generation tasks: jsonl rows (`evalkit.rows`: messages or prompt, plus target or completion) -> batched
+greedy outputs -> scorers."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,8 @@ from typing import TYPE_CHECKING
 from evalkit.config.suite import CasesTask, GenerateTask
 from evalkit.errors import ConfigError
 from evalkit.fileio import iter_jsonl
+from evalkit.record import Rendering
+from evalkit.rows import Template, parse_row
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.types import Case, Output, Score
 
@@ -14,36 +17,26 @@ if TYPE_CHECKING:
     from evalkit.context import RunContext
 
 
-def load_cases(path: Path, limit: int | None = None, *, need_target: str | None = None) -> list[Case]:
-    """Read a jsonl dataset; a bad row is reported as FILE:LINE with what is wrong. `need_target`:
-    the scorer that compares with each case's target (a row without one is an error)."""
+def load_cases(path: Path, limit: int | None = None, *, need_target: str | None = None,
+               template: Template = "auto") -> list[Case]:
+    """Read a jsonl dataset of rows (`evalkit.rows`); a bad row is reported as FILE:LINE with what is
+    wrong. `need_target`: the scorer that compares with each case's answer (a row without one is an error)."""
     path = Path(path)
     cases: list[Case] = []
     seen: dict[str, int] = {}  # case id -> its line
-    for lineno, row in iter_jsonl(path):
-        if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
-            raise ConfigError("each row needs `messages` (a chat) or `prompt`", file=path, line=lineno)
-        messages, prompt = row.get("messages"), row.get("prompt")
-        if messages is not None and not (isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
-            raise ConfigError("`messages` must be a non-empty list of {role, content} with string values",
-                              file=path, line=lineno)
-        if messages is None and not isinstance(prompt, str):
-            raise ConfigError(f"`prompt` must be a string, not {type(prompt).__name__}", file=path, line=lineno)
-        if need_target and row.get("target") is None:
-            raise ConfigError(f"no `target`: scorer '{need_target}' compares each output with its case's target",
-                              file=path, line=lineno)
-        case_id = row.get("id", f"{path.stem}:{lineno}")
-        if isinstance(case_id, bool) or not isinstance(case_id, str | int):
-            raise ConfigError(f"`id` must be a string or an integer, not {case_id!r}", file=path, line=lineno)
-        case_id = str(case_id)
+    for lineno, raw in iter_jsonl(path):
+        try:
+            row = parse_row(raw, template)
+        except ConfigError as e:
+            raise ConfigError(e.message, file=path, line=lineno, hint=e.hint) from None
+        if need_target and row.answer is None:
+            raise ConfigError(f"no `target` (or `completion`): scorer '{need_target}' compares each output with "
+                              "its case's answer", file=path, line=lineno)
+        case_id = row.id or f"{path.stem}:{lineno}"
         if case_id in seen:
             raise ConfigError(f"duplicate case id '{case_id}' (first at line {seen[case_id]})", file=path, line=lineno)
         seen[case_id] = lineno
-        meta = {k: v for k, v in row.items() if k not in ("id", "messages", "prompt", "target")}
-        cases.append(Case(id=case_id, messages=tuple(messages) if messages else None,
-                          prompt=prompt if messages is None else None, target=row.get("target"), meta=meta))
+        cases.append(Case(id=case_id, messages=row.messages, prompt=row.prompt, target=row.answer, meta=row.meta))
         if limit is not None and len(cases) >= limit:
             break
     if not cases:
@@ -53,7 +46,14 @@ def load_cases(path: Path, limit: int | None = None, *, need_target: str | None 
 
 def task_cases(task: CasesTask, *, limit: int | None = -1) -> list[Case]:
     """A task's cases as the run scores them (the task's `limit` unless another is given)."""
-    return load_cases(task.data, task.limit if limit == -1 else limit, need_target=task.target_scorer)
+    return load_cases(task.data, task.limit if limit == -1 else limit, need_target=task.target_scorer,
+                      template=task.template)
+
+
+def rendering(cases: list[Case]) -> Rendering:
+    """How a task's prompts reach the model, as the record says: `chat_template`, `raw` or `mixed`."""
+    chats = sum(c.messages is not None for c in cases)
+    return "chat_template" if chats == len(cases) else "raw" if chats == 0 else "mixed"
 
 
 def run(ctx: RunContext, task: GenerateTask) -> TaskResult:
