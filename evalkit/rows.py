@@ -33,6 +33,13 @@ SHAPE = ("each row needs `messages` (a chat) or `prompt` (text), and for trainin
          "`target` or `completion`")
 
 
+def raw_prompt_hint(key: str) -> str:
+    """The fix for `prompt` text sent raw to a base with a chat template (`key`: where `template` is
+    written, the task's or the recipe's `data.template`)."""
+    return (f"give the rows as `messages`, or set `{key}: chat` to send each prompt as one user turn through "
+            f"the chat template (`{key}: none` says raw text is meant)")
+
+
 @dataclass(frozen=True)
 class Row:
     """A row's input (a chat or raw text), its answer (None: it has none), its id and other keys."""

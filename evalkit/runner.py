@@ -216,6 +216,7 @@ def _renderings(suite: Suite, tokenizer: Any, log: Log) -> dict[str, Rendering]:
     """How each task's cases reach the model (the record says it). `prompt` text sent raw to a base
     that has a chat template is warned about: an instruct model answers raw text poorly, and
     nothing else would say so."""
+    from evalkit.rows import raw_prompt_hint
     from evalkit.tasks.generation import rendering, task_cases
 
     out = {}
@@ -229,8 +230,7 @@ def _renderings(suite: Suite, tokenizer: Any, log: Log) -> dict[str, Rendering]:
             warning = suite.error(
                 ("tasks", task._index, "data"), f"{raw} of {len(cases)} cases are `prompt` text, sent raw, but the base has a "
                                     "chat template: an instruct model answers raw text poorly",
-                hint="give the rows as `messages`, or set `template: chat` on the task to send each prompt as a "
-                     "user turn (`template: none` says raw text is meant)")
+                hint=raw_prompt_hint("template"))
             log(f"WARNING: {warning}")
     return out
 

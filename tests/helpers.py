@@ -26,6 +26,19 @@ def make_adapter(base_dir: Path, out: Path, *, seed: int = 0, zero_b: bool = Fal
     return out
 
 
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    """`evalkit ARGV` in process: the exit code and everything it printed, which never holds a
+    traceback nor comes with exit 3 (an internal error)."""
+    from evalkit.cli import main
+    from evalkit.errors import ExitCode
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "Traceback" not in text and code != ExitCode.INTERNAL_ERROR, text
+    return code, text
+
+
 def write_suite(path: Path, suite: dict) -> Path:
     path.write_text(yaml.safe_dump(suite, sort_keys=False))
     return path

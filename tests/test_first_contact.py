@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import write_jsonl
+from helpers import cli, write_jsonl
 
-from evalkit.cli import main
 from evalkit.errors import ExitCode
 from evalkit.rows import parse_row
 from trainers.data import load_training_rows
@@ -26,14 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # a sentiment task as a newcomer writes it: prompt text and a label
 ROWS = [{"id": f"r{i}", "prompt": f"Review: {'great, loved it' if i % 2 else 'awful, hated it'} ({i}). Sentiment?",
          "target": "positive" if i % 2 else "negative"} for i in range(8)]
-
-
-def cli(capsys, *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    out = capsys.readouterr()
-    text = out.out + out.err
-    assert "Traceback" not in text and code != ExitCode.INTERNAL_ERROR, text
-    return code, text
 
 
 def test_numbers_as_the_guides_write_them(capsys, tmp_path, tiny_model_dir):
@@ -140,7 +131,7 @@ def test_prompt_rows_and_the_chat_template(capsys, tmp_path, tiny_model_dir, tem
                "template")
     assert (warning in text) == warned, text
     if warned:
-        assert "set `template: chat` on the task" in text
+        assert "set `template: chat` to send each prompt as one user turn" in text
     assert record["tasks"][0]["rendering"] == rendering
     sample = json.loads((tmp_path / "run" / "samples.jsonl").read_text().splitlines()[0])
     assert sample["prompt"].startswith("<|im_start|>") == (rendering == "chat_template")

@@ -9,21 +9,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import EXTRACT_ROWS, write_jsonl
+from helpers import EXTRACT_ROWS, cli, write_jsonl
 
 from evalkit.cli import main, verdict_line
 from evalkit.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "method: lora\nbase: {path: ./model}\ndata: {train: train.jsonl}\noutput: out\n"
-
-
-def cli(capsys, *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    out = capsys.readouterr()
-    text = out.out + out.err
-    assert "Traceback" not in text and code != ExitCode.INTERNAL_ERROR, text
-    return code, text
 
 
 @pytest.fixture

@@ -226,11 +226,12 @@ def guard_4bit_for_training(model) -> int:
 def _warn_raw_prompts(recipe: Recipe, rows: list[dict[str, Any]], tok, log: Log) -> None:
     """`prompt` text trained raw on a base that has a chat template: likely a chat model fed the
     wrong format, which nothing else would say (evaluation warns the same way)."""
+    from evalkit.rows import raw_prompt_hint
+
     if recipe.data.template == "auto" and isinstance(rows[0]["prompt"], str) and getattr(tok, "chat_template", None):
         warning = recipe.error(("data", "train"), "the rows are `prompt` text, trained raw, but the base has a chat "
                                                   "template: an instruct model learns from chats",
-                               hint="give the rows as `messages`, or set `data.template: chat` to train each prompt "
-                                    "as a user turn (`data.template: none` says raw text is meant)")
+                               hint=raw_prompt_hint("data.template"))
         log(f"WARNING: {warning}")
 
 

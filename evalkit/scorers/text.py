@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 from evalkit.errors import ConfigError
+from evalkit.rows import answer_text
 from evalkit.scorers import register
 from evalkit.scorers.structured import clip, parse_json_output
 from evalkit.types import Case, Output, Score
@@ -22,15 +23,12 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def _as_text(target: Any) -> str | None:
-    """The target as a string: containers as JSON (not Python repr), other scalars via str()."""
-    if target is None or isinstance(target, str):
-        return target
-    if isinstance(target, (dict, list)):
-        return jsonlib.dumps(target, ensure_ascii=False)
-    return str(target)
+    """The target as the text a model is trained to write (`evalkit.rows.answer_text`: anything but
+    text as its JSON, so a boolean target is `true` in both places)."""
+    return None if target is None else answer_text(target)
 
 
-def _remove_punctuation(text: str) -> str:
+def strip_punctuation(text: str) -> str:
     """ASCII punctuation and symbols (as SQuAD's string.punctuation) plus Unicode punctuation."""
     return "".join(ch for ch in text
                    if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
@@ -39,7 +37,7 @@ def _remove_punctuation(text: str) -> str:
 def _normalize(text: str, *, ignore_case: bool, strip: bool, normalize_whitespace: bool,
                remove_punctuation: bool) -> str:
     if remove_punctuation:
-        text = _remove_punctuation(text)
+        text = strip_punctuation(text)
     if ignore_case:
         text = text.casefold()
     if normalize_whitespace:
@@ -150,7 +148,7 @@ def regex(case: Case, output: Output, *, pattern: str, fullmatch: bool = False) 
 
 def _squad_tokens(text: str) -> list[str]:
     """SQuAD answer normalization: lowercase, drop punctuation and articles, split on whitespace."""
-    return _ARTICLES.sub(" ", _remove_punctuation(text.lower())).split()
+    return _ARTICLES.sub(" ", strip_punctuation(text.lower())).split()
 
 
 def _f_measure(overlap: int, n_pred: int, n_gold: int) -> Score:
