@@ -106,6 +106,15 @@ def test_validate_reads_the_recipes_a_suite_trains_from(capsys, workdir, recipe,
     assert "hint: from s.yml:5 variants[1].train" in text  # the suite's line that led there
 
 
+def test_a_recipe_key_that_is_not_a_name_is_refused_in_an_extended_recipe(capsys, workdir):
+    """Found by the fuzzer: `3:` (a YAML int) at the top of a recipe another one extends crashed the
+    merge of the two; it is refused at its line like any unknown key."""
+    (workdir / "base.yml").write_text(RECIPE + "3: {variant: x}\n")
+    (workdir / "r.yml").write_text("extends: base.yml\n")
+    path = suite(workdir, variants=[{"name": "base"}, {"name": "lora", "train": "r.yml"}])
+    refused(capsys, path, "base.yml:5 3", "a recipe's keys are field names, not 3")
+
+
 def test_validate_reads_the_training_rows(capsys, workdir):
     (workdir / "r.yml").write_text(RECIPE)
     write_jsonl(workdir / "train.jsonl", [*EXTRACT_ROWS[:2], {"prompt": "only a prompt"}])

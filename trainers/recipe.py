@@ -228,6 +228,10 @@ def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], Origins]
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError("a recipe must be a mapping", file=path, line=line_of(lines, ()))
+    for key in raw:  # `3:` is a YAML int: no field has such a name, and `extends:` merges by name
+        if not isinstance(key, str):
+            raise ConfigError(f"a recipe's keys are field names, not {shown(key, 40)}", file=path,
+                              line=line_of(lines, (str(key),)), path=str(key))
     origins = {key: (path, line) for key, line in lines.items()}
     if "extends" not in raw:
         return raw, origins
