@@ -462,6 +462,8 @@ def init(data: Path, *, test: Path | None = None, base: str | None = None, folde
     if inputs & {p.resolve() for p in outputs}:
         raise ConfigError(f"init would overwrite its input {(inputs & {p.resolve() for p in outputs}).pop()}",
                           hint="give another --dir" + (", or the test file with --test" if test is None else ""))
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--dir {folder}: not a folder", hint="give a folder to write into (made when missing)")
     existing = [p for p in outputs if p.exists()]
     if existing and not force:
         raise ConfigError(f"would overwrite {', '.join(str(p) for p in existing)}",
@@ -515,17 +517,24 @@ def init(data: Path, *, test: Path | None = None, base: str | None = None, folde
     import trainers
     from evalkit import config
 
-    atomic_write(suite_path, suite_text(plan, _schema_line(Path(config.__file__).parent / "suite.schema.json", folder)))
+    _write(suite_path, suite_text(plan, _schema_line(Path(config.__file__).parent / "suite.schema.json", folder)))
     result.written.append((suite_path, f"the suite: base vs lora on task {name}"))
-    atomic_write(recipe_path, recipe_text(plan, _schema_line(Path(trainers.__file__).parent / "recipe.schema.json",
+    _write(recipe_path, recipe_text(plan, _schema_line(Path(trainers.__file__).parent / "recipe.schema.json",
                                                                folder)))
     result.written.append((recipe_path, f"the LoRA recipe ({f'{steps} steps, capped' if capped else f'{steps} steps'})"))
     if test is None:
-        atomic_write(train_out, b"".join(r.text + b"\n" for r in train_rows))
-        atomic_write(test_out, b"".join(r.text + b"\n" for r in held))
+        _write(train_out, b"".join(r.text + b"\n" for r in train_rows))
+        _write(test_out, b"".join(r.text + b"\n" for r in held))
         result.written += [(train_out, f"{len(train_rows)} training rows"), (test_out, f"{len(held)} test rows")]
     result.checked = _validate(suite_path)
     return result
+
+
+def _write(path: Path, content: str | bytes) -> None:
+    try:
+        atomic_write(path, content)
+    except OSError as e:  # a read-only folder, a file where a folder goes
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _detected(p: Plan, data: Path, test: Path | None, n_rows: int, chat_template: bool, spec: BaseSpec) -> list[str]:

@@ -142,6 +142,14 @@ def test_init_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert code == 4 and "would overwrite its input" in err
 
 
+def test_a_dir_that_is_a_file_is_refused_not_a_traceback(tmp_path, capsys, tiny_model_dir):
+    data = write_jsonl(tmp_path / "rows.jsonl", sentiment_rows(12))
+    code, _, err = run_cli(capsys, "init", "--data", str(data), "--dir", str(data))
+    assert code == 4 and f"--dir {data}: not a folder" in err
+    code, _, err = run_cli(capsys, "init", "--data", str(data), "--dir", str(data / "x"), "--base", str(tiny_model_dir))
+    assert code == 4 and f"cannot write {data / 'x'}" in err and "Traceback" not in err
+
+
 def test_a_base_that_cannot_be_read_is_refused_before_anything_is_written(tmp_path, capsys):
     data = write_jsonl(tmp_path / "rows.jsonl", sentiment_rows(12))
     code, _, err = run_cli(capsys, "init", "--data", str(data), "--base", "./no-such-model", "--dir", str(tmp_path / "a"))
