@@ -258,6 +258,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     import shlex
 
     from evalkit.init import init
+    from evalkit.preflight import shown_path
 
     given = [("--data", args.data), ("--test", args.test), ("--base", args.base)]
     command = shlex.join(["evalkit", "init", *(x for flag, value in given if value for x in (flag, value))])
@@ -266,19 +267,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     for line in result.detected:
         print(f"detected {line}")
     for path, what in result.written:
-        print(f"wrote {_shown(path)}: {what}")
-    print(f"validated {_shown(result.suite)}: ok")
+        print(f"wrote {shown_path(path)}: {what}")
+    print(f"validated {shown_path(result.suite)}: ok")
     for line in result.checked:
         print(f"  checked {line}")
-    suite = _shown(result.suite)
+    suite = shown_path(result.suite)
     print(f"next:\n  evalkit validate {suite}\n  evalkit run {suite}")
     return 0
-
-
-def _shown(path: Path) -> str:
-    """A path as the user would type it from here."""
-    path = path.resolve()
-    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ def check_inputs(suite: Suite, *, baseline: bool = True) -> list[str]:
     return checked
 
 
-def _rel(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """A path as the user would type it from here."""
     path = path.resolve()
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
@@ -47,8 +47,8 @@ def _recipe(path: Path) -> str:
 
     recipe = load_recipe(path)
     rows = load_training_rows(recipe.data.train, recipe.data.template)
-    against = [f"{len(load_cases(p))} cases in {_rel(p)}" for p in recipe.data.check_against]
-    return (f"recipe {_rel(path)} ({recipe.method}): {len(rows)} training rows in {_rel(recipe.data.train)}"
+    against = [f"{len(load_cases(p))} cases in {shown_path(p)}" for p in recipe.data.check_against]
+    return (f"recipe {shown_path(path)} ({recipe.method}): {len(rows)} training rows in {shown_path(recipe.data.train)}"
             + (f"; leakage checked against {', '.join(against)}" if against else "")
             + (RAW_NOTE if recipe.data.template == "auto" and isinstance(rows[0]["prompt"], str) else ""))
 
@@ -59,27 +59,27 @@ def _task(suite: Suite, task: Task) -> list[str]:
         from evalkit.tasks.generation import task_cases
 
         cases = task_cases(task, limit=None)  # every row: a broken one past `limit` is still a mistake
-        out.append(f"task {task.name}: {len(cases)} cases in {_rel(task.data)}"
+        out.append(f"task {task.name}: {len(cases)} cases in {shown_path(task.data)}"
                    + (f" (target checked for {task.target_scorer})" if task.target_scorer else "")
                    + (RAW_NOTE if task.template == "auto" and any(c.messages is None for c in cases) else ""))
         for spec in task.scorers:  # their files were read and checked as the suite loaded
             files = scorers.get(spec.name).path_params
-            out += [f"task {task.name}: {spec.name} file {_rel(suite.dir / v)} (read and checked)"
+            out += [f"task {task.name}: {spec.name} file {shown_path(suite.dir / v)} (read and checked)"
                     for k, v in spec.params.items() if k in files and isinstance(v, str)]
     if isinstance(task, JudgeTask):
         from evalkit.tasks.judge import prepare
 
         jt = prepare(task)
         if task.rubric is not None:
-            out.append(f"task {task.name}: rubric {_rel(task.rubric)} ({len(jt.rubric.split())} words)")
+            out.append(f"task {task.name}: rubric {shown_path(task.rubric)} ({len(jt.rubric.split())} words)")
         if task.anchors is not None:
-            out.append(f"task {task.name}: {len(jt.anchors)} anchors in {_rel(task.anchors)}")
+            out.append(f"task {task.name}: {len(jt.anchors)} anchors in {shown_path(task.anchors)}")
         out.append(f"task {task.name}: judge endpoint {task.judge.base_url} not contacted (a run asks it first)")
     elif isinstance(task, DriftTask):
         from evalkit.tasks.drift import passages
 
         got, source = passages(task, suite.seed)
-        out.append(f"task {task.name}: {len(got)} passages from {_rel(task.data) if task.data else source.split(' (')[0]}")
+        out.append(f"task {task.name}: {len(got)} passages from {shown_path(task.data) if task.data else source.split(' (')[0]}")
     elif isinstance(task, MmluTask) and task.source != "hub":  # the hub needs a network: checked when it runs
         from evalkit.tasks.mmlu import plan
 
@@ -98,9 +98,9 @@ def _baseline(suite: Suite) -> str:
     assert suite.baseline is not None  # a suite with a baseline
     store = suite.baseline.store
     if not store.exists():
-        return f"baseline store {_rel(store)}: not there yet (the run reads it when it starts)"
+        return f"baseline store {shown_path(store)}: not there yet (the run reads it when it starts)"
     with suite.locating(("baseline",)):
         b = Baseline.open(suite, lambda _: None)
     assert b is not None  # a suite with a baseline
-    return (f"baseline store {_rel(store)}: bundle {b.bundle.promotion.bundle} verified against its "
+    return (f"baseline store {shown_path(store)}: bundle {b.bundle.promotion.bundle} verified against its "
             "manifest, task settings compared")
