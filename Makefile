@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo judge-demo lint test fuzz browser vllm promptfoo bench schema clean
+.PHONY: setup demo judge-demo lint test fuzz browser vllm promptfoo bench goldens schema clean
 
 setup: $(VENV)/.installed
 
@@ -66,10 +66,12 @@ $(PROMPTFOO_DIR)/.installed-$(PROMPTFOO_VERSION):
 	rm -rf $(PROMPTFOO_DIR) && mkdir -p $(PROMPTFOO_DIR) && cd $(PROMPTFOO_DIR) && echo '{"private": true}' > package.json && \
 	npm install --no-audit --no-fund --loglevel=error --save-exact promptfoo@$(PROMPTFOO_VERSION) && touch $(@F)
 
-# Lint before the tests: CI runs `make lint test`.
+# Lint before the tests: CI runs `make lint test`. lint-imports checks the import floors in pyproject.toml
+# ([tool.importlinter]: layers, no cycle); uncached, as the graph takes a fraction of a second to build.
 lint: setup
 	$(BIN)/ruff check evalkit trainers tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # Tests run in a random order (pytest-randomly); the seed is printed, and `SEED=N make test` replays it.
 test: setup browser vllm promptfoo
@@ -89,8 +91,16 @@ bench: setup
 	$(BIN)/python bench/bench_drift.py
 	$(BIN)/python bench/bench_verdicts.py
 	$(BIN)/python bench/bench_serve.py
+	$(BIN)/python bench/bench_decoder.py
 
-# results.schema.json is generated from evalkit/record.py (a test fails when it is stale).
+# The decode goldens (tests/goldens.py): the demo and the pitfalls suite rerun uncached, every output
+# compared with tests/fixtures/goldens/ (the cases that changed are listed). After `make demo`.
+goldens: setup
+	for s in demo pitfalls; do rm -rf reports/goldens-$$s; \
+	  $(BIN)/evalkit run suites/$$s.yml --no-cache -q --out reports/goldens-$$s >/dev/null; \
+	  $(BIN)/python -m tests.goldens check reports/goldens-$$s tests/fixtures/goldens/$$s.json || exit 1; done
+
+# results.schema.json is generated from the types in evalkit/record/ (a test fails when it is stale).
 schema: setup
 	$(BIN)/python -m evalkit.record --schema --write
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from evalkit.backends.hf import HFBackend
     from evalkit.models import BaseSpec, load_base, resolve_base
-    from evalkit.tasks import harness, mmlu
+    from evalkit.tasks import harness_lm, mmlu
     from evalkit.tasks.mmlu_data import load_questions, plan_slice
 
     resolved = resolve_base(BaseSpec.of("gguf", EMBEDDED_GGUF))
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                             batch_size=bs)
 
     def run_evalkit() -> dict:
-        lm = harness.standalone_lm(backend, tokenizer, batch_size=args.batch_size)
+        lm = harness_lm.standalone_lm(backend, tokenizer, batch_size=args.batch_size)
         return mmlu.simple_evaluate(lm, configs)
 
     ours = f"evalkit bs={args.batch_size}"

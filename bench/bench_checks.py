@@ -108,8 +108,8 @@ def eval_lengths(adapter: Path) -> list[int]:
 
 
 def verdicts(name: str, prov: dict[str, Any], lengths: list[int]) -> dict[str, Any]:
-    from evalkit.checks import health_record, length_record
-    from evalkit.config.suite import HEALTH_MAX_EVAL_RISE, HEALTH_MAX_GAP, HEALTH_MIN_LOSS_DROP, LENGTH_MAX_SHIFT
+    from evalkit.checks.training import health_record, length_record
+    from evalkit.config.gate import HEALTH_MAX_EVAL_RISE, HEALTH_MAX_GAP, HEALTH_MIN_LOSS_DROP, LENGTH_MAX_SHIFT
 
     health = {"max_eval_rise": HEALTH_MAX_EVAL_RISE, "max_gap": HEALTH_MAX_GAP}
     train = prov["data"]["prompt_tokens"]

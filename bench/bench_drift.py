@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft import PeftModel
 
     from evalkit.backends.hf import HFBackend
-    from evalkit.config.suite import DriftTask
+    from evalkit.config.canary import DriftTask
     from evalkit.models import BaseSpec, load_base, resolve_base
     from evalkit.tasks import drift
 

@@ -158,7 +158,8 @@ def bench_b(args, tmp: Path, resolved, reps: int = 2) -> None:
     from evalkit.backends.hf import HFBackend
     from evalkit.cache import Cache
     from evalkit.config import load_suite
-    from evalkit.config.suite import GenerationConfig, Variant
+    from evalkit.config.generation import GenerationConfig
+    from evalkit.config.variant import Variant
     from evalkit.context import RunContext, RunVariant
     from evalkit.models.base import load_base
     from evalkit.tasks.generation import load_cases

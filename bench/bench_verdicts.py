@@ -30,8 +30,10 @@ import time
 
 import numpy as np
 
-from evalkit import stats
-from evalkit.stats import _pair_pmf, clopper_pearson, noninferiority_pass_rate, paired_compare
+from evalkit.stats.intervals import clopper_pearson, mean_bound, z_of
+from evalkit.stats.paired import CONTINUITY, paired_compare
+from evalkit.stats.power import _pair_pmf, noninferiority_pass_rate
+from evalkit.stats.two_sample import ks_two_sample
 
 NS = (50, 114, 300)
 DISCORDANCE = (0.02, 0.05, 0.15, 0.30)
@@ -100,7 +102,7 @@ def graded_max_drop(reps: int, level: float = 0.95) -> tuple[list[str], tuple]:
     """Differences are 0 for a share 1 - psi of cases, else +-U(0.5, 1) with the signs' balance
     set so that the true mean drop is exactly D (cells with D > 0.75 psi are impossible)."""
     rows, worst = [], (0.0,)
-    z = stats.z_of(level)
+    z = z_of(level)
     for n, psi in itertools.product(NS, DISCORDANCE):
         cells = []
         for d in DROPS:
@@ -144,7 +146,7 @@ def graded_max(reps: int, level: float = 0.95, threshold: float = 0.05) -> tuple
             rates = []
             for mean in (threshold, threshold / 2):
                 mu = math.log(mean) - sigma ** 2 / 2
-                passed = sum(stats.mean_bound(rng.lognormal(mu, sigma, n).tolist(), level, side="upper",
+                passed = sum(mean_bound(rng.lognormal(mu, sigma, n).tolist(), level, side="upper",
                                               binary=False) <= threshold for _ in range(reps))
                 rates.append(passed / reps)
             worst = max(worst, (rates[0], n, sigma))
@@ -165,7 +167,7 @@ def graded_min_bounded(reps: int, level: float = 0.95, threshold: float = 0.85) 
         for k in BETA_CONCENTRATIONS:
             rng = np.random.default_rng(hash((n, k)) % 2**32)
             a, b = threshold * k, (1 - threshold) * k
-            rate = sum(stats.mean_bound(rng.beta(a, b, n).tolist(), level, side="lower", binary=False) >= threshold
+            rate = sum(mean_bound(rng.beta(a, b, n).tolist(), level, side="lower", binary=False) >= threshold
                        for _ in range(reps)) / reps
             worst = max(worst, (rate, n, k))
             cells.append(f"{100 * rate:5.1f}")
@@ -189,11 +191,11 @@ def length_match_rates(reps: int, alpha: float) -> tuple[list[str], tuple]:
     for n, m in KS_SIZES:
         cells = []
         for spread in KS_SPREADS:
-            null = sum(stats.ks_two_sample(ks_lengths(rng, n, spread), ks_lengths(rng, m, spread))[1] < alpha
+            null = sum(ks_two_sample(ks_lengths(rng, n, spread), ks_lengths(rng, m, spread))[1] < alpha
                        for _ in range(reps)) / reps
-            shifted = sum(stats.ks_two_sample(ks_lengths(rng, n, spread), ks_lengths(rng, m, spread, 1.1))[1] < alpha
+            shifted = sum(ks_two_sample(ks_lengths(rng, n, spread), ks_lengths(rng, m, spread, 1.1))[1] < alpha
                           for _ in range(reps)) / reps
-            tenfold = stats.ks_two_sample(ks_lengths(rng, n, spread), ks_lengths(rng, m, spread, 10))[1] < alpha
+            tenfold = ks_two_sample(ks_lengths(rng, n, spread), ks_lengths(rng, m, spread, 10))[1] < alpha
             cells.append(f"{100 * null:5.1f} ({100 * shifted:5.1f}, {'yes' if tenfold else ' no'})")
             worst = max(worst, (null, n, m, spread))
         rows.append(f"  {n:>5} {m:>5}  " + " ".join(f"{c:>22}" for c in cells))
@@ -205,7 +207,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1000, help="simulated runs per graded cell")
     args = ap.parse_args()
     t0 = time.time()
-    print(f"evalkit gate calibration (Tango continuity correction {stats.CONTINUITY}); pass rate % when the truth "
+    print(f"evalkit gate calibration (Tango continuity correction {CONTINUITY}); pass rate % when the truth "
           "sits exactly on the threshold: at most 100 - level is the promise\n")
 
     print("binary max_drop, confidence 0.95 (exact): pass % at true drop = D  (replaced percentile bootstrap)  "

@@ -9,19 +9,18 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from evalkit import __version__
 from evalkit.types import stable_hash
 
-if TYPE_CHECKING:
-    from evalkit.config.suite import GenerationConfig
+T = TypeVar("T")
 
 
 class Cache:
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
@@ -66,12 +65,50 @@ class Cache:
             self._db = None
 
 
+# ---------------------------------------------------------------- cache-through
+
+Deliver = Callable[[Mapping[int, T]], None]  # computed results by index, cached as they arrive
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _always(_value: object) -> bool:
+    return True
+
+
+def cached(cache: Cache, keys: Sequence[str], compute: Callable[[list[int], Deliver[T]], None], *,
+           count: bool = True, decode: Callable[[Any], T] = _as_is, encode: Callable[[T], Any] = _as_is,
+           keep: Callable[[T], bool] = _always) -> list[tuple[T, bool]]:
+    """Each key's value, and whether it came from the cache. What is cached is read (`decode`);
+    the indices of the rest go to `compute`, which hands results back through `deliver({index:
+    value})` as they finish, and each delivery is cached at once (`encode`), so an interrupted run
+    keeps what finished. A value `keep` refuses (a failure worth asking again) is returned but not
+    cached. `count=False` keeps these lookups out of `hits` and `misses` (see `Cache.get`)."""
+    found = [cache.get(k, count=count) for k in keys]
+    out: list[tuple[T, bool] | None] = [None if f is None else (decode(f), True) for f in found]
+    todo = [i for i, f in enumerate(found) if f is None]
+    if todo:
+        def deliver(values: Mapping[int, T]) -> None:
+            cache.put_many({keys[i]: encode(v) for i, v in values.items() if keep(v)})
+            for i, v in values.items():
+                out[i] = (v, False)
+
+        compute(todo, deliver)
+    done = [o for o in out if o is not None]
+    if len(done) != len(out):  # a compute that returned without delivering every index: a bug, not a result
+        raise RuntimeError(f"{len(out) - len(done)} of {len(todo)} results to compute were never delivered")
+    return done
+
+
 # ---------------------------------------------------------------- the keys, one function each
 # (tests/test_cache_keys.py changes each component in turn and expects another key)
 
-def generation_key(model: str, gen: GenerationConfig, prompt: str) -> str:
-    """One greedy output: the variant's fingerprint, the generation config, the rendered prompt."""
-    return Cache.key("generate", model=model, gen=gen.key(), prompt=prompt)
+def generation_key(model: str, gen: Mapping[str, Any], prompt: str) -> str:
+    """One greedy output: the variant's fingerprint, the generation config's key (what changes an
+    output: `GenerationConfig.key()`), the rendered prompt."""
+    return Cache.key("generate", model=model, gen=dict(gen), prompt=prompt)
 
 
 def loglikelihood_key(model: str, context: Sequence[int], continuation: Sequence[int]) -> str:
@@ -84,6 +121,12 @@ def drift_key(model: str, passage: Sequence[int], top_k: int) -> str:
     return Cache.key("drift", model=model, passage=list(passage), top_k=top_k)
 
 
+def drift_summary_key(model: str, reference: str, passage: Sequence[int], top_k: int) -> str:
+    """One variant's drift on one passage (kl, top-1 agreement, perplexity ratio) from a reference
+    (its content address), on the reference's top-k cells."""
+    return Cache.key("drift-summary", model=model, reference=reference, passage=list(passage), top_k=top_k)
+
+
 def adapter_active_key(model: str, prompts: Sequence[str], tolerance: float) -> str:
     return Cache.key("adapter_active", model=model, prompts=list(prompts), tolerance=tolerance)
 
@@ -91,3 +134,8 @@ def adapter_active_key(model: str, prompts: Sequence[str], tolerance: float) -> 
 def judge_key(endpoint: Mapping[str, Any], request: Mapping[str, Any]) -> str:
     """One judge completion: who answers (the endpoint's identity) and everything sent to it."""
     return Cache.key("judge", **request, endpoint=dict(endpoint))
+
+
+def seed_probe_key(endpoint: Mapping[str, Any], temperature: float) -> str:
+    """Whether a judge endpoint honours `seed`: per endpoint identity and sampling temperature."""
+    return Cache.key("judge-seed-probe", endpoint=dict(endpoint), temperature=temperature)

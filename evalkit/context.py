@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from evalkit.backends.base import Backend, Job, Prompt, TokenPair, encode, render_prompt
-from evalkit.backends.hf import HFBackend
-from evalkit.cache import Cache, generation_key, loglikelihood_key
-from evalkit.config.suite import GenerationConfig, Suite, Variant
+from evalkit.backends.base import Backend, InProcessBackend, Job, Prompt, TokenPair, encode, render_prompt
+from evalkit.cache import Cache, Deliver, cached, generation_key, loglikelihood_key
+from evalkit.config.generation import GenerationConfig
+from evalkit.config.suite import Suite
+from evalkit.config.variant import Variant
 from evalkit.models.adapters import AdapterInfo
 from evalkit.models.base import ResolvedBase
 from evalkit.types import Case, Output, stable_hash, template_hash
@@ -67,30 +68,33 @@ class Requests:
         """Outputs of several variants for every prompt: (output, was_cached) pairs by variant name.
         Cached outputs are reused and only misses go to the variants' backends; each finished output
         is cached at once, so an interrupted run resumes where it stopped."""
-        keys = {lv.name: [generation_key(lv.fingerprint, gen, p.text) for p in prompts] for lv in lvs}
-        results: dict[str, list[tuple[Output, bool] | None]] = {}
-        jobs: dict[int, list[Job]] = {}  # backend -> (variant, case index) still to generate
-        for lv in lvs:
-            found = [self.cache.get(k) for k in keys[lv.name]]
-            results[lv.name] = [None if f is None else (Output(**f), True) for f in found]
-            jobs.setdefault(id(lv.backend), []).extend((lv.name, i) for i, f in enumerate(found) if f is None)
-        backends = {id(lv.backend): lv.backend for lv in lvs}
-        for bid, todo in jobs.items():
-            if not todo:
-                continue
-            label = ",".join(dict.fromkeys(name for name, _ in todo))
-            bar = _progress(len(todo), f"{desc or 'generate'} [{label}]", self.progress, self.log)
+        n = len(prompts)
+        keys = [generation_key(lv.fingerprint, gen.key(), p.text) for lv in lvs for p in prompts]  # variant-major
+        position = {lv.name: k * n for k, lv in enumerate(lvs)}
 
-            def on_done(rows: list[tuple[str, int, Output]], bar=bar) -> None:
-                self.cache.put_many({keys[name][i]: o.__dict__ for name, i, o in rows})
-                for name, i, o in rows:
-                    results[name][i] = (o, False)
-                    self.count(name, cases=1, output_tokens=o.n_output_tokens, seconds=o.latency_s)
-                bar.update(len(rows))
+        def compute(todo: list[int], deliver: Deliver[Output]) -> None:
+            backends = {id(lv.backend): lv.backend for lv in lvs}
+            jobs: dict[int, list[Job]] = {bid: [] for bid in backends}  # backend -> (variant, prompt index) to generate
+            for j in todo:
+                lv = lvs[j // n]
+                jobs[id(lv.backend)].append((lv.name, j % n))
+            for bid, work in jobs.items():
+                if not work:
+                    continue
+                label = ",".join(dict.fromkeys(name for name, _ in work))
+                bar = progress_bar(len(work), f"{desc or 'generate'} [{label}]", self.progress, self.log)
 
-            backends[bid].generate(todo, prompts, gen, on_done)
-            bar.close()
-        return results  # type: ignore[return-value]
+                def on_done(rows: list[tuple[str, int, Output]], bar: Progress = bar) -> None:
+                    deliver({position[name] + i: o for name, i, o in rows})
+                    for name, _, o in rows:
+                        self.count(name, cases=1, output_tokens=o.n_output_tokens, seconds=o.latency_s)
+                    bar.update(len(rows))
+
+                backends[bid].generate(work, prompts, gen, on_done)
+                bar.close()
+
+        found = cached(self.cache, keys, compute, decode=lambda f: Output(**f), encode=lambda o: o.__dict__)
+        return {lv.name: found[position[lv.name]:position[lv.name] + n] for lv in lvs}
 
     def loglikelihood(self, lv: RunVariant, requests: Sequence[TokenPair], *, batch_size: int = 8,
                       desc: str = "") -> list[tuple[tuple[float, bool], bool]]:
@@ -98,21 +102,15 @@ class Requests:
         ids) request, with whether it came from the cache. Misses go to the variant's backend and
         are cached as each batch finishes."""
         keys = [loglikelihood_key(lv.fingerprint, c, x) for c, x in requests]
-        found = [self.cache.get(k) for k in keys]
-        results: list[tuple[tuple[float, bool], bool] | None] = [
-            None if f is None else ((float(f[0]), bool(f[1])), True) for f in found]
-        todo = [i for i, f in enumerate(found) if f is None]
-        if todo:
-            bar = _progress(len(todo), f"{desc or 'loglikelihood'} [{lv.name}]", self.progress, self.log,
-                            unit="request", closing=False)  # the task says when it is done
+
+        def compute(todo: list[int], deliver: Deliver[tuple[float, bool]]) -> None:
+            bar = progress_bar(len(todo), f"{desc or 'loglikelihood'} [{lv.name}]", self.progress, self.log,
+                               unit="request", closing=False)  # the task says when it is done
             t0 = time.perf_counter()
 
             def scored(indices: list[int], scores: list[tuple[float, bool]]) -> None:
                 nonlocal t0
-                real = [todo[i] for i in indices]
-                self.cache.put_many({keys[j]: [s[0], s[1]] for j, s in zip(real, scores)})
-                for j, s in zip(real, scores):
-                    results[j] = (s, False)
+                deliver({todo[i]: s for i, s in zip(indices, scores)})
                 now = time.perf_counter()
                 self.count(lv.name, seconds=now - t0)
                 t0 = now
@@ -120,7 +118,9 @@ class Requests:
 
             lv.backend.loglikelihood(lv.name, [requests[i] for i in todo], scored, batch_size=batch_size)
             bar.close()
-        return results  # type: ignore[return-value]
+
+        return cached(self.cache, keys, compute, decode=lambda f: (float(f[0]), bool(f[1])),
+                      encode=lambda s: [s[0], s[1]])
 
 
 @dataclass(kw_only=True)
@@ -131,7 +131,7 @@ class RunContext(Requests):
     base: ResolvedBase
     tokenizer: Any
     variants: list[RunVariant]
-    hf: HFBackend | None = None  # the in-process backend, when a variant runs on it
+    hf: InProcessBackend | None = None  # the in-process backend: every in-process variant's, and the parity reference
 
     @property
     def backends(self) -> list[Backend]:
@@ -159,13 +159,13 @@ class RunContext(Requests):
         """A variant's cost counters: the run's (cases, tokens, seconds) and its backend's (memory)."""
         return {**self.stats.get(lv.name, {}), **lv.backend.stats.get(lv.name, {})}
 
-    def reference(self, lv: RunVariant) -> str:
-        """The variant as the in-process reference runs it (for the parity checks): declared on the
-        hf backend under its own name, loaded with the rest."""
-        assert self.hf is not None
+    def reference(self, lv: RunVariant) -> tuple[InProcessBackend, str]:
+        """The variant as the in-process reference runs it (for the parity checks): that backend, and
+        the name it is declared under there (its own, loaded with the rest)."""
+        assert self.hf is not None  # the runner always gives one
         if lv.name not in self.hf.slots:
             self.hf.add(lv.variant, lv.info)
-        return lv.name
+        return self.hf, lv.name
 
     def generate(self, lv: RunVariant, cases: Sequence[Case], gen: GenerationConfig, *,
                  desc: str = "") -> list[tuple[Output, bool]]:
@@ -178,21 +178,29 @@ class RunContext(Requests):
         template)."""
         return self.generate_prompts(lvs, [self.render(c) for c in cases], gen, desc=desc)
 
-def _progress(total: int, desc: str, bars: bool, log: Callable[[str], Any] | None = None, unit: str = "case",
-              closing: bool = True):
+
+class Progress(Protocol):
+    def update(self, n: int = 1) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int, desc: str, bars: bool, log: Callable[[str], Any] | None = None, unit: str = "case",
+                 closing: bool = True) -> Progress:
     """A progress bar on a terminal; elsewhere (CI logs) a line now and then, and one at the end
     unless `closing` is off."""
     if bars or log is None:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, disable=not bars, leave=False)
+        bar: Progress = tqdm(total=total, desc=desc, unit=unit, disable=not bars, leave=False)
+        return bar
     return _ProgressLines(total, desc, log, unit, closing)
 
 
 class _ProgressLines:
     EVERY_S = 20.0
 
-    def __init__(self, total: int, desc: str, log: Callable[[str], Any], unit: str = "case", closing: bool = True):
+    def __init__(self, total: int, desc: str, log: Callable[[str], Any], unit: str = "case", closing: bool = True) -> None:
         self.total, self.desc, self.log, self.n, self.unit, self.closing = total, desc, log, 0, unit, closing
         self.start = self.last = time.perf_counter()
 

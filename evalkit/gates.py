@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from evalkit.config.suite import Gate, Suite, Task, gate_targets
+from evalkit.config.gate import Gate
+from evalkit.config.suite import Suite, gate_targets
+from evalkit.config.task import Task
 from evalkit.formatting import fmt_number
-from evalkit.record import CheckRecord, GateRecord
-from evalkit.stats import PairedComparison, clopper_pearson, mean_bound, metric_interval
+from evalkit.record.types import CheckRecord, GateRecord
+from evalkit.stats.intervals import clopper_pearson, mean_bound, metric_interval
+from evalkit.stats.paired import PairedComparison
 
 # Graded point estimates are means of floats: equal to a threshold up to summation rounding.
 GRADED_TOLERANCE = 1e-9

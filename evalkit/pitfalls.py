@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from evalkit.stats import ks_two_sample, paired_compare
+from evalkit.stats.paired import paired_compare
+from evalkit.stats.two_sample import ks_two_sample
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from evalkit import scorers
-from evalkit.config.suite import CasesTask, DriftTask, JudgeTask, LmEvalTask, MmluTask, Suite, Task
+from evalkit.config.canary import DriftTask, LmEvalTask, MmluTask
+from evalkit.config.suite import Suite
+from evalkit.config.task import CasesTask, JudgeTask, Task
 
 # `prompt` text under `template: auto`: fine for a base model, poor for an instruct one (which the run
 # tells from the tokenizer, and warns about)
@@ -93,7 +95,7 @@ def _task(suite: Suite, task: Task) -> list[str]:
 
 
 def _baseline(suite: Suite) -> str:
-    from evalkit.baseline import Baseline
+    from evalkit.baseline.pairing import Baseline
 
     assert suite.baseline is not None  # a suite with a baseline
     store = suite.baseline.store

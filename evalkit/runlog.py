@@ -11,7 +11,8 @@ from typing import Any
 
 from evalkit import environment as env
 from evalkit.fileio import atomic_write  # the reports import it from here too
-from evalkit.record import Environment, RunRecord, to_jsonable
+from evalkit.record.codec import to_jsonable
+from evalkit.record.types import Environment, RunRecord
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The small core types that flow through a run (in-process, frozen).
 
-Suite config types live in `evalkit.config.suite`; the run record (results.json) in `evalkit.record`.
+Suite config types live in `evalkit.config`; the run record (results.json) in `evalkit.record`.
 """
 from __future__ import annotations
 

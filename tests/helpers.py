@@ -58,7 +58,7 @@ EXTRACT_ROWS = [
 
 def variant(name: str, adapter: Path | str | None = None):
     """A Variant built in code; the adapter folder need not exist (no validation)."""
-    from evalkit.config.suite import Variant
+    from evalkit.config.variant import Variant
 
     return Variant.model_construct(name=name, adapter=Path(adapter) if adapter is not None else None)
 

@@ -91,9 +91,12 @@ def test_a_folder_given_as_the_suite(capsys, tmp_path):
 
 
 def test_the_shipped_json_schema_is_generated_from_the_types():
-    for name in schema.SCHEMAS:
-        shipped = (schema.REPO_FILES / name).read_text()
-        assert shipped == schema.render(name), f"regenerate it: python -m evalkit.config.schema ({name})"
+    from trainers import schema as recipe_schema
+
+    for module in (schema, recipe_schema):
+        for name in module.SCHEMAS:
+            shipped = (schema.REPO_FILES / name).read_text()
+            assert shipped == module.render(name), f"regenerate it: python -m {module.__name__} ({name})"
 
 
 def test_the_shipped_suites_validate_against_the_schema(tmp_path):

@@ -40,7 +40,7 @@ def test_compact_reference_is_exact_for_a_small_vocabulary_and_a_lower_bound_oth
 
 
 def test_passages_from_a_data_file_with_located_errors(tmp_path):
-    from evalkit.config.suite import DriftTask
+    from evalkit.config.canary import DriftTask
     from evalkit.errors import ConfigError
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"text": "one two three"}, {"id": "b", "text": "four five"}])

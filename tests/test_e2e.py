@@ -42,8 +42,8 @@ def test_greedy_outputs_do_not_depend_on_the_batch(embedded_base):
     """Why `batch_size` stays out of the generation cache key: batch 1 and batch 8 (prompts of
     different lengths, so left padding) give the same greedy text on the real model."""
     from evalkit.backends.base import encode, render_prompt
-    from evalkit.backends.hf import generate
-    from evalkit.config.suite import GenerationConfig
+    from evalkit.backends.hf_plan import generate
+    from evalkit.config.generation import GenerationConfig
     from evalkit.models.base import load_base
     from evalkit.tasks.generation import load_cases
 

@@ -8,16 +8,16 @@ from evalkit.formatting import fmt_number, plain_number
 
 
 def test_missing_reads_na_everywhere():
-    from evalkit import cli, gates
+    from evalkit import console_summary, gates
 
-    for fmt in (fmt_number, cli._fmt, gates._fmt, gates._pct):
+    for fmt in (fmt_number, console_summary._num, gates._fmt, gates._pct):
         assert fmt(None) == fmt(math.nan) == "n/a"
 
 
 def test_each_callers_precision_is_kept():
-    from evalkit import cli, gates
+    from evalkit import console_summary, gates
 
-    assert (cli._fmt(0.81234), cli._fmt(0.81234, False), cli._fmt(1)) == (" 81.2", "0.812", "100.0")
+    assert (console_summary._num(0.81234), console_summary._num(0.81234, False), console_summary._num(1)) == (" 81.2", "0.812", "100.0")
     assert (gates._fmt(0.123456), gates._fmt(12345678), gates._pct(0.123456)) == ("0.1235", "1.235e+07", "12.35")
     assert fmt_number(0.5, ".3f") == "0.500"  # the training log's losses
 
@@ -27,7 +27,7 @@ def test_plain_number():
 
 
 def test_no_private_number_formatter_left():
-    """cli._fmt and gates._fmt/_pct remain as names (others edit those files) but hold no rule of their own."""
+    """console_summary._num and gates._fmt/_pct remain as names (others edit those files) but hold no rule of their own."""
     root = Path(__file__).resolve().parent.parent
     for path in [*root.glob("evalkit/**/*.py"), *root.glob("trainers/**/*.py")]:
         text = path.read_text()

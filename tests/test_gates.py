@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 from helpers import suite_of
 
-from evalkit.config.suite import Gate, JudgeTask, Suite
+from evalkit.config.gate import Gate
+from evalkit.config.suite import Suite
+from evalkit.config.task import JudgeTask
 from evalkit.gates import Scores, evaluate_gate, evaluate_gates
-from evalkit.record import CheckRecord
-from evalkit.stats import clopper_pearson, holm, paired_compare, tango_upper_drop
+from evalkit.record.types import CheckRecord
+from evalkit.stats.intervals import clopper_pearson
+from evalkit.stats.paired import holm, paired_compare, tango_upper_drop
 
 
 def scores(values, binary=True, key=("t", "m", "lora")):

@@ -12,7 +12,7 @@ from helpers import write_jsonl
 
 from evalkit.cli import main
 from evalkit.errors import ConfigError
-from evalkit.init import classify_answers, held_out_fraction, read_rows, rows_for_test, shape_text, split
+from evalkit.init.data import classify_answers, held_out_fraction, read_rows, rows_for_test, shape_text, split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -116,12 +116,12 @@ def test_split_is_seeded_verbatim_and_keeps_an_input_on_one_side(tmp_path):
 def test_the_schema_line_only_where_it_moves_with_the_files(tmp_path):
     """An editor's `$schema` line is written when the folder shares a project with evalkit's schema
     (a checkout, a virtual environment inside the project), never as a climb from a stranger's folder."""
-    from evalkit.init import _schema_line
+    from evalkit.init.files import schema_line
 
     schema = Path(__file__).resolve().parents[1] / "evalkit" / "config" / "suite.schema.json"
-    assert _schema_line(schema, schema.parents[2] / "suites" / "mine") == (
+    assert schema_line(schema, schema.parents[2] / "suites" / "mine") == (
         "# yaml-language-server: $schema=../../evalkit/config/suite.schema.json\n")
-    assert _schema_line(schema, tmp_path) == "" and _schema_line(tmp_path / "none.json", tmp_path) == ""
+    assert schema_line(schema, tmp_path) == "" and schema_line(tmp_path / "none.json", tmp_path) == ""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from judge_fault_server import FaultServer
 
 from evalkit.backends.hf import HFBackend
 from evalkit.cache import Cache
-from evalkit.cli import _judge_noise
-from evalkit.config.suite import JudgeTask, Task
+from evalkit.config.task import JudgeTask, Task
+from evalkit.console_summary import _judge_noise
 from evalkit.context import RunContext, RunVariant
 from evalkit.errors import ConfigError, ExitCode
 from evalkit.judge import verdicts as V

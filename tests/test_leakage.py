@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from evalkit.checks import leakage
-from evalkit.config.suite import GenerateTask
+from evalkit.checks.training import leakage
+from evalkit.config.task import GenerateTask
 from evalkit.leakage import NORMALIZATION, adapter_overlap, find_overlap, normalize, row_key, train_index
 from evalkit.types import Case
 

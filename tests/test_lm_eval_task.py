@@ -9,7 +9,7 @@ import pytest
 from helpers import make_adapter, write_jsonl, write_suite
 
 from evalkit.errors import ExitCode
-from evalkit.tasks import harness
+from evalkit.tasks import harness_lm, harness_results, harness_tasks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,9 +96,9 @@ def test_multiple_choice_yaml_matches_lm_eval_hf_per_document(tmp_path, tiny_mod
     run, logs = run_suite(tmp_path, suite)
     assert run.exit_code == ExitCode.OK, [g["message"] for g in run.results["gates"]]
 
-    ref = harness.documents(harness.simple_evaluate(
+    ref = harness_results.documents(harness_lm.simple_evaluate(
         "hf", [str(arc)], model_args=f"pretrained={tiny_model_dir}", device="cpu", batch_size=4))
-    ref_lora = harness.documents(harness.simple_evaluate(
+    ref_lora = harness_results.documents(harness_lm.simple_evaluate(
         "hf", [str(arc)], model_args=f"pretrained={tiny_model_dir},peft={lora}", device="cpu", batch_size=4))
     got = {(s["variant"], s["case_id"]): s for s in samples(run)}
     assert len(got) == 2 * 12
@@ -162,10 +162,10 @@ def test_generate_until_task_runs_and_gates(tmp_path, tiny_model_dir):
 def test_slice_is_seeded_and_nested(tmp_path):
     """`limit` takes the first N of a seeded order of each task's documents: another seed another
     slice, a larger limit extends a smaller one (cached answers carry over)."""
-    small, large = harness.seeded_indices(100, 10, 0, "t"), harness.seeded_indices(100, 30, 0, "t")
+    small, large = harness_tasks.seeded_indices(100, 10, 0, "t"), harness_tasks.seeded_indices(100, 30, 0, "t")
     assert set(small) < set(large) and len(small) == 10 and small == sorted(small)
-    assert harness.seeded_indices(100, 10, 1, "t") != small
-    assert harness.seeded_indices(5, 10, 0, "t") == [0, 1, 2, 3, 4]
+    assert harness_tasks.seeded_indices(100, 10, 1, "t") != small
+    assert harness_tasks.seeded_indices(5, 10, 0, "t") == [0, 1, 2, 3, 4]
 
 
 def test_limit_slices_each_task_and_reports_power(tmp_path, tiny_model_dir):
@@ -174,7 +174,7 @@ def test_limit_slices_each_task_and_reports_power(tmp_path, tiny_model_dir):
              "tasks": [{"name": "arc", "kind": "lm_eval", "tasks": [str(arc)], "limit": 5, "seed": 3}]}
     run, logs = run_suite(tmp_path, suite)
     ids = sorted(int(s["case_id"].split("/")[1]) for s in samples(run))
-    assert ids == harness.seeded_indices(12, 5, 3, "tiny_arc")
+    assert ids == harness_tasks.seeded_indices(12, 5, 3, "tiny_arc")
     info = run.results["tasks"][0]["extras"]["slice"]
     assert info["n"] == 5 and info["limit"] == 5 and "5 documents:" in info["power_note"]
     assert any(line.startswith("arc: 5 documents over 1 lm-eval task(s) (seed 3)") for line in logs)

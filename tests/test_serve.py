@@ -66,8 +66,8 @@ def test_models_and_chat_per_adapter(server, tiny_model_dir):
 
     # "base" is the plain model: the same text as generating without peft at all
     from evalkit.backends.base import encode, render_prompt
-    from evalkit.backends.hf import generate
-    from evalkit.config.suite import GenerationConfig
+    from evalkit.backends.hf_plan import generate
+    from evalkit.config.generation import GenerationConfig
     from evalkit.models.base import BaseSpec, load_base, resolve_base
     from evalkit.types import Case
 
@@ -114,8 +114,8 @@ def test_models_list_a_content_fingerprint_per_name(server, tiny_model_dir, adap
 
 
 def test_bearer_key_and_judge_preflight(server, monkeypatch):
-    from evalkit.config.suite import JudgeTask
-    from evalkit.judge.client import JudgeConfig
+    from evalkit.config.judge import JudgeConfig
+    from evalkit.config.task import JudgeTask
     from evalkit.tasks import judge
 
     monkeypatch.setenv(KEY_ENV, "serve-secret")
@@ -142,7 +142,7 @@ def test_judge_task_against_evalkit_serve(server, tmp_path, tiny_model_dir):
     """The tiny random model is a hopeless judge: its verdicts are recorded invalid, never a pass."""
     from evalkit.backends.hf import HFBackend
     from evalkit.cache import Cache
-    from evalkit.config.suite import JudgeTask
+    from evalkit.config.task import JudgeTask
     from evalkit.context import RunContext, RunVariant
     from evalkit.judge import verdicts as V
     from evalkit.models.base import ResolvedBase
@@ -263,7 +263,7 @@ def test_completions_prompt_forms_echo_and_logprobs(server):
 def test_a_request_does_not_depend_on_its_batch(server):
     """The same prompt alone and in a batch with longer prompts on other adapters (left padding,
     peft's per-row adapter mixing): token logprobs agree to float noise, greedy tokens exactly."""
-    from evalkit.serve.engine import Delta, Finished, Job
+    from evalkit.backends.decoder import Delta, Finished, Generation
 
     engine = server.engine
     tok = engine.tokenizer
@@ -285,7 +285,7 @@ def test_a_request_does_not_depend_on_its_batch(server):
                     if not left[0]:
                         done.set()
             return put
-        engine.submit([Job(name, p, 12, sink(i), logprobs=0) for i, (name, p) in enumerate(jobs_spec)])
+        engine.submit([Generation(name, p, 12, sink(i), logprobs=0) for i, (name, p) in enumerate(jobs_spec)])
         assert done.wait(30)
         return outs
 
@@ -684,19 +684,15 @@ def _swallow(fn) -> None:
         fn()
 
 
-@pytest.mark.e2e
-def test_concurrent_requests_share_batches_at_least_4x_faster(embedded_model_dir):
-    """16 chat requests (max_tokens 16) at once finish at least 4x faster than one after another,
-    on the real embedded model (bench/bench_serve.py prints the ratio: 6.0x when measured)."""
-    srv = make_server(str(embedded_model_dir), {}, port=0, log=lambda _: None)
-    srv.start()
-    c = client(srv.url)
+def test_concurrent_requests_share_batches(server):
+    """16 chat requests sent at once share one or two batches; one after another, each runs alone.
+    What that is worth in time is bench/bench_serve.py's to print (6.0x on the embedded model)."""
+    c = client(server.url)
 
     def ask(i: int) -> None:
-        c.chat.completions.create(model="base", max_tokens=16, messages=[
+        c.chat.completions.create(model="base", max_tokens=4, messages=[
             {"role": "user", "content": f"Write a short sentence about the number {i}."}])
-    try:
-        sequential, concurrent, batches = sequential_then_together(srv.engine, ask, 16)
-    finally:
-        srv.close()
-    assert sequential / concurrent >= 4, (sequential, concurrent, f"{batches} batches")
+    before = server.engine.stats["batches"]
+    _, _, batches = sequential_then_together(server.engine, ask, 16)
+    assert server.engine.stats["batches"] - before - batches == 1 + 16  # the warm-up, then one batch each
+    assert 1 <= batches <= 2, f"16 requests at once ran in {batches} batches"

@@ -77,12 +77,12 @@ def _generate_task(name: str) -> dict:
 
 def _lm_eval_answers(lm: str, url: str, model: str, **kwargs) -> dict[str, tuple[str, str]]:
     """question id -> (the prompt lm-eval sent, its answer), from lm-eval's logged samples."""
-    from evalkit.tasks import harness
+    from evalkit.tasks import harness_lm, harness_results
 
-    results = harness.simple_evaluate(lm, [_generate_task(f"evalkit_serve_{lm.replace('-', '_')}")],
+    results = harness_lm.simple_evaluate(lm, [_generate_task(f"evalkit_serve_{lm.replace('-', '_')}")],
                                       model_args=f"base_url={url},model={model},num_concurrent=1,max_retries=1",
                                       **kwargs)
-    return {d.doc["id"]: (d.prompt, d.output) for d in harness.documents(results)}
+    return {d.doc["id"]: (d.prompt, d.output) for d in harness_results.documents(results)}
 
 
 def test_lm_eval_local_chat_completions_generates_what_the_server_answers(tiny_server):

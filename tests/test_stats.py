@@ -10,21 +10,10 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest, multinomial
 
-import evalkit.stats as S
-from evalkit.stats import (
-    clopper_pearson,
-    holm,
-    mcnemar_exact,
-    mean_bound,
-    metric_interval,
-    noninferiority_pass_rate,
-    noninferiority_sample_size,
-    paired_compare,
-    smallest_clearable_margin,
-    tango_p,
-    tango_upper_drop,
-    tango_z,
-)
+from evalkit.stats import paired
+from evalkit.stats.intervals import clopper_pearson, mean_bound, metric_interval
+from evalkit.stats.paired import holm, mcnemar_exact, paired_compare, tango_p, tango_upper_drop, tango_z
+from evalkit.stats.power import noninferiority_pass_rate, noninferiority_sample_size, smallest_clearable_margin
 
 
 def z(level):
@@ -72,7 +61,7 @@ def test_one_sided_bound_is_the_two_sided_end_at_2c_minus_1_and_moves_with_the_l
 
 def test_tango_without_correction_reproduces_the_uncorrected_score_bound(monkeypatch):
     # 1 lost, 0 gained of 114: the uncorrected score bound is 3.84 pts (issue 10's reference)
-    monkeypatch.setattr(S, "CONTINUITY", 0.0)
+    monkeypatch.setattr(paired, "CONTINUITY", 0.0)
     assert tango_upper_drop(1, 0, 114, 0.95) * 100 == pytest.approx(3.836, abs=1e-3)
     # at drop 0 the statistic is McNemar's z
     assert float(tango_z(7, 2, 60, 0.0)) == pytest.approx(5 / 3)

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 from helpers import EXTRACT_ROWS, cli, write_jsonl
 
-from evalkit.cli import main, verdict_line
+from evalkit.cli import main
+from evalkit.console_summary import verdict_line
 from evalkit.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import EXTRACT_ROWS, make_adapter, write_jsonl, write_suite
 
+import evalkit.backends.decoder
 import evalkit.backends.hf
 from evalkit.cli import main
 
@@ -103,31 +104,32 @@ def test_inert_adapter_rejected_when_quantized_or_merged(capsys, tmp_path, tiny_
 
 
 def test_mixed_batches_equal_separate_and_dora_apart(capsys, tmp_path, tiny_model_dir, adapters, monkeypatch):
-    """Base and LoRA variants pool their partial batches (adapter_names); DoRA runs alone and
-    never meets adapter_names (peft would raise and then break every later generate)."""
+    """Base and LoRA variants pool their partial batches (peft's adapter_names); DoRA runs alone
+    and never meets adapter_names (peft would raise and then break every later generate)."""
     path = suite(tmp_path, tiny_model_dir, [
         {"name": "base"}, {"name": "lora", "adapter": str(adapters["lora"])},
         {"name": "dora", "adapter": str(adapters["dora"])}, {"name": "lora2", "adapter": str(adapters["qlora"])},
     ], max_new_tokens=12, batch_size=4)
-    calls: list[list[str] | None] = []
-    real_generate = evalkit.backends.hf.generate
+    calls: list[list[str | None]] = []  # the adapters of every decoded batch, row by row
+    real = evalkit.backends.decoder.adapters_in_force
 
-    def spy(model, tokenizer, prompts, gen, *, adapter_names=None, **kw):
-        calls.append(None if adapter_names is None else list(adapter_names))
-        return real_generate(model, tokenizer, prompts, gen, adapter_names=adapter_names, **kw)
+    def spy(model, adapters):
+        calls.append(list(adapters))
+        return real(model, adapters)
 
-    monkeypatch.setattr(evalkit.backends.hf, "generate", spy)
+    monkeypatch.setattr(evalkit.backends.decoder, "adapters_in_force", spy)
+    mixed = lambda: [c for c in calls if len(set(c)) > 1]  # noqa: E731
     code, text, _ = run(capsys, path, tmp_path / "mixed", "--no-cache")
     assert code == 0, text
     # 6 cases, batch 4: base, lora and lora2 each run one full batch alone, their 3 x 2 leftover
-    # rows share one mixed run; DoRA runs all 6 alone
-    mixed = [c for c in calls if c is not None]
-    assert len(calls) == 5 and len(mixed) == 1 and sorted(mixed[0]) == sorted(["__base__", "lora", "lora2"] * 2), calls
+    # rows share one mixed run (two batches); DoRA runs all 6 alone
+    rows = sorted(a or "" for c in mixed() for a in c)
+    assert len(mixed()) == 2 and rows == sorted(["", "lora", "lora2"] * 2), calls
 
     calls.clear()
     monkeypatch.setattr(evalkit.backends.hf, "mix_groups", lambda lvs: [[lv] for lv in lvs])
     code, text, _ = run(capsys, path, tmp_path / "separate", "--no-cache")
-    assert code == 0 and calls == [None] * 4, (text, calls)  # mixing off: one run per variant
+    assert code == 0 and calls and not mixed(), (text, calls)  # mixing off: one variant per batch
     out = lambda d: {(s["variant"], s["case_id"]): s["output"] for s in samples(d)}  # noqa: E731
     assert out(tmp_path / "mixed") == out(tmp_path / "separate")
 

@@ -3,145 +3,26 @@
 It is the reference the other backends are checked against, and the only one that quantizes,
 merges, runs DoRA and returns full logits. It loads the base once per precision, attaches every
 plain adapter to it by name, builds merged copies apart, and loads nothing until the first
-request the cache could not answer. Generation is batched greedy decoding: prompts sorted by
-length so each left-padded batch wastes little, base and plain-LoRA rows mixed in one batch.
+request the cache could not answer. Generation runs the shared decoder over its batch plan
+(`hf_plan`): prompts sorted by length, base and plain-LoRA rows mixed in one batch.
 """
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from evalkit.backends.base import Capabilities, Job, OnOutputs, OnScores, Prompt, TokenPair
-from evalkit.config.suite import GenerationConfig, Variant
+from evalkit.backends.base import Job, OnOutputs, OnScores, Prompt, TokenPair
+from evalkit.backends.hf_plan import Slot, generate, mix_groups, plan_runs
+from evalkit.config.generation import GenerationConfig
+from evalkit.config.variant import Variant
 from evalkit.errors import ModelError
 from evalkit.memory import PeakMemory
 from evalkit.models.adapters import AdapterInfo
 from evalkit.models.base import ResolvedBase
-from evalkit.record import BackendRecord
-from evalkit.types import Output
+from evalkit.record.types import BackendRecord
 
-# peft's adapter name for "no adapter" in a mixed batch
-MIXED_BASE = "__base__"
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's HFLM default when neither config nor tokenizer says
-
-
-def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def generate(model, tokenizer, prompts: Sequence[Prompt], gen: GenerationConfig, *,
-             adapter_names: Sequence[str] | None = None,
-             on_batch: Callable[[list[int], list[Output]], None] | None = None) -> list[Output]:
-    """Greedy-decode every prompt; `on_batch(indices, outputs)` fires after each batch (for caching
-    and progress) so an interrupted run keeps what finished."""
-    import torch
-
-    n = len(prompts)
-    results: list[Output | None] = [None] * n
-    order = sorted(range(n), key=lambda i: -len(prompts[i].ids))  # longest first: memory peak shows up early
-    device = next(model.parameters()).device
-    eos_ids = tokenizer.eos_token_id
-    for start in range(0, n, gen.batch_size):
-        idx = order[start:start + gen.batch_size]
-        batch = tokenizer.pad({"input_ids": [list(prompts[i].ids) for i in idx]}, padding=True,
-                              return_tensors="pt").to(device)
-        kwargs: dict[str, Any] = dict(max_new_tokens=gen.max_new_tokens, do_sample=False,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
-        if adapter_names is not None:
-            kwargs["adapter_names"] = [adapter_names[i] for i in idx]
-        if gen.stop:
-            kwargs.update(stop_strings=list(gen.stop), tokenizer=tokenizer)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**batch, **kwargs)
-        elapsed = time.perf_counter() - t0
-        new = out[:, batch["input_ids"].shape[1]:]
-        batch_outputs = []
-        for row, i in enumerate(idx):
-            ids = new[row].tolist()
-            n_out = len(ids)
-            hit_eos = False
-            for k, t in enumerate(ids):
-                if t == tokenizer.pad_token_id or t == eos_ids:
-                    n_out, hit_eos = k, True
-                    break
-            text = tokenizer.decode(ids[:n_out], skip_special_tokens=True)
-            text, hit_stop = truncate_at_stop(text, gen.stop)
-            o = Output(text=text, prompt=prompts[i].text, n_prompt_tokens=len(prompts[i].ids), n_output_tokens=n_out,
-                       finish_reason="stop" if (hit_eos or hit_stop) else "length",
-                       latency_s=elapsed / len(idx))
-            results[i] = o
-            batch_outputs.append(o)
-        if on_batch is not None:
-            on_batch(idx, batch_outputs)
-    return results  # type: ignore[return-value]
-
-
-@dataclass
-class _Slot:
-    """A variant as this backend runs it: the module, and the peft adapter to make active on it."""
-
-    variant: Variant
-    info: AdapterInfo | None
-    adapter_name: str | None  # None runs with every adapter disabled (base, merged copies)
-    model: Any = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.variant.name
-
-    @contextlib.contextmanager
-    def active(self, *, adapters_off: bool = False) -> Iterator[Any]:
-        """`model` with this variant's adapter active (or every adapter disabled)."""
-        if not hasattr(self.model, "peft_config"):
-            yield self.model
-        elif self.adapter_name is None or adapters_off:
-            with self.model.disable_adapter():
-                yield self.model
-        else:
-            self.model.set_adapter(self.adapter_name)
-            yield self.model
-
-    @property
-    def mixable(self) -> bool:
-        """peft mixes adapters row by row (`adapter_names`) only for plain LoRA on a peft model. DoRA
-        refuses with a ValueError and leaves its hooks behind, so every later generate() fails too;
-        merged copies have no adapter to pick."""
-        config = getattr(self.model, "peft_config", None)
-        if config is None:
-            return False
-        if self.adapter_name is None:
-            return True
-        c = config[self.adapter_name]
-        return str(getattr(c, "peft_type", "LORA")).endswith("LORA") and not getattr(c, "use_dora", False)
-
-
-def plan_runs(group: list[_Slot], missing: Mapping[str, list[int]], batch_size: int) -> list[list[tuple[_Slot, int]]]:
-    """(variant, prompt index) runs for one mix group. Each variant's full batches run on their own:
-    a mixed forward gathers and scatters rows per adapter in every LoRA layer, measured 30-60%
-    slower on CPU than one adapter per batch. Only the partial batches left over are pooled into
-    mixed batches (prompt-major, so the rows of one prompt sit side by side): that saves forwards,
-    and with many adapters and few cases it is most of the work."""
-    runs, rest = [], []
-    for slot in group:
-        idx = missing[slot.name]
-        cut = len(idx) - len(idx) % batch_size if len(group) > 1 else len(idx)
-        runs += [[(slot, i) for i in idx[:cut]]] if cut else []
-        rest += [(slot, i) for i in idx[cut:]]
-    return runs + ([sorted(rest, key=lambda job: job[1])] if rest else [])
-
-
-def mix_groups(slots: Sequence[_Slot]) -> list[list[_Slot]]:
-    """Variants that can share generation batches: mixable ones on the same model instance; every
-    other variant is a group of its own (it runs with set_adapter / disable_adapter)."""
-    groups: dict[int, list[_Slot]] = {}
-    for slot in slots:
-        groups.setdefault(id(slot.model) if slot.mixable else id(slot), []).append(slot)
-    return list(groups.values())
 
 
 Locate = Callable[[str | None], contextlib.AbstractContextManager[Any]]  # variant name (None: the base) -> error-locating scope
@@ -151,13 +32,11 @@ class HFBackend:
     """Variants served in this process. `add` declares them; the models load on the first request
     (`load`), so a run the cache answers whole never loads one."""
 
-    capabilities = Capabilities(full_logits=True)
-
     def __init__(self, base: ResolvedBase | None, tokenizer: Any, *, log: Callable[[str], None] = print,
                  locate: Locate | None = None):
         self.base, self.tokenizer, self.log = base, tokenizer, log
         self.locate: Locate = locate or (lambda _name: contextlib.nullcontext())
-        self.slots: dict[str, _Slot] = {}
+        self.slots: dict[str, Slot] = {}
         self.models: dict[str, Any] = {}  # "full" | "nf4" | "int8" -> the one shared instance of each
         self.stats: dict[str, dict[str, Any]] = {}  # per variant: peak memory
         self.forward_passes = 0  # loglikelihood forwards (the canary's batching is tested on it)
@@ -172,13 +51,13 @@ class HFBackend:
         backend = cls(base, tokenizer, log=log)
         backend.models["full"] = model
         for name, adapter in adapters.items():
-            backend.slots[name] = _Slot(Variant(name=name), None, adapter, model)
+            backend.slots[name] = Slot(Variant(name=name), None, adapter, model)
         backend._loaded = True
         return backend
 
     def add(self, variant: Variant, info: AdapterInfo | None) -> None:
         """Declare a variant; once the models are loaded, it is attached (or merged) at once."""
-        slot = _Slot(variant, info, variant.name if info and not variant.merge else None)
+        slot = Slot(variant, info, variant.name if info and not variant.merge else None)
         self.slots[variant.name] = slot
         if self._loaded:
             from evalkit.models.adapters import check_fits_base
@@ -241,7 +120,7 @@ class HFBackend:
             m.eval()
         self._loaded = True
 
-    def _bind(self, slot: _Slot) -> None:
+    def _bind(self, slot: Slot) -> None:
         """Give a declared variant its module: the shared base of its precision with its adapter
         attached by name, or a merged copy of its own. Every slot on a shared base is rebound, as
         attaching the first adapter wraps that base in a PeftModel."""
@@ -341,17 +220,13 @@ class HFBackend:
             for todo in plan_runs(group, missing, gen.batch_size):
                 self._generate_run(todo, prompts, gen, on_done)
 
-    def _generate_run(self, todo: list[tuple[_Slot, int]], prompts: Sequence[Prompt], gen: GenerationConfig,
+    def _generate_run(self, todo: list[tuple[Slot, int]], prompts: Sequence[Prompt], gen: GenerationConfig,
                       on_done: OnOutputs) -> None:
         group = list({id(slot): slot for slot, _ in todo}.values())
-        names = None
-        if len(group) > 1:
-            names = [slot.adapter_name or MIXED_BASE for slot, _ in todo]
         device = str(next(group[0].model.parameters()).device)
-        # a mixed batch ignores the active adapter but not disable_adapter(): use the bare model
-        scope = contextlib.nullcontext(group[0].model) if names else group[0].active()
-        with PeakMemory(device) as peak, scope as model:
-            generate(model, self.tokenizer, [prompts[i] for _, i in todo], gen, adapter_names=names,
+        with PeakMemory(device) as peak:
+            generate(group[0].model, self.tokenizer, [prompts[i] for _, i in todo], gen,
+                     adapters=[slot.adapter_name for slot, _ in todo],
                      on_batch=lambda idx, outs: on_done([(todo[j][0].name, todo[j][1], o) for j, o in zip(idx, outs)]))
         for slot in group:  # a shared batch has one peak: every variant in it gets it
             bucket = self.stats.setdefault(slot.name, {})
@@ -386,7 +261,7 @@ class HFBackend:
                         results.append((float(picked.sum()), bool((lp.argmax(-1) == _tensor(cont)).all())))
                 on_done(done, results)
 
-    def _logprobs(self, model: Any, inputs: list[tuple[int, ...]], keep: int):
+    def _logprobs(self, model: Any, inputs: list[tuple[int, ...]], keep: int) -> Any:
         """Log-probabilities at the last `keep` positions of each input: one left-padded batch.
         Positions come from the mask, so padding changes nothing."""
         import torch
@@ -462,11 +337,11 @@ class HFBackend:
             out.append(([float(x) for x in picked], [self.tokenizer.decode([int(t)]) for t in lp.argmax(-1)]))
         return out
 
-    def _slot(self, variant: str, adapters_off: bool) -> _Slot:
+    def _slot(self, variant: str, adapters_off: bool) -> Slot:
         """The variant's slot; with `adapters_off`, for a merged copy, the base it was merged from."""
         slot = self.slots[variant]
         if adapters_off and slot.variant.merge:
-            return _Slot(slot.variant, None, None, self.model_for(slot.variant.quantize))
+            return Slot(slot.variant, None, None, self.model_for(slot.variant.quantize))
         return slot
 
     def reference_of(self, variant: str) -> int:
@@ -480,7 +355,7 @@ class HFBackend:
         self.slots.clear()
 
 
-def _tensor(ids: Sequence[int]):
+def _tensor(ids: Sequence[int]) -> Any:
     import torch
 
     return torch.tensor(list(ids), dtype=torch.long)
@@ -497,7 +372,7 @@ def _config(base: ResolvedBase | None) -> Any:
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def _length_batches(inputs: Sequence[tuple[int, ...]], size: int, min_fill: float = 0.9):
+def _length_batches(inputs: Sequence[tuple[int, ...]], size: int, min_fill: float = 0.9) -> Iterator[list[tuple[int, ...]]]:
     """Batches of up to `size` inputs (sorted longest first) whose lengths stay within `min_fill`
     of the batch's longest, so padding wastes at most ~10% of a forward pass; fixed-size batches
     waste about as much again on MMLU's long tail (law, history: 5x the median prompt)."""

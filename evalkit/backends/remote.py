@@ -22,12 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from evalkit.backends.base import PROBES, Capabilities, Job, OnOutputs, OnScores, Prompt, TokenPair, token_ids
-from evalkit.backends.hf import truncate_at_stop
-from evalkit.config.suite import BackendConfig, GenerationConfig
+from evalkit.backends.base import PROBES, Job, OnOutputs, OnScores, Prompt, TokenPair, token_ids, truncate_at_stop
+from evalkit.config.generation import GenerationConfig
+from evalkit.config.variant import BackendConfig
 from evalkit.endpoint import Endpoint, served_identity
 from evalkit.errors import ConfigError, EvalkitError, ExitCode
-from evalkit.record import BackendRecord
+from evalkit.record.types import BackendRecord
 from evalkit.types import Output, stable_hash
 
 DEFAULT_MAX_LENGTH = 2048  # when the server's model entry gives no max_model_len
@@ -41,7 +41,9 @@ class EndpointFailed(EvalkitError):
 
 
 class OpenAIBackend:
-    capabilities = Capabilities(full_logits=False)
+    """Variants served by OpenAI-compatible servers: a `Backend`, and `Served` (`served`, `parent`,
+    `probe_texts`, `prompt_logprobs`)."""
+
     engine = "openai"  # what results.json names
 
     def __init__(self, cfg: BackendConfig, served: Mapping[str, str], tokenizer: Any, *,

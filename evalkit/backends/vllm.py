@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.backends.remote import OpenAIBackend
-from evalkit.config.suite import BackendConfig, Variant
+from evalkit.config.variant import BackendConfig, Variant
 from evalkit.errors import ConfigError
 from evalkit.models.adapters import AdapterInfo
 

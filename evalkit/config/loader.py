@@ -1,8 +1,8 @@
 """YAML suite -> typed Suite. Every user mistake becomes `FILE:LINE PATH: message` (exit 4).
 
 `Loader` (PyYAML's safe loader, numbers read as YAML 1.2 does) gives the data and the node tree, from which
-we map each YAML path to its line. The shapes in `evalkit.config.suite` check everything else
-(types, unknown keys, files, names); their errors are located with the line map.
+we map each YAML path to its line. The shapes of `evalkit.config` (`Suite` and its parts) check everything
+else (types, unknown keys, files, names); their errors are located with the line map.
 """
 from __future__ import annotations
 

@@ -18,39 +18,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from evalkit.cache import Cache, judge_key
-from evalkit.endpoint import Endpoint, EndpointAuthError, EndpointSettings, endpoint_identity
+from evalkit.cache import Cache, cached, judge_key, seed_probe_key
+from evalkit.config.judge import JudgeConfig
+from evalkit.endpoint import Endpoint, EndpointAuthError, endpoint_identity
 from evalkit.judge.verdicts import Verdict, VerdictError, parse_verdict, reask_messages, request_schema
 from evalkit.types import stable_hash
 
 SEED_POLICY = ("per request: sha256(messages, sample, attempt, model, temperature, "
                "max_tokens, response_format), first 8 hex digits masked to 31 bits")
 PROBE = ({"role": "user", "content": "Write ten random words."},)
-
-
-class JudgeConfig(EndpointSettings):
-    """The suite's `judge:` mapping: an OpenAI-compatible endpoint and how to ask it."""
-
-    base_url: str = Field(pattern=r"^https?://")
-    model: str = Field(min_length=1)
-    temperature: float = Field(0.0, ge=0, le=2)
-    max_tokens: int = Field(256, ge=1)
-    invalid_retries: int = Field(2, ge=0, le=10, description="re-asks after an unparseable verdict")
-    response_format: Literal["none", "json_object", "json_schema"] = Field(
-        "none", description="also send OpenAI's response_format (json_object / json_schema)")
-
-    def describe(self) -> dict[str, Any]:
-        """What the run record keeps about the judge (the variable's name, not its value)."""
-        return self.model_dump()
-
-    def request_params(self) -> dict[str, Any]:
-        """Everything besides the messages that changes the reply: part of every cache key."""
-        return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                "response_format": self.response_format}
 
 
 class JudgeClient:
@@ -178,23 +156,24 @@ class JudgeClient:
         cached per endpoint identity and temperature, so a rerun makes no call."""
         if self.cfg.temperature == 0:
             return "not needed at temperature 0"
-        key = Cache.key("judge-seed-probe", endpoint=self.identity, temperature=self.cfg.temperature)
-        if self.cache is not None and (hit := self.cache.get(key, count=False)) is not None:
-            return hit["probe"]
-        replies: list[str] = []
-        try:
-            for seed in (1, 1, 2):
-                replies.append(self._create(PROBE, seed, max_tokens=16))
-                self._count(probe_calls=1)
+        key = seed_probe_key(self.identity, self.cfg.temperature)
+        try:  # a failed probe is not cached: a rerun asks again
+            [(probe, _)] = cached(self.cache or Cache(None), [key], lambda _todo, deliver: deliver({0: self._ask_seeds()}),
+                                  count=False, decode=lambda hit: str(hit["probe"]), encode=lambda probe: {"probe": probe})
         except EndpointAuthError:
             raise
         except self._openai.OpenAIError as e:
             return f"failed: {self._describe_error(e)}"
-        a, b, c = replies
-        probe = "ignored" if a != b else "honoured" if a != c else "inconclusive"
-        if self.cache is not None:
-            self.cache.put(key, {"probe": probe})
         return probe
+
+    def _ask_seeds(self) -> str:
+        """The probe's three calls, read: "honoured", "ignored" or "inconclusive"."""
+        replies: list[str] = []
+        for seed in (1, 1, 2):
+            replies.append(self._create(PROBE, seed, max_tokens=16))
+            self._count(probe_calls=1)
+        a, b, c = replies
+        return "ignored" if a != b else "honoured" if a != c else "inconclusive"
 
 
 def preflight(cfg: JudgeConfig) -> dict[str, Any]:
@@ -208,7 +187,6 @@ def preflight(cfg: JudgeConfig) -> dict[str, Any]:
 __all__ = [
     "SEED_POLICY",
     "JudgeClient",
-    "JudgeConfig",
     "endpoint_identity",
     "preflight",
 ]

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from evalkit.errors import EvalkitError, ExitCode
-from evalkit.record import ComparisonRecord, GateRecord, RecordError, RunRecord
+from evalkit.record.codec import RecordError
+from evalkit.record.types import ComparisonRecord, GateRecord, RunRecord
 
 RESULTS, SAMPLES = "results.json", "samples.jsonl"
 

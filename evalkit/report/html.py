@@ -20,7 +20,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
-from evalkit.record import BaseRecord, RunRecord, SuiteRecord, TaskRecord
+from evalkit.record.types import BaseRecord, RunRecord, SuiteRecord, TaskRecord
 from evalkit.report import data
 from evalkit.report.data import fmt, fmt_delta, fmt_interval, fmt_p, fmt_p_eq, is_num
 from evalkit.runlog import atomic_write

@@ -16,7 +16,7 @@ from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
 from evalkit.errors import ConfigError
-from evalkit.scorers import register
+from evalkit.scorers.registry import register
 from evalkit.types import Case, Output, Score
 
 # The whole output may be one fenced block (```json ... ``` or bare ```), as chat models like to

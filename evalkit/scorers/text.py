@@ -14,7 +14,7 @@ from typing import Any
 
 from evalkit.errors import ConfigError
 from evalkit.rows import answer_text
-from evalkit.scorers import register
+from evalkit.scorers.registry import register
 from evalkit.scorers.structured import clip, parse_json_output
 from evalkit.types import Case, Output, Score
 

@@ -18,8 +18,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from evalkit.backends.decoder import TokenLogprob
+from evalkit.backends.sampling import Sampling
 from evalkit.errors import did_you_mean, fmt_path
-from evalkit.serve.engine import Sampling, TokenLogprob
 from evalkit.shape import Shape, error_parts, invalid
 
 

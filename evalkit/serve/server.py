@@ -48,9 +48,8 @@ def load_engine(base: BaseSpec | ResolvedBase | str, adapters: Mapping[str, str 
     resolved = _resolve(base)
     hf = HFBackend(resolved, load_tokenizer(resolved), log=lambda message: log(f"evalkit serve: {message}"))
     model, tokenizer = hf.shared_model(quantize, infos), hf.tokenizer
-    mixable = {name: info.config.get("peft_type", "LORA") == "LORA" and not info.is_dora for name, info in infos.items()}
     roots = {BASE: str(resolved.spec.ref), **{name: str(info.path) for name, info in infos.items()}}
-    return Engine(model, tokenizer, mixable, fingerprints=_fingerprints(resolved, infos, quantize), roots=roots,
+    return Engine(model, tokenizer, list(infos), fingerprints=_fingerprints(resolved, infos, quantize), roots=roots,
                   **engine_options)
 
 

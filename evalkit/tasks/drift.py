@@ -23,8 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from evalkit.cache import Cache, drift_key
-from evalkit.config.suite import DriftTask
+from evalkit.backends.base import InProcess
+from evalkit.cache import Deliver, cached, drift_key, drift_summary_key
+from evalkit.config.canary import DriftTask
 from evalkit.errors import ConfigError
 from evalkit.fileio import iter_jsonl
 from evalkit.tasks.base import SampleResult, TaskResult
@@ -179,13 +180,9 @@ def run(ctx: RunContext, task: DriftTask) -> TaskResult:
     found, tokens = [found[i] for i in keep], [tokens[i] for i in keep]
     if not found:
         raise ConfigError("no passage has two tokens or more", path=task.where("data"))
-    for lv in ctx.variants:
-        if lv.backend is not ctx.hf:
-            raise ConfigError(f"drift needs every logit of the next-token distributions; variant '{lv.name}' runs on "
-                              f"'{lv.backend.record(lv.name).engine}', which gives top log-probabilities only",
-                              path=task.where("kind"), hint="run the variants of a drift task on `backend: {kind: hf}`")
+    models = {lv.name: _in_process(task, lv) for lv in ctx.variants}
     refs = {lv.name: against(ctx, task, lv) for lv in ctx.variants}
-    summaries = {lv.name: _summaries(ctx, task, lv, refs[lv.name], tokens) for lv in ctx.variants}
+    summaries = {lv.name: _summaries(ctx, task, lv, refs[lv.name], models, tokens) for lv in ctx.variants}
     samples = [SampleResult(task=task.name, variant=lv.name, case_id=p.id, prompt=p.text, output="", target=None,
                             scores={m: Score(values[m]) for m in METRICS}, cached=cached, meta={"tokens": len(ids)})
                for lv in ctx.variants for p, ids, (values, cached) in zip(found, tokens, summaries[lv.name])]
@@ -195,47 +192,48 @@ def run(ctx: RunContext, task: DriftTask) -> TaskResult:
         "kl": f"a lower bound: the reference's top-{task.top_k} tokens per position plus one bucket for the rest"})
 
 
-def _summaries(ctx: RunContext, task: DriftTask, lv: RunVariant, ref: Against,
+def _in_process(task: DriftTask, lv: RunVariant) -> InProcess:
+    """The variant's backend, which must give every logit of the next-token distributions."""
+    backend = lv.backend
+    if not isinstance(backend, InProcess):
+        raise ConfigError(f"drift needs every logit of the next-token distributions; variant '{lv.name}' runs on "
+                          f"'{backend.record(lv.name).engine}', which gives top log-probabilities only",
+                          path=task.where("kind"), hint="run the variants of a drift task on `backend: {kind: hf}`")
+    return backend
+
+
+def _summaries(ctx: RunContext, task: DriftTask, lv: RunVariant, ref: Against, models: dict[str, InProcess],
                tokens: list[list[int]]) -> list[tuple[dict[str, float], bool]]:
     """(kl, top1_agreement, ppl_ratio) per passage, cached per (variant, reference, passage)."""
     if ref.key == lv.fingerprint:
         return [({"kl": 0.0, "top1_agreement": 1.0, "ppl_ratio": 1.0}, True) for _ in tokens]  # itself
-    keys = [Cache.key("drift-summary", model=lv.fingerprint, reference=ref.key, passage=t, top_k=task.top_k)
-            for t in tokens]
-    out: list[tuple[dict[str, float], bool] | None] = [
-        None if (f := ctx.cache.get(k)) is None else (f, True) for k in keys]
-    todo = [i for i, o in enumerate(out) if o is None]
-    if not todo:
-        return out  # type: ignore[return-value]
-    references = _references(ctx, task, ref, [tokens[i] for i in todo])
-    assert ctx.hf is not None  # checked: every variant of a drift task runs in process
+    keys = [drift_summary_key(lv.fingerprint, ref.key, t, task.top_k) for t in tokens]
 
-    def on_each(j: int, lp: Any) -> None:
-        values = compare(references[j], lp, tokens[todo[j]])
-        ctx.cache.put(keys[todo[j]], values)
-        out[todo[j]] = (values, False)
-
-    t0 = time.perf_counter()
-    ctx.hf.next_token_logprobs(lv.name, [tokens[i] for i in todo], on_each, batch_size=task.batch_size)
-    ctx.count(lv.name, seconds=time.perf_counter() - t0)
-    return out  # type: ignore[return-value]
-
-
-def _references(ctx: RunContext, task: DriftTask, ref: Against, tokens: list[list[int]]) -> list[Reference]:
-    """The reference's compact distributions for these passages: from the cache, else computed
-    (batched forwards) and cached."""
-    keys = [drift_key(ref.key, t, task.top_k) for t in tokens]
-    got: list[Reference | None] = [None if (f := ctx.cache.get(k, count=False)) is None else Reference.from_json(f)
-                                   for k in keys]
-    todo = [i for i, r in enumerate(got) if r is None]
-    if todo:
-        assert ctx.hf is not None
+    def compute(todo: list[int], deliver: Deliver[dict[str, float]]) -> None:
+        references = _references(ctx, task, ref, models[ref.variant], [tokens[i] for i in todo])
 
         def on_each(j: int, lp: Any) -> None:
-            r = Reference.of(lp, tokens[todo[j]], task.top_k)
-            ctx.cache.put(keys[todo[j]], r.to_json())
-            got[todo[j]] = r
+            deliver({todo[j]: compare(references[j], lp, tokens[todo[j]])})
 
-        ctx.hf.next_token_logprobs(ref.variant, [tokens[i] for i in todo], on_each, batch_size=task.batch_size,
-                                   adapters_off=ref.adapters_off)
-    return got  # type: ignore[return-value]
+        t0 = time.perf_counter()
+        models[lv.name].next_token_logprobs(lv.name, [tokens[i] for i in todo], on_each, batch_size=task.batch_size)
+        ctx.count(lv.name, seconds=time.perf_counter() - t0)
+
+    return cached(ctx.cache, keys, compute)
+
+
+def _references(ctx: RunContext, task: DriftTask, ref: Against, model: InProcess,
+                tokens: list[list[int]]) -> list[Reference]:
+    """The reference's compact distributions for these passages: from the cache, else computed
+    (batched forwards on `model`) and cached."""
+    keys = [drift_key(ref.key, t, task.top_k) for t in tokens]
+
+    def compute(todo: list[int], deliver: Deliver[Reference]) -> None:
+        def on_each(j: int, lp: Any) -> None:
+            deliver({todo[j]: Reference.of(lp, tokens[todo[j]], task.top_k)})
+
+        model.next_token_logprobs(ref.variant, [tokens[i] for i in todo], on_each, batch_size=task.batch_size,
+                                  adapters_off=ref.adapters_off)
+
+    found = cached(ctx.cache, keys, compute, count=False, decode=Reference.from_json, encode=Reference.to_json)
+    return [r for r, _ in found]

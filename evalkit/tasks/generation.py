@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evalkit.config.suite import CasesTask, GenerateTask
+from evalkit.config.task import CasesTask, GenerateTask, ScorerSpec
 from evalkit.errors import ConfigError
 from evalkit.fileio import iter_jsonl
-from evalkit.record import Rendering
+from evalkit.record.types import Rendering
 from evalkit.rows import Template, parse_row
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.types import Case, Output, Score
@@ -75,7 +75,7 @@ def score_outputs(task: CasesTask, variant: str, cases: list[Case], outputs: lis
     return samples
 
 
-def _safe_score(spec, case: Case, out) -> Score:
+def _safe_score(spec: ScorerSpec, case: Case, out: Output) -> Score:
     # a scorer bug on one odd output must not sink the whole run: record it as invalid
     try:
         return spec.fn(case, out)

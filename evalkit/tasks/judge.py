@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evalkit.config.suite import JudgeTask
-from evalkit.context import RunContext, _progress
+from evalkit.config.judge import JudgeConfig
+from evalkit.config.task import JudgeTask
+from evalkit.context import RunContext, progress_bar
 from evalkit.errors import ConfigError
 from evalkit.fileio import iter_jsonl, read_text
 from evalkit.judge import verdicts as V
-from evalkit.judge.client import SEED_POLICY, JudgeClient, JudgeConfig
+from evalkit.judge.client import SEED_POLICY, JudgeClient
 from evalkit.judge.client import preflight as _endpoint_preflight
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.tasks.generation import task_cases
@@ -100,17 +101,20 @@ def preflight(task: JudgeTask) -> None:
 
 # ---------------------------------------------------------------- the run
 
+Request = tuple[tuple[dict[str, str], ...], dict[str, Any], int]  # (messages, schema, sample)
+
+
 @dataclass(frozen=True)
 class _Item:
     """One thing to score: the requests to send and who it belongs to."""
 
     variant: str | None  # None: an anchor
     key: str  # case id or anchor id
-    requests: tuple[tuple[tuple[dict[str, str], ...], dict[str, Any], int], ...]
+    requests: tuple[Request, ...]
     split: int = 0  # pairwise: requests[:split] show the candidate first
 
 
-def _requests(messages: Sequence[dict[str, str]], schema: dict[str, Any], k: int):
+def _requests(messages: Sequence[dict[str, str]], schema: dict[str, Any], k: int) -> tuple[Request, ...]:
     return tuple((tuple(messages), schema, s) for s in range(k))
 
 
@@ -152,7 +156,7 @@ def run(ctx: RunContext, task: JudgeTask) -> TaskResult:
 
     client = JudgeClient(jt.judge, ctx.cache, log=ctx.log)  # its identity: one GET /models
     flat = [r for it in items for r in it.requests]
-    bar = _progress(len(flat), f"judge {task.name}", ctx.progress, ctx.log)
+    bar = progress_bar(len(flat), f"judge {task.name}", ctx.progress, ctx.log)
     try:
         found = client.judge_many(flat, on_done=lambda: bar.update(1))
     finally:

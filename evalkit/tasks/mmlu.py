@@ -14,14 +14,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from evalkit.config.suite import MmluTask
+from evalkit.config.canary import MmluTask
 from evalkit.errors import ConfigError
-from evalkit.tasks import harness
+from evalkit.tasks import harness, harness_lm, harness_results
 from evalkit.tasks.base import SampleResult, TaskResult
 from evalkit.tasks.mmlu_data import LETTERS, CanarySlice, Question, load_questions, per_subject_accuracy, plan_slice
 from evalkit.types import Score
+
+if TYPE_CHECKING:
+    from evalkit.context import RunContext
 
 # lm-eval's tasks/mmlu/default template, verbatim, so numbers compare with lm-eval's `mmlu`.
 DOC_TO_TEXT = ("{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
@@ -48,7 +51,7 @@ def _description(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 
 
-def _dataset(docs: list[dict[str, Any]], **_: Any):
+def _dataset(docs: list[dict[str, Any]], **_: Any) -> Any:
     """lm-eval's `custom_dataset` hook: rows in memory (lm-eval passes its metadata as kwargs)."""
     import datasets
 
@@ -83,18 +86,18 @@ def task_configs(questions: Sequence[Question], fewshot: Mapping[str, Sequence[Q
 
 def simple_evaluate(model: Any, configs: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` on generated configs, as the canary calls it (no task-folder scan)."""
-    return harness.simple_evaluate(model, configs, **kwargs)
+    return harness_lm.simple_evaluate(model, configs, **kwargs)
 
 
 def records_from_results(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """question id -> {prompt, loglikelihoods, choice, correct}, read from lm-eval's logged samples."""
     return {d.doc["id"]: {"prompt": d.prompt, "loglikelihoods": list(d.loglikelihoods or ()), "choice": d.choice,
-                          "correct": bool(d.metrics["acc"])} for d in harness.documents(results)}
+                          "correct": bool(d.metrics["acc"])} for d in harness_results.documents(results)}
 
 
 # ---------------------------------------------------------------- the task kind
 
-def run(ctx, task: MmluTask) -> TaskResult:
+def run(ctx: RunContext, task: MmluTask) -> TaskResult:
     """Every variant's answer to every question of the slice, joined by question id."""
     sl, source = plan(task, ctx.suite.seed, ctx.suite.dir, log=ctx.log)
     canary = harness.run_canary(ctx, task.name, lambda: task_configs(sl.questions, sl.fewshot, task.n_shot),

