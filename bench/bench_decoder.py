@@ -1,7 +1,9 @@
-"""The decoder's greedy path against HF's `model.generate`, side by side in one run: the demo's
-extract prompts on the embedded SmolLM2-135M, at batch 1 and batch 16, the same prompts, the same
-end-of-sequence set, interleaved rounds (so load on the machine hits both arms alike). Prints each
-arm's median seconds, the ratio, and whether the outputs agree token for token.
+"""The decoder's greedy path against HF's `model.generate`, side by side in one run, on the embedded
+SmolLM2-135M: the demo's extract prompts at batch 1 and batch 16 (replies of similar length), and a
+batch of 16 whose replies end far apart (8 extract cases and 8 open questions, up to 128 tokens:
+the decoder drops a finished row from the batch, `generate` keeps computing it). The same prompts
+and end-of-sequence set for both, interleaved rounds (so load on the machine hits both arms alike).
+Prints each arm's median seconds, the ratio, and whether the outputs agree token for token.
 
     python bench/bench_decoder.py [--prompts 16] [--tokens 48] [--rounds 3]
 """
@@ -58,24 +60,27 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     model, tok = load_base(resolve_base(BaseSpec.of("gguf", EMBEDDED)))
-    cases = load_cases(REPO / "suites/data/extract_test.jsonl", args.prompts)
-    prompts = [encode(tok, render_prompt(tok, c)) for c in cases]
+    extract = load_cases(REPO / "suites/data/extract_test.jsonl", args.prompts)
+    mixed = extract[:8] + load_cases(REPO / "suites/data/judge_questions.jsonl", 8)
     decoder = Decoder(model, tok)
-    print(f"{len(prompts)} extract prompts, max_new_tokens {args.tokens}, embedded SmolLM2-135M on CPU "
-          f"({torch.get_num_threads()} threads), median of {args.rounds} interleaved rounds")
-    for batch in (1, 16):
+    print(f"embedded SmolLM2-135M on CPU ({torch.get_num_threads()} threads), median of {args.rounds} interleaved rounds")
+    for label, cases, batch, tokens in (("extract", extract, 1, args.tokens), ("extract", extract, 16, args.tokens),
+                                        ("ends apart", mixed, 16, 128)):
+        prompts = [encode(tok, render_prompt(tok, c)) for c in cases]
         times: dict[str, list[float]] = {"decoder": [], "generate": []}
         outs = {}
         for _ in range(args.rounds):
-            for arm, run in (("generate", lambda b=batch: generate_arm(model, tok, prompts, b, args.tokens, decoder.eos_ids)),
-                             ("decoder", lambda b=batch: decoder_arm(decoder, prompts, b, args.tokens))):
+            for arm in ("generate", "decoder"):
                 t0 = time.perf_counter()
-                outs[arm] = run()
+                outs[arm] = (generate_arm(model, tok, prompts, batch, tokens, decoder.eos_ids) if arm == "generate"
+                             else decoder_arm(decoder, prompts, batch, tokens))
                 times[arm].append(time.perf_counter() - t0)
         d, g = statistics.median(times["decoder"]), statistics.median(times["generate"])
         goal = "not slower" if batch == 1 else "faster"
-        print(f"  batch {batch:2d}: decoder {d:6.2f} s, model.generate {g:6.2f} s: generate/decoder {g / d:4.2f}x "
-              f"(goal: {goal}); same tokens: {outs['decoder'] == outs['generate']}")
+        lengths = sorted(len(o) for o in outs["decoder"])
+        print(f"  {label:10s} {len(prompts)} prompts, batch {batch:2d}, max {tokens:3d} tokens (replies {lengths[0]}-{lengths[-1]}): "
+              f"decoder {d:6.2f} s, model.generate {g:6.2f} s: generate/decoder {g / d:4.2f}x (goal: {goal}); "
+              f"same tokens: {outs['decoder'] == outs['generate']}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def assemble(suite: Suite, ctx: RunContext, infos: dict[str, AdapterInfo], resul
                                settings=suite_task(suite, t).settings(), rendering=renderings.get(t))
                     for t, tr in results.items()),
         metrics=tuple(metrics),
-        comparisons=tuple(_comparison_records(suite, comparisons)),
+        comparisons=tuple(comparison_records(suite, comparisons)),
         gates=tuple(gates), checks=tuple(checks), verdict="pass" if all(g.passed for g in gates) else "fail",
         cache=CacheStats(hits=ctx.cache.hits, misses=ctx.cache.misses,
                          path=str(ctx.cache.path) if ctx.cache.path else None),
@@ -111,7 +111,7 @@ def _comparisons(suite: Suite, results: dict[str, TaskResult], values) -> dict[t
     return out
 
 
-def _comparison_records(suite: Suite, comparisons: dict[tuple[str, str, str, str], PairedComparison]
+def comparison_records(suite: Suite, comparisons: dict[tuple[str, str, str, str], PairedComparison]
                         ) -> list[ComparisonRecord]:
     """Each comparison with its Holm-adjusted p (across every comparison of the run: the report's
     significance markers) and the drop it rules out, at the level of the gate on it (else 95%)."""

@@ -183,13 +183,13 @@ def test_check_gates():
 # ------------------------------------------------------------- what a run rules out (record + console)
 
 def test_the_record_states_the_drop_each_comparison_rules_out_at_its_gates_level():
+    from evalkit.assemble import comparison_records
     from evalkit.report.data import excludes_line
-    from evalkit.runner import _comparison_records
 
     gates = [Gate(metric="t.m", vs="base", max_drop=10, confidence=0.99)]
     suite = _suite("loss", gates)
     one_lost = paired_compare(*pairs(1, 0, 22, 91), binary=True)
-    records = _comparison_records(suite, {("t", "m", "lora", "base"): one_lost,
+    records = comparison_records(suite, {("t", "m", "lora", "base"): one_lost,
                                           ("t", "other", "lora", "base"): one_lost,
                                           ("t", "gain", "lora", "base"): paired_compare(*pairs(0, 20, 10), binary=True),
                                           ("t", "all", "lora", "base"): paired_compare([1] * 5, [0] * 5, binary=True)})

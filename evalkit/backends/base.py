@@ -72,7 +72,7 @@ TokenPair = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation id
 OnScores = Callable[[list[int], list[tuple[float, bool]]], None]  # request indices, (loglikelihood, greedy)
 # per prompt: each token's logprob given those before it (from the second token on), and the top-1
 # token at each of those positions as a server renders it (the token decoded alone)
-PromptLogprobs = tuple[list[float], list[str]]
+PromptScores = tuple[list[float], list[str]]
 
 
 class Backend(Protocol):
@@ -152,7 +152,7 @@ class InProcess(Protocol):
         `on_each(index, logprobs)` a batch at a time."""
         ...
 
-    def prompt_logprobs(self, variant: str, prompts: Sequence[Sequence[int]]) -> list[PromptLogprobs]:
+    def prompt_logprobs(self, variant: str, prompts: Sequence[Sequence[int]]) -> list[PromptScores]:
         """The prompts' own logprobs under a variant, as a server echoes them."""
         ...
 
@@ -180,7 +180,7 @@ class Served(Protocol):
         """The greedy continuations of `PROBES` under the variant, as identifying it got them."""
         ...
 
-    def prompt_logprobs(self, name: str, prompts: Sequence[Sequence[int]]) -> list[PromptLogprobs]:
+    def prompt_logprobs(self, name: str, prompts: Sequence[Sequence[int]]) -> list[PromptScores]:
         """The prompts' own logprobs under a served name (a variant's, or a parent's)."""
         ...
 

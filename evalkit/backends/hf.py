@@ -12,7 +12,8 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from evalkit.backends.base import Job, OnOutputs, OnScores, Prompt, TokenPair
+from evalkit.backends.base import Job, OnOutputs, OnScores, Prompt, PromptScores, TokenPair
+from evalkit.backends.decoder import Decoder, Event, Generation, PromptLogprobs
 from evalkit.backends.hf_plan import Slot, generate, mix_groups, plan_runs
 from evalkit.config.generation import GenerationConfig
 from evalkit.config.variant import Variant
@@ -325,16 +326,20 @@ class HFBackend:
                 for row, i in enumerate(chunk):
                     on_each(i, F.log_softmax(logits[row, :len(prompts[i])].float(), dim=-1).cpu())
 
-    def prompt_logprobs(self, variant: str, prompts: Sequence[Sequence[int]]) -> list[tuple[list[float], list[str]]]:
+    def prompt_logprobs(self, variant: str, prompts: Sequence[Sequence[int]]) -> list[PromptScores]:
         """Per prompt, each token's logprob given those before it (from the second token on) and the
-        top-1 token at that position, rendered as servers render it (the token decoded alone)."""
-        import torch.nn.functional as F
-
+        top-1 token at that position, rendered as servers render it (the token decoded alone): the
+        decoder's prefill, as `evalkit serve` answers `echo`, one prompt at a time (no padding)."""
+        self.load()
+        slot = self.slots[variant]
+        decoder = Decoder(slot.model, self.tokenizer)
         out = []
-        for ids, logits in zip(prompts, self.logits(variant, prompts)):
-            lp = F.log_softmax(logits[:-1], dim=-1)
-            picked = lp.gather(-1, _tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
-            out.append(([float(x) for x in picked], [self.tokenizer.decode([int(t)]) for t in lp.argmax(-1)]))
+        for ids in prompts:
+            events: list[Event] = []
+            decoder.run([Generation(slot.adapter_name, list(ids), 0, sink=events.append, prompt_logprobs=1, stream=False)])
+            scored = next(e for e in events if isinstance(e, PromptLogprobs)).tokens[1:]
+            out.append(([t.logprob for t in scored if t.logprob is not None],
+                        [self.tokenizer.decode([t.top[0][0]]) for t in scored]))
         return out
 
     def _slot(self, variant: str, adapters_off: bool) -> Slot:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from evalkit.backends.base import PROBES, PromptLogprobs
+from evalkit.backends.base import PROBES, PromptScores
 from evalkit.config.gate import Gate
 from evalkit.config.task import CasesTask
 from evalkit.record.types import CheckRecord
@@ -42,7 +42,7 @@ def logit_diff(a: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[float, float]:
     return max_abs, float(agree.mean())
 
 
-def logprob_diff(a: Sequence[PromptLogprobs], b: Sequence[PromptLogprobs]) -> tuple[float, float]:
+def logprob_diff(a: Sequence[PromptScores], b: Sequence[PromptScores]) -> tuple[float, float]:
     """(max abs difference of the prompt tokens' logprobs, agreement of the top-1 tokens) over every
     position of every prompt, from `prompt_logprobs` of two backends (or two models)."""
     diffs = [abs(x - y) for (la, _), (lb, _) in zip(a, b) for x, y in zip(la, lb)]

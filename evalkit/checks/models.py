@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from evalkit.backends.base import PROBES, InProcess, InProcessBackend, Prompt, PromptLogprobs, Served, token_ids
+from evalkit.backends.base import PROBES, InProcess, InProcessBackend, Prompt, PromptScores, Served, token_ids
 from evalkit.cache import Deliver, adapter_active_key, cached
 from evalkit.checks.common import Log, logit_diff, logprob_diff, probe_prompts, tolerance
 from evalkit.record.types import CheckRecord
@@ -32,7 +32,7 @@ class _Baselines:
     texts: list[str]
     prompts: list[list[int]]
     logits: dict[int, list[Tensor]] = field(default_factory=dict)
-    logprobs: dict[tuple[int, str], list[PromptLogprobs]] = field(default_factory=dict)
+    logprobs: dict[tuple[int, str], list[PromptScores]] = field(default_factory=dict)
 
 
 def adapter_active(ctx: RunContext, log: Log) -> list[CheckRecord]:
