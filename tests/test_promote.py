@@ -9,6 +9,7 @@ import pytest
 from helpers import make_adapter, write_jsonl, write_suite
 
 from evalkit.cli import main
+from evalkit.config.generation import DECODER
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -72,7 +73,7 @@ def _gates(run_dir: Path) -> dict:
     return {g["metric"]: {k: g[k] for k in keep} for g in record["gates"]}
 
 
-def test_promoted_comparison_equals_live_and_mismatches_are_refused(capsys, world, tiny_model_dir):
+def test_promoted_comparison_equals_live_and_mismatches_are_refused(capsys, world, tiny_model_dir, monkeypatch):
     root, adapters, suite, run = world
     code, text = run(suite("live", ["A", "B"], gates("A")), "live")
     assert code in (0, 1), text
@@ -114,6 +115,12 @@ def test_promoted_comparison_equals_live_and_mismatches_are_refused(capsys, worl
         assert "[promoted: 4 cases paired, 0 dropped]" in messages["canary.accuracy"]
     finally:
         write_jsonl(root / "data.jsonl", ROWS)
+
+    # decoded by another version of the decoder (its rules changed): refused before any work, named
+    with monkeypatch.context() as m:
+        m.setattr("evalkit.config.task.DECODER", "evalkit-decoder/next")
+        code, text = run(cand, "decoder")
+    assert code == 4 and f'decoder: "{DECODER}" in the bundle, "evalkit-decoder/next" here' in text, text
 
     # a scorer option changed: refused before any work, listed by its setting
     other = write_suite(root / "other.yml", dict(json.loads(json.dumps(_yaml(cand))),

@@ -9,7 +9,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from evalkit.config.located import Located
 from evalkit.shape import invalid
 
-# defaults of the check options (evalkit/checks.py reads them through the gate)
+# defaults of the check options (evalkit/checks/ reads them through the gate)
 STOPS_MAX_INCREASE = 10.0
 HEALTH_MAX_EVAL_RISE = 0.05
 HEALTH_MAX_GAP = 1.0
