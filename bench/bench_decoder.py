@@ -30,7 +30,7 @@ def decoder_arm(decoder: Decoder, prompts: list[Prompt], batch: int, tokens: int
     for start in range(0, len(prompts), batch):
         ends: list[list] = [[] for _ in prompts[start:start + batch]]
         decoder.run([Generation(None, list(p.ids), tokens, sink=e.append, stream=False)
-                     for p, e in zip(prompts[start:start + batch], ends)])
+                        for p, e in zip(prompts[start:start + batch], ends)])
         out += [_body(list(e[-1].token_ids), decoder.eos_ids) for e in ends if isinstance(e[-1], Finished)]
     return out
 

@@ -30,10 +30,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], gen: Generat
     for start in range(0, n, gen.batch_size):
         idx = order[start:start + gen.batch_size]
         events: list[list[Event]] = [[] for _ in idx]  # stream=False: each gets its Finished only
-        requests = [Generation(adapters[i] if adapters is not None else None, list(prompts[i].ids), gen.max_new_tokens,
-                            sink=sent.append, stop=tuple(gen.stop), stream=False) for i, sent in zip(idx, events)]
+        rows = [Generation(adapters[i] if adapters is not None else None, list(prompts[i].ids), gen.max_new_tokens,
+                           sink=sent.append, stop=tuple(gen.stop), stream=False) for i, sent in zip(idx, events)]
         t0 = time.perf_counter()
-        decoder.run(requests)
+        decoder.run(rows)
         elapsed = time.perf_counter() - t0
         batch_outputs = []
         for i, sent in zip(idx, events):
