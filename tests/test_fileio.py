@@ -145,15 +145,14 @@ def test_peak_memory_on_cpu_sees_a_short_allocation():
     now = rss_bytes()
     assert now is not None and now > 2**20
     assert max_rss_bytes() > now / 2  # same unit (bytes): a KiB count would read 1024 times smaller
-    # free what earlier tests left as garbage first: models collected while the block is held would
-    # give back as much as it takes, and the resident size would not rise (seen in CI, random order)
-    import gc
-
-    gc.collect()
     start = rss_bytes()
     assert start is not None
     with PeakMemory("cpu", interval_s=0.001) as peak:
-        block = bytearray(256 * 2**20)
+        # fresh pages from the kernel: a malloc'd block may reuse heap memory earlier tests freed,
+        # which is resident already, and the resident size would not rise (seen in CI, random order)
+        import mmap
+
+        block = mmap.mmap(-1, 256 * 2**20)
         for i in range(0, len(block), 4096):  # touch every page so it is resident
             block[i] = 1
         import time
@@ -162,7 +161,7 @@ def test_peak_memory_on_cpu_sees_a_short_allocation():
         deadline = time.monotonic() + 5
         while peak._peak < start + 128 * 2**20 and time.monotonic() < deadline:
             time.sleep(0.01)
-        del block
+        block.close()
     # other threads of this process (servers of earlier tests) move the RSS by a few MB: a wide margin
     assert peak.source == "cpu_peak_rss" and peak.mb >= start / 2**20 + 128
 
