@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo judge-demo lint test fuzz browser vllm promptfoo bench goldens schema clean
+.PHONY: setup demo sweep judge-demo lint test fuzz browser vllm promptfoo bench goldens schema clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/evalkit run suites/demo.yml
+
+# The sweep demo: the demo's LoRA trained 8 ways (rank x target modules x learning rate), each kept
+# halfway and at its end, all 16 adapters scored in one run (README, "Sweeps").
+sweep: setup
+	$(BIN)/evalkit run suites/sweep.yml
 
 # The LLM-judge demo: `evalkit serve` on the embedded model is the judge (an OpenAI-compatible
 # endpoint on 127.0.0.1:8000, ready once it accepts connections); the suite grades base and lora

@@ -142,7 +142,8 @@ def _variant_record(lv: RunVariant, ctx: RunContext) -> VariantRecord:
                          adapter_sha256=lv.info.sha256 if lv.info else None, quantize=v.quantize, merge=v.merge,
                          merge_into=v.merge_target, is_dora=bool(lv.info and lv.info.is_dora),
                          fingerprint=lv.fingerprint, provenance=lv.info.provenance if lv.info else None,
-                         cost=Cost.from_counters(ctx.counters(lv)), backend=lv.backend.record(lv.name))
+                         cost=Cost.from_counters(ctx.counters(lv)), backend=lv.backend.record(lv.name),
+                         trial=v.trial)
 
 
 def _sample_record(s: SampleResult) -> dict[str, Any]:

@@ -81,6 +81,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train a suite's sweeps (no scoring: `evalkit run` scores them). `--worker`: join the sweep's
+    study and train what is left, as one of many workers (other machines, or `parallel:`)."""
+    import signal
+
+    from evalkit.config import load_suite
+    from evalkit.preflight import check_inputs
+    from evalkit.runner import sweep_objective
+    from trainers.pool import run_sweep, trial_table
+    from trainers.sweep import SweepPlan, work
+
+    suite = load_suite(args.suite)
+    swept = [v for v in suite.variants if v.sweep and args.variant in (None, v.name)]
+    if not swept:
+        names = [v.name for v in suite.variants if v.sweep]
+        raise ConfigError(f"{args.suite}: no sweep{f' named {args.variant!r}' if args.variant else ''}"
+                          + (f"; its sweeps: {', '.join(names)}" if names else ": no variant has `sweep:`"))
+    check_inputs(suite, baseline=False)
+    # a worker stopped by its coordinator (SIGTERM) fails its trial at once instead of leaving it
+    # to look alive until its heartbeat goes stale
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for v in swept:
+        objective = sweep_objective(suite, _log) if v.sweep and v.sweep.objective else None
+        with suite.locating(("variants", v._index, "sweep")):
+            if args.worker:
+                work(SweepPlan.of(suite, v), log=_log, objective=objective)
+            else:
+                for line in trial_table(run_sweep(suite, v, log=_log, objective=objective)):
+                    print(line)
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     import shlex
 
@@ -160,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("--force", action="store_true", help="retrain even when the adapter is up to date")
     t.set_defaults(fn=cmd_train)
+    sw = sub.add_parser("sweep", help="train a suite's sweeps (`evalkit run` trains and scores them); --worker "
+                                      "joins a sweep as one of its workers, on this machine or another")
+    sw.add_argument("suite")
+    sw.add_argument("--worker", action="store_true", help="train trials of the sweep's shared study until none is "
+                                                          "left (start one per machine or GPU)")
+    sw.add_argument("--variant", help="only this swept variant (default: every sweep of the suite)")
+    sw.set_defaults(fn=cmd_sweep)
     i = sub.add_parser("init", help="write a starter suite.yml and recipe.yml (and a train/test split) for a data file")
     i.add_argument("--data", required=True, metavar="ROWS.jsonl",
                    help="rows: messages or prompt, with target or completion (split into data/train.jsonl and "

@@ -11,7 +11,10 @@ from pathlib import Path
 from evalkit import scorers
 from evalkit.config.canary import DriftTask, LmEvalTask, MmluTask
 from evalkit.config.suite import Suite
+from evalkit.config.sweep import Range
 from evalkit.config.task import CasesTask, JudgeTask, Task
+from evalkit.config.variant import Variant
+from evalkit.errors import ConfigError
 
 # `prompt` text under `template: auto`: fine for a base model, poor for an instruct one (which the run
 # tells from the tokenizer, and warns about)
@@ -28,6 +31,8 @@ def check_inputs(suite: Suite, *, baseline: bool = True) -> list[str]:
             recipes.add(v.train)
             with suite.locating(("variants", suite.variants.index(v), "train")):
                 checked.append(_recipe(v.train))
+        if v.sweep is not None:
+            checked.append(_sweep(suite, v))
     for task in suite.tasks:
         with suite.locating(("tasks", task._index)):
             checked += _task(suite, task)
@@ -53,6 +58,33 @@ def _recipe(path: Path) -> str:
     return (f"recipe {shown_path(path)} ({recipe.method}): {len(rows)} training rows in {shown_path(recipe.data.train)}"
             + (f"; leakage checked against {', '.join(against)}" if against else "")
             + (RAW_NOTE if recipe.data.template == "auto" and isinstance(rows[0]["prompt"], str) else ""))
+
+
+def _sweep(suite: Suite, v: Variant) -> str:
+    """Every swept key is a recipe field, and every trial's recipe validates (a search: each range
+    at its ends), before any training; a mistake is reported at its `sweep:` key, with the trial."""
+    from trainers.recipe import load_recipe
+    from trainers.trials import check_keys, grid_trials, make_trial, trials_dir
+
+    assert v.sweep is not None and v.train is not None
+    sweep, at = v.sweep, ("variants", v._index, "sweep")
+    with suite.locating(("variants", v._index, "train")):
+        folder = trials_dir(load_recipe(v.train))
+    if sweep.is_grid:
+        trials = grid_trials(v.name, sweep, folder)
+    else:
+        first = {k: d[0] if isinstance(d, tuple) else d.low for k, d in sweep.params.items()}
+        ends = [first] + [{**first, k: d.high} for k, d in sweep.params.items() if isinstance(d, Range)]
+        trials = [make_trial(v.name, {k: list(x) if isinstance(x, tuple) else x for k, x in p.items()}, folder)
+                  for p in ends]
+    try:
+        check_keys(sweep)
+        for trial in trials:
+            trial.recipe(v.train, suite.dir)
+    except ConfigError as e:
+        raise suite.error((*at, e.path) if e.path else at, e.message, e.hint) from None
+    return (f"sweep {v.name}: {sweep.size} trials ({sweep.sampler_name}) of {shown_path(v.train)} over "
+            f"{', '.join(sweep.params)}, trained into {shown_path(folder)}")
 
 
 def _task(suite: Suite, task: Task) -> list[str]:

@@ -113,18 +113,27 @@ def _write_reports(run_dir: Path, record: RunRecord, log: Log) -> None:
 
 
 def _train_adapters(suite: Suite, log: Log) -> Suite:
-    """`train: RECIPE` variants get their adapter from the bundled trainers (reused when fresh)."""
+    """`train: RECIPE` variants get their adapter from the bundled trainers (reused when fresh); a
+    sweep becomes one variant per trial, and kept checkpoints one variant each (`lora@step30`)."""
     if not any(v.train for v in suite.variants):
         return suite
     import trainers
+    from trainers.pool import as_variants, run_sweep, trial_table
 
-    variants = []
+    variants: list[Variant] = []
     for v in suite.variants:
-        if v.train:
+        if v.sweep:
+            with suite.locating(("variants", v._index, "sweep")):
+                trials = run_sweep(suite, v, log=log, objective=sweep_objective(suite, log) if v.sweep.objective else None)
+            for line in trial_table(trials):
+                log(line)
+            variants += [w for t in trials for w in as_variants(v, t.trial.name, t.result, t.trial.params)]
+        elif v.train:
+            every = v.checkpoints.every if v.checkpoints else None
             with suite.locating(suite.variant_path(v.name)):
-                result = trainers.ensure_adapter(v.train, log=log)
-            v = v.model_copy(update={"adapter": Path(result.adapter_dir)})
-        variants.append(v)
+                variants += as_variants(v, v.name, trainers.ensure_adapter(v.train, log=log, checkpoint_every=every))
+        else:
+            variants.append(v)
     return suite.model_copy(update={"variants": tuple(variants)})
 
 
@@ -267,6 +276,39 @@ def _post_checks(ctx: RunContext, results: dict[str, TaskResult], log: Log) -> l
 # each task kind's module: `run(ctx, task)`, and `preflight(task)` when it can check something
 # before any training or model load (a judge endpoint, lm-eval task names)
 TASK_KINDS = {"generate": "generation", "mmlu": "mmlu", "lm_eval": "harness", "drift": "drift", "judge": "judge"}
+
+
+def sweep_objective(suite: Suite, log: Log, cache_path: Path | None = None) -> Callable[[Variant, str], float]:
+    """A search's objective for each trial (`sweep: {objective: task.metric}`): the mean of the
+    metric on that task, scored as the run scores it, into the results cache the run then reads."""
+    with suite.locating(("base",)):
+        resolved = resolve_base(suite.base, suite.dir)
+
+    def score(variant: Variant, metric: str) -> float:
+        name, key = metric.split(".", 1)
+        task = next((t for t in suite.tasks if t.name == name), None)
+        if task is None or not isinstance(task, CasesTask):
+            raise suite.error(("variants", variant._index, "sweep", "objective"),
+                              f"objective {metric}: no task '{name}' that scores cases (generation) in this suite")
+        assert variant.adapter is not None  # a trained trial
+        one = suite.model_copy(update={"variants": (variant,), "tasks": (task,), "gates": (), "reference": variant.name})
+        cache = Cache(cache_path or cache_root() / "results.sqlite")
+        ctx = _load_variants(one, resolved, {variant.name: inspect_adapter(variant.adapter)}, cache, log, False)
+        try:
+            samples = _task_kind(task).run(ctx, task).samples
+        finally:
+            for backend in ctx.backends:
+                backend.close()
+            cache.close()
+        values = [s.scores[key].value for s in samples if key in s.scores and s.scores[key].value is not None]
+        if not values:
+            raise suite.error(("variants", variant._index, "sweep", "objective"),
+                              f"objective {metric}: task '{name}' gave no valid '{key}' score",
+                              hint=f"its metrics: {', '.join(sorted({k for s in samples for k in s.scores}))}")
+        log(f"trial {variant.name}: {metric} {sum(values) / len(values):.3f} (objective, {len(values)} cases)")
+        return sum(values) / len(values)
+
+    return score
 
 
 def _task_kind(task: Task) -> ModuleType:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, WithJsonSchema, model_validator
 
 from evalkit.errors import ConfigError, YamlPath, fmt_path, line_of
 from evalkit.models.base import BaseSpec
@@ -21,6 +21,25 @@ from evalkit.shape import Shape, error_parts, existing, invalid, resolved, shown
 
 def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
+
+
+_COMMAND_SCHEMA = {"oneOf": [{"type": "array", "minItems": 1, "items": {"type": ["string", "number"], "minLength": 1}},
+                              {"type": "string", "minLength": 1}]}
+
+
+def _command(value: Any) -> Any:
+    """A command as a list of arguments, or one string split as a shell would; numbers are
+    arguments too (`--num_processes, 2`)."""
+    if isinstance(value, str):
+        import shlex
+
+        try:
+            return shlex.split(value)
+        except ValueError as e:  # an unclosed quote
+            raise invalid(f"cannot split {shown(value, 80)} into arguments ({e})") from None
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value]
+    return value
 
 
 RecipeFile = Annotated[Path, existing("file")]
@@ -108,6 +127,12 @@ class Recipe(Shape):
     lora: LoraParams = LoraParams()
     training: TrainParams = TrainParams()
     quantization: QuantParams | None = None
+    launcher: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], BeforeValidator(_command),
+                        Field(strict=False, min_length=1), WithJsonSchema(_COMMAND_SCHEMA)] | None = Field(
+        None, description="train in processes this command starts, e.g. [accelerate, launch, --multi_gpu, "
+                          "--num_processes, 2] (DDP; on CPU over gloo): evalkit appends `-m trainers.launched JOB`. "
+                          "Part of the fingerprint (more processes: a larger effective batch). Default: train in "
+                          "evalkit's process")
 
     _base_dir: Path = PrivateAttr(Path("."))  # where a relative base path resolves
     _source: Path | None = PrivateAttr(None)  # the recipe file
@@ -205,11 +230,13 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 Origins = dict[YamlPath, tuple[Path, int]]  # where each key of a recipe (and what it extends) is written
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read and validate a recipe file; `overrides` win over the file (see module doc)."""
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, *,
+                relative_to: Path | None = None) -> Recipe:
+    """Read and validate a recipe file; `overrides` win over the file (see module doc). Their
+    relative paths resolve against `relative_to` (a suite's folder, for a sweep), else the cwd."""
     path = Path(path)
     raw, origins = _read(path, ())
-    data = _merge(raw, overrides or {}, Path.cwd())
+    data = _merge(raw, overrides or {}, relative_to or Path.cwd())
     try:
         recipe = Recipe.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as e:

@@ -28,7 +28,9 @@ from evalkit.leakage import NORMALIZATION, find_overlap, train_index
 from evalkit.memory import PeakMemory
 from evalkit.models.base import ResolvedBase, load_base, resolve_base
 from evalkit.types import template_hash
+from trainers.checkpoints import ADAPTER_FILES, Checkpoint, Keeper, check_every, kept_checkpoints, write_checkpoints
 from trainers.data import load_training_rows, read_rows, split_rows
+from trainers.launch import train_launched
 from trainers.provenance import (
     SCHEMA_VERSION,
     device_info,
@@ -43,7 +45,6 @@ from trainers.provenance import (
 from trainers.recipe import Recipe, TrainParams, load_recipe
 
 Log = Callable[[str], Any]
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "evalkit_train.json")
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,14 @@ class TrainResult:
     adapter_dir: Path
     reused: bool
     provenance: dict[str, Any]
+    checkpoints: tuple[Checkpoint, ...] = ()  # by step; see trainers/checkpoints.py
 
 
 def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log = print,
-                   overrides: dict[str, Any] | None = None) -> TrainResult:
-    """The recipe's adapter: reused when its provenance fingerprint matches, else (re)trained."""
+                   overrides: dict[str, Any] | None = None, checkpoint_every: int | None = None) -> TrainResult:
+    """The recipe's adapter: reused when its provenance fingerprint matches (and, with
+    `checkpoint_every`, its checkpoints every that many steps are kept whole), else (re)trained."""
+    check_every(checkpoint_every)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     with _located(recipe, ("base",)):
@@ -66,10 +70,14 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
     fp = fingerprint(parts)
     out = recipe.output
     old = read_provenance(out) if all((out / f).is_file() for f in ADAPTER_FILES) else None
+    reason = "forced" if force else stale_reason(old, parts)
     if old is not None and old.get("fingerprint") == fp and not force:
-        log(f"reused adapter at {out} (fingerprint {fp[:12]})")
-        return TrainResult(out, True, old)
-    log(f"training {recipe.name} ({recipe.method}) into {out}: {'forced' if force else stale_reason(old, parts)}")
+        kept, missing = kept_checkpoints(out, old, checkpoint_every)
+        if missing is None:
+            log(f"reused adapter at {out} (fingerprint {fp[:12]})")
+            return TrainResult(out, True, old, kept)
+        reason = missing
+    log(f"training {recipe.name} ({recipe.method}) into {out}: {reason}")
 
     rows = load_training_rows(recipe.data.train, recipe.data.template)
     leakage = check_leakage(recipe, rows, log)
@@ -80,7 +88,11 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
     try:
         started = datetime.now(UTC)
         t0 = time.perf_counter()
-        run = train_adapter(recipe, resolved, rows, tmp, log=log)
+        if recipe.launcher:  # in the processes it starts (trainers/launch.py)
+            run = train_launched(recipe, resolved, tmp, log=log, checkpoint_every=checkpoint_every)
+        else:
+            run = train_adapter(recipe, resolved, rows, tmp, log=log, checkpoint_every=checkpoint_every)
+        marks = run.pop("checkpoint_marks", [])
         provenance = {
             "schema_version": SCHEMA_VERSION,
             "fingerprint": fp,
@@ -101,6 +113,7 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
             **run,
             "wall_time_s": round(time.perf_counter() - t0, 2),
         }
+        checkpoints = write_checkpoints(tmp, out, provenance, marks, t0)
         write_provenance(tmp, provenance)
         _replace_dir(tmp, out)
     except BaseException:
@@ -108,7 +121,7 @@ def ensure_adapter(recipe: str | Path | Recipe, *, force: bool = False, log: Log
         raise
     log(f"saved adapter to {out} in {provenance['wall_time_s']:.0f}s ({provenance['tokens_per_s']:.0f} tokens/s, "
         f"train loss {fmt_number(run['final_train_loss'], '.3f')}, eval loss {fmt_number(run['final_eval_loss'], '.3f')})")
-    return TrainResult(out, False, provenance)
+    return TrainResult(out, False, provenance, checkpoints)
 
 
 @contextlib.contextmanager
@@ -196,21 +209,31 @@ def resolve_settings(recipe: Recipe, device: str) -> dict[str, Any]:
     }
 
 
+def _processes() -> int:
+    """How many processes train together: the world size a launcher (torchrun, mpirun) sets, as
+    accelerate reads it; 1 in evalkit's own process."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
 LOG_POINTS = 20  # train-loss points a run logs by default: enough for training_health to see a trend
 EVAL_POINTS = 4  # held-out evaluations a run makes by default (each a forward over the held-out rows)
 
 
-def total_steps(t: TrainParams, train_rows: int) -> int:
-    """The optimizer steps a run will take: max_steps, else epochs x batches per epoch."""
+def total_steps(t: TrainParams, train_rows: int, processes: int = 1) -> int:
+    """The optimizer steps a run will take: max_steps, else epochs x batches per epoch (each
+    process of a launcher takes a batch per step)."""
     if t.max_steps:
         return t.max_steps
-    return max(1, math.ceil(t.epochs * math.ceil(train_rows / (t.batch_size * t.grad_accum))))
+    return max(1, math.ceil(t.epochs * math.ceil(train_rows / (t.batch_size * t.grad_accum * processes))))
 
 
-def step_schedule(t: TrainParams, train_rows: int) -> dict[str, int]:
+def step_schedule(t: TrainParams, train_rows: int, processes: int = 1) -> dict[str, int]:
     """Total steps and the logging / eval intervals: the recipe's when given, else scaled to the
     run's length, so a 10-step run logs every step instead of at steps 1 and 10 only."""
-    total = total_steps(t, train_rows)
+    total = total_steps(t, train_rows, processes)
     return {"total_steps": total, "logging_steps": t.logging_steps or max(1, total // LOG_POINTS),
             "eval_steps": t.eval_steps or max(1, total // EVAL_POINTS)}
 
@@ -236,9 +259,10 @@ def _warn_raw_prompts(recipe: Recipe, rows: list[dict[str, Any]], tok, log: Log)
 
 
 def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, Any]], out_dir: Path, *,
-                  model=None, log: Log = print) -> dict[str, Any]:
+                  model=None, log: Log = print, checkpoint_every: int | None = None) -> dict[str, Any]:
     """Train and save the adapter (+ tokenizer and chat template) into `out_dir`; returns the run
-    record for provenance. `model` may be a base already loaded in this process (for QLoRA: in 4 bits)."""
+    record for provenance. `model` may be a base already loaded in this process (for QLoRA: in 4 bits).
+    `checkpoint_every`: also keep the adapter of every that many steps (trainers/checkpoints.py)."""
     import torch
 
     libs = _training_libraries()
@@ -253,10 +277,11 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
     _pad_as_recipe(tok, recipe)
     _warn_raw_prompts(recipe, rows, tok, log)
     train_rows, eval_rows = split_rows(rows, recipe.data.eval_fraction, recipe.seed)
-    settings |= step_schedule(recipe.training, len(train_rows))
+    settings["processes"] = _processes()
+    settings |= step_schedule(recipe.training, len(train_rows), settings["processes"])
     stopping = recipe.training.early_stopping
     try:
-        trainer = _sft_trainer(libs, model, tok, _sft_config(libs.trl, recipe, settings, out_dir, bool(eval_rows), tok),
+        trainer = _sft_trainer(libs, model, tok, _sft_config(libs.trl, recipe, settings, out_dir, bool(eval_rows)),
                                _lora_config(libs.peft, recipe), train_rows, eval_rows,
                                collator=_classic_collator(tok, log) if recipe.training.collator == "language_modeling"
                                else None)
@@ -276,11 +301,18 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
 
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=stopping.patience,
                                                    early_stopping_threshold=stopping.threshold))
+    keeper = Keeper(checkpoint_every, out_dir) if checkpoint_every else None
+    if keeper is not None:
+        trainer.add_callback(keeper.callback(trainer, tok))
     # with early stopping the model at the end is the best checkpoint, already evaluated
     measured = _train(trainer, device, final_eval=bool(eval_rows) and stopping is None)
 
-    trainer.model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)  # tokenizer + chat_template.jinja: the template evaluation must use
+    if trainer.is_world_process_zero():  # one writer when a launcher runs several processes
+        trainer.model.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)  # tokenizer + chat_template.jinja: the template evaluation must use
+    if keeper is not None:
+        keeper.evaluate(trainer)  # each checkpoint's held-out loss, in the log before the curve is read
+    trainer.accelerator.wait_for_everyone()  # no process still reads _trainer (early stopping's best checkpoint)
     shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
     curve = _loss_curve(trainer.state.log_history)
     kept = _early_stopping_record(trainer, recipe) if stopping is not None else None
@@ -297,12 +329,14 @@ def train_adapter(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[str, A
         "device": device_info(device),
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 3),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         **measured,
         "final_train_loss": next((c["loss"] for c in reversed(curve) if "loss" in c), None),
         "final_eval_loss": (kept["best_metric"] if kept and stopping and stopping.metric == "eval_loss" else
                             next((c["eval_loss"] for c in reversed(curve) if "eval_loss" in c), None)),
         "early_stopping": kept,
         "log": curve,
+        **(keeper.record() if keeper is not None else {}),
     }
 
 
@@ -407,7 +441,7 @@ def _model_for_training(recipe: Recipe, resolved: ResolvedBase, rows: list[dict[
     return model, tok
 
 
-def _sft_config(trl, recipe: Recipe, settings: dict[str, Any], out_dir: Path, has_eval: bool, tok):
+def _sft_config(trl, recipe: Recipe, settings: dict[str, Any], out_dir: Path, has_eval: bool):
     """trl's SFTConfig from the recipe's `training` block; an option trl rejects is a ConfigError there.
     Early stopping saves a checkpoint at every evaluation (weights only) to load the best at the end."""
     t = recipe.training
@@ -419,7 +453,6 @@ def _sft_config(trl, recipe: Recipe, settings: dict[str, Any], out_dir: Path, ha
     try:
         return trl.SFTConfig(
             output_dir=str(out_dir / "_trainer"), report_to="none", disable_tqdm=True, **saving,
-            pad_token=tok.pad_token,
             seed=recipe.seed, data_seed=recipe.seed, use_cpu=settings["device"] == "cpu",
             num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
             per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,

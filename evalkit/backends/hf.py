@@ -19,7 +19,7 @@ from evalkit.config.generation import GenerationConfig
 from evalkit.config.variant import Variant
 from evalkit.errors import ModelError
 from evalkit.memory import PeakMemory
-from evalkit.models.adapters import AdapterInfo
+from evalkit.models.adapters import AdapterInfo, peft_name
 from evalkit.models.base import ResolvedBase
 from evalkit.record.types import BackendRecord
 
@@ -58,7 +58,7 @@ class HFBackend:
 
     def add(self, variant: Variant, info: AdapterInfo | None) -> None:
         """Declare a variant; once the models are loaded, it is attached (or merged) at once."""
-        slot = Slot(variant, info, variant.name if info and not variant.merge else None)
+        slot = Slot(variant, info, peft_name(variant.name) if info and not variant.merge else None)
         self.slots[variant.name] = slot
         if self._loaded:
             from evalkit.models.adapters import check_fits_base

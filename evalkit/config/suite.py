@@ -81,6 +81,8 @@ class Suite(Shape):
     @model_validator(mode="after")
     def _references(self) -> Suite:
         names = [v.name for v in self.variants]
+        for i, v in enumerate(self.variants):
+            v._index = i  # kept by the variants a sweep or checkpoints make of it (`variant_path`)
         for i, n in enumerate(names):
             if names.index(n) != i:
                 raise invalid(f"duplicate variant name '{n}'", at=("variants", i, "name"))
@@ -104,6 +106,7 @@ class Suite(Shape):
                 raise invalid(f"unknown variant '{t.vs}'{did_you_mean(t.vs, names)}", at=("tasks", i, "vs"))
         gated = [*names, self.baseline.name] if self.baseline else names  # gates may name the baseline
         gates = [self._gate(i, g, tasks, gated, reference) for i, g in enumerate(self.gates)]
+        self._not_a_sweep(reference, tasks, gates)
         for g in gates:
             self._gates_something(g, names)
         bases = {v.is_base for v in self.variants}
@@ -116,6 +119,20 @@ class Suite(Shape):
         object.__setattr__(self, "reference", reference)
         object.__setattr__(self, "gates", _unique_ids(gates))
         return self
+
+    def _not_a_sweep(self, reference: str, tasks: Mapping[str, Task], gates: list[Gate]) -> None:
+        """A swept variant becomes its trials (`lora[r=16]`), named when the sweep runs: nothing can
+        be compared against it, nor gate it by name."""
+        swept = {v.name for v in self.variants if v.sweep}
+        named: list[tuple[str | None, YamlPath]] = [(reference, ("reference",))]
+        named += [(getattr(t, "vs", None), ("tasks", t._index, "vs")) for t in tasks.values()]
+        named += [(getattr(g, key), ("gates", g._index, key)) for g in gates for key in ("variant", "vs")
+                  if g._index is not None]
+        for name, at in named:
+            if name in swept:
+                raise invalid(f"variant '{name}' is a sweep: it becomes one variant per trial, so it cannot be named "
+                              "here", at=at, hint="gates without `variant:` apply to every trial; compare against "
+                                                  "the base or a hand-written variant")
 
     def _gates_something(self, g: Gate, names: list[str]) -> None:
         """A gate that applies to no variant would check nothing and read as a pass in CI."""
@@ -227,8 +244,9 @@ class Suite(Shape):
             raise self.error(path, str(e)) from None
 
     def variant_path(self, name: str) -> YamlPath:
-        i, v = next((i, v) for i, v in enumerate(self.variants) if v.name == name)
-        return ("variants", i, "train" if v.train else "adapter")
+        """Where a variant is written: a sweep's trial and a checkpoint at their variant's entry."""
+        v = self.variant(name)
+        return ("variants", v._index, "train" if v.train else "adapter")
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)

@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
 from evalkit.config.endpoint import EndpointSettings
 from evalkit.config.located import NAME, Located
+from evalkit.config.sweep import Checkpoints, Sweep
+from evalkit.record.types import TrialRecord
 from evalkit.shape import existing, invalid, resolve
 
 # ---------------------------------------------------------------- where variants run
@@ -104,6 +106,10 @@ class Variant(Located):
     backend: BackendConfig | None = Field(None, description="where this variant runs (default: the suite's `backend`)")
     served_name: str | None = Field(None, min_length=1, description="the model name a server lists this variant "
                                                                    "under (default: the variant's name)")
+    sweep: Sweep | None = Field(None, description="train the recipe many ways (a grid or an optuna search): each "
+                                                  "trial is a variant, `lora[r=16,lr=1e-3]`")
+    checkpoints: Checkpoints | None = Field(None, description="keep the adapter every N steps, each a variant "
+                                                              "(`lora@step30`), beside the final one")
 
     @model_validator(mode="after")
     def _consistent(self) -> Variant:
@@ -113,7 +119,26 @@ class Variant(Located):
             raise invalid("merge_into: quantized needs `quantize:`", at=("merge_into",))
         if (self.merge or self.quantize) and self.is_base:
             raise invalid("`merge`/`quantize` apply to an adapter variant (give `adapter:` or `train:`)")
+        for key in ("sweep", "checkpoints"):
+            if getattr(self, key) is not None and self.train is None:
+                raise invalid(f"`{key}` trains: it needs a recipe (`train:`)", at=(key,))
+        if self.served_name and self.sweep:
+            raise invalid("a sweep's trials are served under their own names: drop `served_name`", at=("served_name",))
         return self
+
+    _trial: TrialRecord | None = PrivateAttr(None)
+
+    def trained(self, name: str, adapter: Path, trial: TrialRecord | None = None) -> Variant:
+        """This entry as one adapter its training gave: its own, a sweep's trial or a kept checkpoint
+        (which keep the entry's place in the suite for messages)."""
+        v = self.model_copy(update={"name": name, "adapter": adapter, "sweep": None, "checkpoints": None})
+        v._trial = trial
+        return v
+
+    @property
+    def trial(self) -> TrialRecord | None:
+        """The sweep trial or checkpoint this variant is (None for a variant the suite writes out)."""
+        return self._trial
 
     @property
     def is_base(self) -> bool:

@@ -128,16 +128,23 @@ def check_fits_base(info: AdapterInfo, base_model, resolved: ResolvedBase) -> No
                              f"{target.out_features}); was it trained for another base?")
 
 
+def peft_name(variant: str) -> str:
+    """The name a variant's adapter is attached under. peft names modules by it and refuses a '.',
+    which a variant name may hold (`lora-v1.2`, a sweep's `lora[lr=1.5e-3]`): it becomes a one-dot
+    leader (U+2024), which no variant name has."""
+    return variant.replace(".", "\u2024")
+
+
 def attach_adapter(model, name: str, info: AdapterInfo):
-    """Load an adapter by name onto `model`, wrapping it in a PeftModel the first time."""
+    """Load a variant's adapter onto `model` under `peft_name(name)`, wrapping it in a PeftModel the first time."""
     from peft import PeftModel
 
     _check_peft_type(info)
     try:
         if isinstance(model, PeftModel):
-            model.load_adapter(str(info.path), adapter_name=name, is_trainable=False)
+            model.load_adapter(str(info.path), adapter_name=peft_name(name), is_trainable=False)
             return model
-        return PeftModel.from_pretrained(model, str(info.path), adapter_name=name, is_trainable=False)
+        return PeftModel.from_pretrained(model, str(info.path), adapter_name=peft_name(name), is_trainable=False)
     except Exception as e:
         raise ModelError(f"adapter {info.path} (variant '{name}') failed to load: {type(e).__name__}: {e}") from None
 

@@ -75,6 +75,16 @@ class BackendRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrialRecord:
+    """Where a trained variant comes from when one suite entry gave several: a sweep's trial, a kept checkpoint."""
+
+    of: str = field(metadata=doc("the suite's variant (with `sweep:` or `checkpoints:`) this one was trained from"))
+    params: Mapping[str, Any] = field(default_factory=dict, metadata=doc(
+        "recipe field path -> the value this trial set (empty without a sweep)"))
+    step: int | None = field(default=None, metadata=doc("a kept checkpoint's optimizer step (null: the final adapter)"))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Cost:
     """What generating a variant's outputs cost in this run (all null when the cache answered it)."""
 
@@ -115,6 +125,7 @@ class VariantRecord:
         "evalkit_train.json of a bundled-trainer adapter (its shape is the trainer's)"))
     cost: Cost = field(default_factory=Cost)
     backend: BackendRecord = field(default_factory=lambda: BackendRecord(engine="hf"))
+    trial: TrialRecord | None = field(default=None, metadata=doc("the sweep trial or checkpoint this variant is"))
 
 
 Rendering = Literal["chat_template", "raw", "mixed"]  # how a task's cases reached the model

@@ -16,6 +16,7 @@ it) and every field written, null where it does not apply (a fully cached varian
 (the promoted variant it was compared with, read from a baseline store, and the store's history).
 1.5 `skipped` on checks and gates: a check that did not apply (an adapter without provenance).
 1.6 each task's `rendering`: whether its prompts went through the chat template or as raw text.
+1.7 each variant's `trial`: the sweep trial or kept checkpoint it is.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Any
 
 from evalkit.record.codec import RecordError
 
-SCHEMA_VERSION = "1.6"  # what this evalkit writes (see the policy above)
+SCHEMA_VERSION = "1.7"  # what this evalkit writes (see the policy above)
 MAJOR = int(SCHEMA_VERSION.split(".")[0])  # what it reads
 
 
@@ -48,7 +49,7 @@ def migrate(obj: Mapping[str, Any]) -> dict[str, Any]:
     if major != MAJOR:
         raise RecordError(f"schema_version {version!r} is not supported (this evalkit reads {MAJOR}.x)")
     out = copy.deepcopy(dict(obj))
-    for to_minor, step in ((1, _from_1_0), (2, _from_1_1), (3, _from_1_2)):  # 1.4 to 1.6 only added fields
+    for to_minor, step in ((1, _from_1_0), (2, _from_1_1), (3, _from_1_2)):  # 1.4 to 1.7 only added fields
         if minor < to_minor:
             step(out)
     out["schema_version"] = SCHEMA_VERSION

@@ -42,6 +42,10 @@ def _suite_models(suite_path: str, log: Callable[[str], None]) -> tuple[BaseSpec
     adapters: dict[str, Path] = {}
     for v in suite.variants:
         path = v.adapter
+        if v.sweep is not None:
+            log(f"evalkit serve: skipping variant '{v.name}': a sweep's trials are not served from a suite "
+                f"(give one with --adapter NAME=FOLDER: they are in the trials/ folder beside the recipe's output)")
+            continue
         if path is None and v.train is not None:
             import trainers
 
