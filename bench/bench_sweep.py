@@ -65,7 +65,8 @@ def timed_run(suite: Path, out: Path) -> tuple[float, dict[str, Any]]:
     return wall, json.loads((out / "results.json").read_text())
 
 
-def generation_s(record: dict[str, Any]) -> float:
+def model_s(record: dict[str, Any]) -> float:
+    """Seconds the run spent in the model: generating outputs, and drift's forwards."""
     return sum(v["cost"]["seconds"] or 0 for v in record["variants"])
 
 
@@ -92,23 +93,22 @@ def bench_scoring(args: argparse.Namespace, tmp: Path, model_dir: str) -> None:
         separate.append(timed_run(write_suite(tmp / f"only-{a.name}.yml", model_dir, [a], args), tmp / f"only-{a.name}"))
         print(f"  separate run {len(separate)}/{args.k} done in {separate[-1][0]:.1f} s", flush=True)
     fixed = fixed_cost(model_dir)
+    k, per = args.k, fixed["process_s"]
     sep_wall = sum(w for w, _ in separate)
-    sep_gen = sum(generation_s(r) for _, r in separate)
-    per = fixed["process_s"]
-    tokens = {v["name"]: v["cost"]["output_tokens"] for v in one["variants"]}
-    k = args.k
+    arms = {"one evalkit run (sweep-like)": (one_wall, 1, model_s(one)),
+            f"{k} separate evalkit runs": (sep_wall, k, sum(model_s(r) for _, r in separate))}
     print(f"\n(1) scoring base + {k} adapters: {args.cases} extract cases (max_new_tokens {args.tokens}, batch "
           f"{args.batch_size})" + (f" + drift on {args.drift} passages" if args.drift else "") + ", uncached")
-    print(f"    one evalkit run (sweep-like):    {one_wall:7.1f} s wall  (extract generation {generation_s(one):.1f} s "
-          f"for {k + 1} variants)")
-    print(f"    {k} separate evalkit runs:         {sep_wall:7.1f} s wall  (extract generation {sep_gen:.1f} s for "
-          f"{2 * k} variant passes; runs: {', '.join(f'{w:.1f}' for w, _ in separate)})")
-    print(f"    RATIO separate / one = {sep_wall / one_wall:.2f}x")
-    print(f"    fixed cost of one process: {per:.1f} s ({fixed['imports_s']:.1f} s imports + {fixed['load_s']:.1f} s base "
-          f"load + interpreter start): {k} x {per:.1f} = {k * per:.1f} s, {k * per / sep_wall:.0%} of the separate runs "
-          f"({k - 1} x {per:.1f} = {(k - 1) * per:.1f} s more than the one run pays)")
-    print(f"    the rest is the base scored {k} times instead of once (extract, and the drift reference); output "
-          f"tokens per variant: {', '.join(f'{n} {t}' for n, t in tokens.items())}")
+    for name, (wall, procs, model) in arms.items():
+        print(f"    {name:29s} {wall:6.1f} s wall = {procs} x {per:.1f} s process start + base load, {model:5.1f} s "
+              f"in the model, {wall - procs * per - model:5.1f} s the rest (checks, scoring, reports)")
+    print(f"    RATIO separate / one = {sep_wall / one_wall:.2f}x   (separate runs: {', '.join(f'{w:.1f}' for w, _ in separate)} s)")
+    print(f"    one process's start: {fixed['imports_s']:.1f} s importing torch + transformers + peft + evalkit, "
+          f"{fixed['load_s']:.1f} s loading the base; the separate runs pay it {k} times ({k * per / sep_wall:.0%} of "
+          f"their wall), score the base {k} times instead of once (its outputs"
+          + (", its drift reference" if args.drift else "") + "), and run their checks per process")
+    print("    model seconds per variant in the one run (mixed-adapter batches): "
+          + ", ".join(f"{v['name']} {v['cost']['seconds'] or 0:.1f}" for v in one["variants"]))
 
 
 # ---------------------------------------------------------------------------------------------- (2) training
@@ -151,8 +151,9 @@ def bare_trial(recipe, model_dir: str, out: Path) -> dict[str, Any]:
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, optim="adamw_torch", logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps", eval_steps=t.eval_steps, eval_on_start=True, max_length=t.max_length,
-        completion_only_loss=t.completion_only_loss, pad_token=tok.pad_token,
-        **{checkpointing_arg(SFTConfig): False})  # trl's default turns it on; the recipe's `auto` is off on CPU
+        completion_only_loss=t.completion_only_loss,
+        # trl's defaults are bf16 and activation checkpointing; the recipe's `auto` on CPU is fp32 without
+        bf16=False, **{checkpointing_arg(SFTConfig): False})
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                              target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
                              task_type="CAUSAL_LM")

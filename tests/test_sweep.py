@@ -170,7 +170,8 @@ def test_two_workers_share_a_grid_and_a_killed_workers_trial_is_retried(tmp_path
     assert len(started) == 4, (started, (tmp_path / "b.log").read_text())
 
     storage = f"sqlite:///{tmp_path / 'runs/lora/trials/sweep.sqlite3'}"
-    study = optuna.load_study(study_name="sw.lora", storage=storage)
+    name = next(n for n in optuna.get_all_study_names(storage) if n.startswith("sw.lora."))
+    study = optuna.load_study(study_name=name, storage=storage)
     states = Counter(t.state.name for t in study.trials)
     assert states == {"COMPLETE": 4, "FAIL": 1}, states  # the dead worker's trial failed, its retry completed
     assert (tmp_path / "runs/lora/trials").is_dir()

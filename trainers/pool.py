@@ -22,7 +22,7 @@ from evalkit.config.variant import Variant
 from evalkit.errors import ModelError
 from evalkit.record.types import TrialRecord
 from trainers.sft import TrainResult, ensure_adapter
-from trainers.sweep import Log, Objective, SweepPlan, _optuna, open_study, spec_of, work
+from trainers.sweep import Log, Objective, SweepPlan, enqueue_grid, import_optuna, open_study, spec_of, work
 from trainers.trials import Trial
 
 
@@ -42,8 +42,8 @@ def run_sweep(suite: Suite, variant: Variant, *, log: Log, objective: Objective 
     started = datetime.now(UTC).isoformat(timespec="seconds")
     if sweep.parallel == 1:
         work(plan, log=log, objective=objective)
-    else:
-        _run_workers(plan, log)
+    elif todo := _to_train(plan):
+        _run_workers(plan, min(sweep.parallel, todo), log)
     return [TrialResult(t, r, r.provenance.get("started_at", "") >= started) for t, r in _collect(plan, log)]
 
 
@@ -63,7 +63,7 @@ def _collect(plan: SweepPlan, log: Log) -> list[tuple[Trial, TrainResult]]:
     if plan.sweep.is_grid:
         trials = plan.grid()
     else:
-        optuna = _optuna()
+        optuna = import_optuna()
         study = open_study(plan).study
         finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         found = [spec_of(t.params, t.number, plan) for t in sorted(finished, key=lambda t: t.number)]
@@ -73,9 +73,19 @@ def _collect(plan: SweepPlan, log: Log) -> list[tuple[Trial, TrainResult]]:
             for t in trials]
 
 
-def _run_workers(plan: SweepPlan, log: Log) -> None:
-    """`parallel` workers on this machine, each its own process; their lines are logged as they come."""
-    n = plan.sweep.parallel
+def _to_train(plan: SweepPlan) -> int:
+    """Trials the study still has to give out: no worker is started for nothing."""
+    State = import_optuna().trial.TrialState
+    study = open_study(plan).study
+    if plan.sweep.is_grid:
+        enqueue_grid(study, plan)
+    waiting = len(study.get_trials(deepcopy=False, states=(State.WAITING, State.RUNNING)))
+    live = len(study.get_trials(deepcopy=False, states=(State.COMPLETE, State.RUNNING, State.WAITING)))
+    return waiting if plan.sweep.is_grid else waiting + max(0, plan.sweep.size - live)
+
+
+def _run_workers(plan: SweepPlan, n: int, log: Log) -> None:
+    """`n` workers on this machine, each its own process; their lines are logged as they come."""
     with _workers(plan, n) as procs:
         readers = [threading.Thread(target=_relay, args=(p, i + 1, log), daemon=True) for i, p in enumerate(procs)]
         for r in readers:

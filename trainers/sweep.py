@@ -13,6 +13,7 @@ both train: the later-numbered copy yields to a running or finished one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from evalkit.config.suite import Suite
 from evalkit.config.sweep import Range, Sweep, label
 from evalkit.config.variant import Variant
 from evalkit.errors import ConfigError, missing_extra
+from evalkit.models.base import file_sha256
 from evalkit.types import stable_hash
 from trainers.recipe import load_recipe
 from trainers.sft import TrainResult, ensure_adapter
@@ -80,15 +82,18 @@ class SweepPlan:
         except Exception:  # not a URL sqlalchemy can read: said so when it is opened
             return self.storage_url.split("@")[-1]
 
-    @property
+    @functools.cached_property
     def study_name(self) -> str:
-        """A grid's study is its queue whatever its values (adding one queues one more); a search
-        over other ranges is another study."""
-        name = f"{self.suite.name}.{self.variant.name}"
-        if self.sweep.is_grid:
-            return name
-        space = {k: v.model_dump() if isinstance(v, Range) else [label(x) for x in v] for k, v in self.sweep.params.items()}
-        return f"{name}.{stable_hash([space, self.sweep.sampler_name, self.seed])[:8]}"
+        """`suite.variant.HASH`: another recipe (or training file) is another study, whose points all
+        train again; a grid's study is its queue whatever its values (adding one queues one more),
+        while a search over other ranges is another study."""
+        recipe = load_recipe(self.recipe_file)
+        trained = {k: v for k, v in recipe.to_dict().items() if k not in ("name", "output", "source", "base_dir")}
+        key: list[Any] = [trained, file_sha256(recipe.data.train)]
+        if not self.sweep.is_grid:
+            key += [{k: v.model_dump() if isinstance(v, Range) else [label(x) for x in v]
+                     for k, v in self.sweep.params.items()}, self.sweep.sampler_name, self.seed]
+        return f"{self.suite.name}.{self.variant.name}.{stable_hash(key)[:8]}"
 
     @property
     def seed(self) -> int:
@@ -103,7 +108,7 @@ class SweepPlan:
         return grid_trials(self.variant.name, self.sweep, self.trials_dir)
 
 
-def _optuna():
+def import_optuna():
     try:
         import optuna
     except ImportError:
@@ -128,7 +133,7 @@ class Study:
 
 def open_study(plan: SweepPlan) -> Study:
     """The plan's optuna study (created on first use), with heartbeats and retries of dead workers' trials."""
-    optuna = _optuna()
+    optuna = import_optuna()
     url = plan.storage_url
     beat = plan.sweep.heartbeat
     sampler = (optuna.samplers.TPESampler(seed=plan.seed) if plan.sweep.sampler_name == "tpe"
@@ -172,7 +177,7 @@ def enqueue_grid(study, plan: SweepPlan) -> int:
     """Queue every grid point no trial holds yet (one that failed is queued again); how many. A
     point is kept as the trial's `point` user attribute: not as optuna parameters, whose categorical
     choices may not change within a study, and a grid grows by adding values."""
-    optuna = _optuna()
+    optuna = import_optuna()
     live = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE)
     held = {_key(_point(t)) for t in study.get_trials(deepcopy=False, states=live)}
     added = 0
@@ -214,7 +219,7 @@ def work(plan: SweepPlan, *, log: Log, objective: Objective | None = None, worke
          poll: float = 1.0) -> list[Done]:
     """Train trials of the study until none is left to take and none runs elsewhere (a trial
     running elsewhere may still die and come back to the queue)."""
-    optuna = _optuna()
+    optuna = import_optuna()
     State = optuna.trial.TrialState
     worker = worker or f"{socket.gethostname()}:{os.getpid()}"
     opened = open_study(plan)
@@ -258,7 +263,7 @@ def _take(study, plan: SweepPlan):
     """The oldest waiting trial (a grid point, or a dead worker's trial queued again: optuna's ask
     takes it atomically, one worker wins), else for a search with trials to go a new one from the
     sampler; None when there is nothing to take."""
-    State = _optuna().trial.TrialState
+    State = import_optuna().trial.TrialState
     waiting = study.get_trials(deepcopy=False, states=(State.WAITING,))
     live = study.get_trials(deepcopy=False, states=(State.COMPLETE, State.RUNNING, State.WAITING))
     if not waiting and (plan.sweep.is_grid or len(live) >= plan.sweep.size):
@@ -279,7 +284,7 @@ def _spec(trial, plan: SweepPlan) -> Trial | None:
     """The trial's recipe values: a grid point's, or suggested by optuna's sampler (a dead worker's
     trial queued again keeps its values); None when it must not train: a copy of a point that runs
     or finished elsewhere, or a point no longer in the grid (both pruned, which no count includes)."""
-    State = _optuna().trial.TrialState
+    State = import_optuna().trial.TrialState
     params = _point(trial) if plan.sweep.is_grid else _suggest(trial, plan.sweep)
     if set(params) != set(plan.sweep.params) or values(params, plan) is None:
         trial.study.tell(trial, state=State.PRUNED)
@@ -393,7 +398,7 @@ def _losses(provenance: Mapping[str, Any]) -> str:
 
 def _progress(study, plan: SweepPlan, width: int = 20) -> str:
     """`sweep lora [########------------] 3/8 done, 2 running`: the whole sweep, from the study."""
-    optuna = _optuna()
+    optuna = import_optuna()
     State = optuna.trial.TrialState
     finished = len(study.get_trials(deepcopy=False, states=(State.COMPLETE,)))
     running = len(study.get_trials(deepcopy=False, states=(State.RUNNING,)))
