@@ -97,6 +97,7 @@ bench: setup
 	$(BIN)/python bench/bench_verdicts.py
 	$(BIN)/python bench/bench_serve.py
 	$(BIN)/python bench/bench_decoder.py
+	$(BIN)/python bench/bench_sweep.py
 
 # The decode goldens (tests/goldens.py): the demo and the pitfalls suite rerun uncached, every output
 # compared with tests/fixtures/goldens/ (the cases that changed are listed). After `make demo`.

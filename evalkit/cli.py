@@ -87,6 +87,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import signal
 
     from evalkit.config import load_suite
+    from evalkit.models.base import cache_root
     from evalkit.preflight import check_inputs
     from evalkit.runner import sweep_objective
     from trainers.pool import run_sweep, trial_table
@@ -103,7 +104,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # to look alive until its heartbeat goes stale
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     for v in swept:
-        objective = sweep_objective(suite, _log) if v.sweep and v.sweep.objective else None
+        objective = sweep_objective(suite, _log, cache_root() / "results.sqlite") if v.sweep and v.sweep.objective else None
         with suite.locating(("variants", v._index, "sweep")):
             if args.worker:
                 work(SweepPlan.of(suite, v), log=_log, objective=objective)

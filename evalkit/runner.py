@@ -66,7 +66,8 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
                 preflight(task)
     with suite.locating(("baseline",)):  # a missing, changed or mismatched bundle fails before training
         promoted = Baseline.open(suite, log)
-    suite = _train_adapters(suite, log)
+    cache_file = (cache_path or cache_root() / "results.sqlite") if use_cache else None
+    suite = _train_adapters(suite, log, cache_file)
     infos = {}
     for v in suite.variants:
         if v.adapter:
@@ -76,7 +77,7 @@ def evaluate(suite_path: str | Path, *, out: Path | None = None, use_cache: bool
         resolved = resolve_base(suite.base, suite.dir)
     if promoted is not None:
         promoted.check_base(resolved.sha256)
-    cache = Cache((cache_path or cache_root() / "results.sqlite") if use_cache else None)
+    cache = Cache(cache_file)
     ctx: RunContext | None = None
     try:
         ctx = _load_variants(suite, resolved, infos, cache, log, progress)
@@ -112,7 +113,7 @@ def _write_reports(run_dir: Path, record: RunRecord, log: Log) -> None:
     write_all(run_dir, record)
 
 
-def _train_adapters(suite: Suite, log: Log) -> Suite:
+def _train_adapters(suite: Suite, log: Log, cache_file: Path | None) -> Suite:
     """`train: RECIPE` variants get their adapter from the bundled trainers (reused when fresh); a
     sweep becomes one variant per trial, and kept checkpoints one variant each (`lora@step30`)."""
     if not any(v.train for v in suite.variants):
@@ -124,7 +125,8 @@ def _train_adapters(suite: Suite, log: Log) -> Suite:
     for v in suite.variants:
         if v.sweep:
             with suite.locating(("variants", v._index, "sweep")):
-                trials = run_sweep(suite, v, log=log, objective=sweep_objective(suite, log) if v.sweep.objective else None)
+                objective = sweep_objective(suite, log, cache_file) if v.sweep.objective else None
+                trials = run_sweep(suite, v, log=log, objective=objective)
             for line in trial_table(trials):
                 log(line)
             variants += [w for t in trials for w in as_variants(v, t.trial.name, t.result, t.trial.params)]
@@ -278,21 +280,19 @@ def _post_checks(ctx: RunContext, results: dict[str, TaskResult], log: Log) -> l
 TASK_KINDS = {"generate": "generation", "mmlu": "mmlu", "lm_eval": "harness", "drift": "drift", "judge": "judge"}
 
 
-def sweep_objective(suite: Suite, log: Log, cache_path: Path | None = None) -> Callable[[Variant, str], float]:
+def sweep_objective(suite: Suite, log: Log, cache_file: Path | None) -> Callable[[Variant, str], float]:
     """A search's objective for each trial (`sweep: {objective: task.metric}`): the mean of the
-    metric on that task, scored as the run scores it, into the results cache the run then reads."""
+    metric on that task (the suite checked it names one), scored as the run scores it, into the
+    results cache the run then reads."""
     with suite.locating(("base",)):
         resolved = resolve_base(suite.base, suite.dir)
 
     def score(variant: Variant, metric: str) -> float:
         name, key = metric.split(".", 1)
-        task = next((t for t in suite.tasks if t.name == name), None)
-        if task is None or not isinstance(task, CasesTask):
-            raise suite.error(("variants", variant._index, "sweep", "objective"),
-                              f"objective {metric}: no task '{name}' that scores cases (generation) in this suite")
+        task = next(t for t in suite.tasks if t.name == name)
         assert variant.adapter is not None  # a trained trial
         one = suite.model_copy(update={"variants": (variant,), "tasks": (task,), "gates": (), "reference": variant.name})
-        cache = Cache(cache_path or cache_root() / "results.sqlite")
+        cache = Cache(cache_file)
         ctx = _load_variants(one, resolved, {variant.name: inspect_adapter(variant.adapter)}, cache, log, False)
         try:
             samples = _task_kind(task).run(ctx, task).samples

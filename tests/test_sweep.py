@@ -70,6 +70,8 @@ def test_trials_have_stable_readable_names_and_folders():
      "the grid has 72 trials (9 x 8), more than max_trials 64"),
     ({"lora.r": {"low": 2, "high": 8}}, "sweep.lora.r", "a range is searched: give `trials: N`"),
     ({"lora.r": [4, 4]}, "sweep.lora.r", "the same value twice: 4"),
+    ({"trials": 2, "lora.r": [2, 4], "objective": {"metric": "extract.json_vali"}}, "sweep.objective",
+     "task 'extract' has no metric 'json_vali'; did you mean 'json_valid'?"),
 ])
 def test_a_sweep_mistake_is_exit_4_at_its_line(tmp_path, tiny_model_dir, capsys, sweep, where, message):
     suite = _project(tmp_path, tiny_model_dir, sweep)
@@ -98,6 +100,11 @@ def test_validate_lists_the_sweep(tmp_path, tiny_model_dir, capsys):
     code, out = cli(capsys, "validate", str(suite))
     assert code == 0, out
     assert "checked sweep lora: 4 trials (grid) of" in out and "over lora.r, training.learning_rate" in out
+    data = yaml.safe_load(suite.read_text())
+    del data["variants"][1]["sweep"]
+    write_suite(suite, data)
+    code, out = cli(capsys, "sweep", str(suite))
+    assert code == 4 and "no variant has `sweep:`" in out, out
 
 
 # ---------------------------------------------------------------- trained and scored in one run
@@ -158,12 +165,17 @@ def test_two_workers_share_a_grid_and_a_killed_workers_trial_is_retried(tmp_path
     suite = _project(tmp_path, tiny_model_dir, {"lora.r": [2, 4], "training.learning_rate": [1e-3, 2e-3],
                                                 "heartbeat": 1}, steps=2)
     a, b = _worker(suite, tmp_path / "a.log"), _worker(suite, tmp_path / "b.log")
-    deadline = time.time() + 120
-    while "started by" not in (tmp_path / "a.log").read_text() and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(a.pid, signal.SIGKILL)
-    a.wait()
-    assert b.wait(timeout=240) == 0, (tmp_path / "b.log").read_text()
+    try:
+        deadline = time.time() + 120
+        while "started by" not in (tmp_path / "a.log").read_text() and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait()
+        assert b.wait(timeout=240) == 0, (tmp_path / "b.log").read_text()
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     killed = re.search(r"trial (\S+): started by", (tmp_path / "a.log").read_text()).group(1)
     started = Counter(re.findall(r"trial (\S+): started by", (tmp_path / "b.log").read_text()))
     assert started[killed] == 1 and all(n == 1 for n in started.values()), started  # B trained each once

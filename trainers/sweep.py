@@ -116,6 +116,8 @@ def import_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # heartbeats and their retry callback are marked experimental since optuna 2.8: a notice for its developers
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # workers beat heartbeats themselves (`_heartbeat`), outside Study.optimize, which optuna does not expect
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     return optuna
 
 

@@ -106,7 +106,7 @@ class Suite(Shape):
                 raise invalid(f"unknown variant '{t.vs}'{did_you_mean(t.vs, names)}", at=("tasks", i, "vs"))
         gated = [*names, self.baseline.name] if self.baseline else names  # gates may name the baseline
         gates = [self._gate(i, g, tasks, gated, reference) for i, g in enumerate(self.gates)]
-        self._not_a_sweep(reference, tasks, gates)
+        self._sweeps(reference, tasks, gates)
         for g in gates:
             self._gates_something(g, names)
         bases = {v.is_base for v in self.variants}
@@ -120,10 +120,15 @@ class Suite(Shape):
         object.__setattr__(self, "gates", _unique_ids(gates))
         return self
 
-    def _not_a_sweep(self, reference: str, tasks: Mapping[str, Task], gates: list[Gate]) -> None:
-        """A swept variant becomes its trials (`lora[r=16]`), named when the sweep runs: nothing can
-        be compared against it, nor gate it by name."""
+    def _sweeps(self, reference: str, tasks: Mapping[str, Task], gates: list[Gate]) -> None:
+        """A search's objective is a metric the suite scores; a swept variant becomes its trials
+        (`lora[r=16]`), named when the sweep runs: nothing can be compared against it, nor gate it
+        by name."""
         swept = {v.name for v in self.variants if v.sweep}
+        for v in self.variants:
+            objective = v.sweep.objective if v.sweep else None
+            if objective is not None:
+                self._objective(objective.metric, tasks, ("variants", v._index, "sweep", "objective"))
         named: list[tuple[str | None, YamlPath]] = [(reference, ("reference",))]
         named += [(getattr(t, "vs", None), ("tasks", t._index, "vs")) for t in tasks.values()]
         named += [(getattr(g, key), ("gates", g._index, key)) for g in gates for key in ("variant", "vs")
@@ -133,6 +138,19 @@ class Suite(Shape):
                 raise invalid(f"variant '{name}' is a sweep: it becomes one variant per trial, so it cannot be named "
                               "here", at=at, hint="gates without `variant:` apply to every trial; compare against "
                                                   "the base or a hand-written variant")
+
+    @staticmethod
+    def _objective(metric: str, tasks: Mapping[str, Task], at: YamlPath) -> None:
+        """A search's objective is scored on each trial as it is trained: a metric of a task that
+        generates and scores the suite's own cases."""
+        tname, _, name = metric.partition(".")
+        task = tasks.get(tname)
+        if not isinstance(task, CasesTask):
+            scored = [t for t, task in tasks.items() if isinstance(task, CasesTask)]
+            raise invalid(f"objective {metric}: no task '{tname}' that generates and scores cases"
+                          f"{did_you_mean(tname, scored)}", at=at)
+        if name not in task.metrics:
+            raise invalid(f"task '{tname}' has no metric '{name}'{did_you_mean(name, task.metrics)}", at=at)
 
     def _gates_something(self, g: Gate, names: list[str]) -> None:
         """A gate that applies to no variant would check nothing and read as a pass in CI."""
