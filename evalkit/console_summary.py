@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evalkit.formatting import fmt_number
+from evalkit.formatting import fmt_number, listed
 
 if TYPE_CHECKING:
     from evalkit.record import RunRecord
@@ -84,8 +84,10 @@ def verdict_line(record: RunRecord) -> str:
     if not per_variant:
         return f"NOTHING CHECKED: all {n_skip} gates were skipped"
     verdict = "PASS" if record.verdict == "pass" else "FAIL"
-    return (f"{verdict}: {n_pass} passed, {n_fail} failed{skipped} "
-            f"({', '.join(f'{v} {n}' for v, n in per_variant.items())})")
+    counts = set(per_variant.values())
+    each = (f"{counts.pop()} on each of {len(per_variant)} variants" if len(per_variant) > 4 and len(counts) == 1
+            else ", ".join(f"{v} {n}" for v, n in per_variant.items()))
+    return f"{verdict}: {n_pass} passed, {n_fail} failed{skipped} ({each})"
 
 
 def _print_vs_baseline(record: RunRecord) -> None:
@@ -149,7 +151,7 @@ def _print_gates(record: RunRecord) -> None:
         if g.passed and not g.skipped:
             passed.setdefault(g.id.removesuffix(f"[{g.variant}]"), []).append(g.variant)
     for gate, variants in passed.items():
-        print(f"    PASS  {gate:<40} {', '.join(variants)}")
+        print(f"    PASS  {gate:<40} {listed(variants)}")
     for g in record.gates:
         if g.skipped:
             print(f"    SKIP  {g.id:<40} {g.skipped}")

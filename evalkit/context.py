@@ -16,6 +16,7 @@ from evalkit.cache import Cache, Deliver, cached, generation_key, loglikelihood_
 from evalkit.config.generation import GenerationConfig
 from evalkit.config.suite import Suite
 from evalkit.config.variant import Variant
+from evalkit.formatting import listed
 from evalkit.models.adapters import AdapterInfo
 from evalkit.models.base import ResolvedBase
 from evalkit.types import Case, Output, stable_hash, template_hash
@@ -81,7 +82,7 @@ class Requests:
             for bid, work in jobs.items():
                 if not work:
                     continue
-                label = ",".join(dict.fromkeys(name for name, _ in work))
+                label = listed(list(dict.fromkeys(name for name, _ in work)), limit=3).replace(", ", ",")
                 bar = progress_bar(len(work), f"{desc or 'generate'} [{label}]", self.progress, self.log)
 
                 def on_done(rows: list[tuple[str, int, Output]], bar: Progress = bar) -> None:

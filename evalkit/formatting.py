@@ -17,3 +17,8 @@ def plain_number(x: float) -> str:
     """A number as a person writes it in running text: 1.0 -> "1", 2.5 -> "2.5" (scale endpoints
     in judge prompts: the text is part of the judge's cache key, so keep it stable)."""
     return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def listed(names: list[str], noun: str = "variants", limit: int = 4) -> str:
+    """Names in a one-line message, or their count past `limit` (a sweep's trials would fill a screen)."""
+    return ", ".join(names) if len(names) <= limit else f"{len(names)} {noun}"

@@ -103,3 +103,29 @@ def sequential_then_together(engine, ask, n: int) -> tuple[float, float, int]:
     for t in threads:
         t.join()
     return sequential, time.perf_counter() - t0, engine.stats["batches"] - batches
+
+
+# ------------------------------------------------------------------------------------------------
+# training recipes on the tiny model
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "trainers" / "recipes"
+EXTRACT_TRAIN = REPO / "suites" / "data" / "extract_train.jsonl"
+EXTRACT_TEST = REPO / "suites" / "data" / "extract_test.jsonl"
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def extract_rows(n: int) -> list[dict]:
+    return [json.loads(line) for line in EXTRACT_TRAIN.read_text().splitlines()[:n]]
+
+
+def tiny(model_dir: Path, data: Path, out: Path, **training) -> dict:
+    """Overrides that point a bundled recipe at the tiny model and a few rows, for a 2-step run."""
+    return {"base": {"path": str(model_dir)}, "data": {"train": str(data), "check_against": [str(EXTRACT_TEST)]},
+            "output": str(out),
+            "training": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "eval_steps": 1, "max_length": 192,
+                         **training}}

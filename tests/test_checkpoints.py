@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_trainers import RECIPES, extract_rows, tiny, write_rows
+from helpers import RECIPES, extract_rows, tiny, write_rows
 
 import trainers
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import write_suite
-from test_trainers import EXTRACT_TEST, RECIPES, extract_rows, tiny, write_rows
+from helpers import EXTRACT_TEST, RECIPES, extract_rows, tiny, write_rows, write_suite
 
 import trainers
 from evalkit.errors import ConfigError, ModelError

@@ -14,14 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import cli, write_jsonl, write_suite
+from helpers import EXTRACT_TEST, EXTRACT_TRAIN, cli, write_jsonl, write_suite
 
 from evalkit.config.sweep import Sweep, label, trial_folder, trial_name
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO = Path(__file__).resolve().parent.parent
-EXTRACT_TRAIN = REPO / "suites" / "data" / "extract_train.jsonl"
 
 
 def _project(tmp_path: Path, tiny_model_dir: Path, sweep: dict, *, checkpoints: dict | None = None,
@@ -30,7 +28,7 @@ def _project(tmp_path: Path, tiny_model_dir: Path, sweep: dict, *, checkpoints: 
     rows = [json.loads(line) for line in EXTRACT_TRAIN.read_text().splitlines()[:8]]
     write_jsonl(tmp_path / "train.jsonl", rows)
     write_jsonl(tmp_path / "test.jsonl", [json.loads(line) for line in
-                                          (REPO / "suites/data/extract_test.jsonl").read_text().splitlines()[:3]])
+                                          EXTRACT_TEST.read_text().splitlines()[:3]])
     recipe = {"method": "lora", "base": {"path": str(tiny_model_dir)}, "data": {"train": "train.jsonl"},
               "output": "runs/lora/adapter", "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
               "training": {"max_steps": steps, "batch_size": 4, "logging_steps": 1, "eval_steps": 1,

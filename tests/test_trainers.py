@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import EXTRACT_TEST, RECIPES, extract_rows, tiny, write_rows
 
 import trainers
 from evalkit.errors import ConfigError
@@ -15,26 +16,7 @@ from evalkit.models import BaseSpec, resolve_base
 from trainers.data import load_training_rows, split_rows, to_trl_row
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = REPO / "trainers" / "recipes"
 EXTRACT_TRAIN = REPO / "suites" / "data" / "extract_train.jsonl"
-EXTRACT_TEST = REPO / "suites" / "data" / "extract_test.jsonl"
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def extract_rows(n: int) -> list[dict]:
-    return [json.loads(line) for line in EXTRACT_TRAIN.read_text().splitlines()[:n]]
-
-
-def tiny(model_dir: Path, data: Path, out: Path, **training) -> dict:
-    """Overrides that point a bundled recipe at the tiny model and a few rows, for a 2-step run."""
-    return {"base": {"path": str(model_dir)}, "data": {"train": str(data), "check_against": [str(EXTRACT_TEST)]},
-            "output": str(out),
-            "training": {"max_steps": 2, "batch_size": 4, "logging_steps": 1, "eval_steps": 1, "max_length": 192,
-                         **training}}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -67,6 +67,8 @@ def test_the_verdict_line_counts_gates_per_variant_and_never_passes_on_nothing()
         "PASS: 3 passed, 0 failed (lora 2, dora 1)"
     assert verdict_line(record()).startswith("NO GATES: nothing was checked")
     assert verdict_line(record(("lora", True, "no provenance"))) == "NOTHING CHECKED: all 1 gates were skipped"
+    trials = [(f"lora[r={r}]", True, None) for r in (2, 4, 8, 16, 32) for _ in range(3)]  # a sweep: counted, not listed
+    assert verdict_line(record(*trials)) == "PASS: 15 passed, 0 failed (3 on each of 5 variants)"
 
 
 def test_a_json_schema_that_is_not_a_schema(capsys, workdir):

@@ -41,6 +41,8 @@ def fingerprint_parts(recipe_dict: dict[str, Any], data_sha256: str, base: Resol
     data.pop("check_against")  # leakage report only; does not change the adapter
     training_view["data"] = data
     training_view.pop("base")  # identified by content hash below
+    if training_view.get("launcher") is None:  # trained in evalkit's process, as every adapter before launchers
+        training_view.pop("launcher", None)
     return {"recipe": stable_hash(training_view), "data": data_sha256, "base": base.sha256,
             "versions": stable_hash(package_versions(TRAIN_LIBRARIES)), "runner": str(RUNNER_VERSION)}
 

@@ -27,6 +27,7 @@ from evalkit.errors import did_you_mean
 from evalkit.shape import Shape, invalid, shown
 
 GridValue = bool | int | float | str | tuple[str, ...] | None
+FIELD_PATH = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"  # lora.r, training.learning_rate
 
 
 class Range(Shape):
@@ -81,7 +82,7 @@ class Sweep(Shape):
                                                                 "SQLite file beside the trials), e.g. "
                                                                 "postgresql://host/db for workers on several machines")
     heartbeat: int = Field(30, ge=1, description="seconds between a worker's heartbeats; a trial silent for "
-                                                     "twice this (its worker died) is given to another worker")
+                                                 "twice this (its worker died) is given to another worker")
 
     model_config = ConfigDict(**Shape.model_config, json_schema_extra=lambda schema, cls: _keys_are_fields(schema))
     RESERVED: ClassVar[tuple[str, ...]] = ("trials", "sampler", "objective", "seed", "max_trials", "parallel", "storage", "heartbeat")
@@ -97,7 +98,7 @@ class Sweep(Shape):
                           at=("params",))
         params = {k: v for k, v in data.items() if k not in cls.RESERVED}
         for key, value in params.items():
-            if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            if not isinstance(key, str) or not re.fullmatch(FIELD_PATH, key):
                 raise invalid(f"{shown(key, 60)} is not a recipe field path (e.g. lora.r, training.learning_rate)"
                               f"{did_you_mean(str(key), cls.RESERVED)}", at=(key,))
             if not isinstance(value, list | Mapping):
@@ -156,7 +157,7 @@ def _keys_are_fields(schema: dict[str, Any]) -> None:
     params = schema["properties"].pop("params")
     schema["additionalProperties"] = {**params["additionalProperties"], "description": "a recipe field by its "
                                       "path (lora.r): a list of values (a grid), or a range {low, high} (a search)"}
-    schema["propertyNames"] = {"pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"}
+    schema["propertyNames"] = {"pattern": f"^{FIELD_PATH}$"}
 
 
 class Checkpoints(Shape):
