@@ -105,6 +105,20 @@ def test_validate_lists_the_sweep(tmp_path, tiny_model_dir, capsys):
     assert code == 4 and "no variant has `sweep:`" in out, out
 
 
+def test_a_qlora_trial_is_scored_on_the_4_bit_base_it_was_trained_on(tmp_path):
+    """`method: [lora, qlora]` in a sweep: the trials share their variant's flags, but a QLoRA trial
+    is evaluated on the NF4 base it was trained on, as a hand-written qlora variant says with `quantize:`."""
+    from evalkit.config.variant import Variant
+    from trainers.pool import as_variants
+    from trainers.sft import TrainResult
+
+    v = Variant.model_construct(name="lora", adapter=None, train=tmp_path / "recipe.yml", quantize=None, merge=False)
+    for method, quantize in (("lora", None), ("qlora", "nf4")):
+        result = TrainResult(tmp_path / method, False, {"method": method})
+        [trial] = as_variants(v, f"lora[method={method}]", result, {"method": method})
+        assert (trial.name, trial.quantize, trial.trial.params) == (f"lora[method={method}]", quantize, {"method": method})
+
+
 # ---------------------------------------------------------------- trained and scored in one run
 
 

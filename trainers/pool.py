@@ -53,6 +53,9 @@ def as_variants(v: Variant, name: str, result: TrainResult, params: Mapping[str,
     def trial(step: int | None) -> TrialRecord | None:
         return TrialRecord(of=v.name, params=dict(params or {}), step=step) if params or result.checkpoints else None
 
+    if params and v.quantize is None and result.provenance.get("method") == "qlora":
+        v = v.model_copy(update={"quantize": "nf4"})  # a sweep over `method`: a QLoRA trial is scored on its 4-bit base
+
     return [*(v.trained(checkpoint_name(name, c.step), c.adapter_dir, trial(c.step)) for c in result.checkpoints),
             v.trained(name, Path(result.adapter_dir), trial(None))]
 
