@@ -64,7 +64,7 @@ def _sweep(suite: Suite, v: Variant) -> str:
     """Every swept key is a recipe field, and every trial's recipe validates (a search: each range
     at its ends), before any training; a mistake is reported at its `sweep:` key, with the trial."""
     from trainers.recipe import load_recipe
-    from trainers.trials import check_keys, grid_trials, make_trial, trials_dir
+    from trainers.trials import check_keys, check_storage, grid_trials, make_trial, trials_dir
 
     assert v.sweep is not None and v.train is not None
     sweep, at = v.sweep, ("variants", v._index, "sweep")
@@ -79,6 +79,8 @@ def _sweep(suite: Suite, v: Variant) -> str:
                   for p in ends]
     try:
         check_keys(sweep)
+        if sweep.storage is not None:
+            check_storage(sweep.storage)
         for trial in trials:
             trial.recipe(v.train, suite.dir)
     except ConfigError as e:

@@ -68,6 +68,7 @@ def test_trials_have_stable_readable_names_and_folders():
      "the grid has 72 trials (9 x 8), more than max_trials 64"),
     ({"lora.r": {"low": 2, "high": 8}}, "sweep.lora.r", "a range is searched: give `trials: N`"),
     ({"lora.r": [4, 4]}, "sweep.lora.r", "the same value twice: 4"),
+    ({"lora": {"r": [2, 4]}}, "sweep.lora", "a swept field is written by its whole path: `lora.r: [...]`"),
     ({"trials": 2, "lora.r": [2, 4], "objective": {"metric": "extract.json_vali"}}, "sweep.objective",
      "task 'extract' has no metric 'json_vali'; did you mean 'json_valid'?"),
 ])

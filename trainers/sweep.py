@@ -149,7 +149,7 @@ def open_study(plan: SweepPlan) -> Study:
             return Study(optuna.create_study(study_name=plan.study_name, storage=storage, sampler=sampler,
                                              direction=plan.direction, load_if_exists=True), storage)
         except Exception as e:  # a malformed URL, a driver not installed, a database that refuses us
-            raise ConfigError(f"optuna storage {plan.storage_shown}: {str(e).splitlines()[0]}", path="storage") from None
+            raise ConfigError(f"`storage:` {plan.storage_shown}: {str(e).splitlines()[0]}") from None
 
 
 @contextlib.contextmanager
@@ -342,8 +342,7 @@ def _objective(plan: SweepPlan, spec: Trial, result: TrainResult, evaluate: Obje
     if plan.sweep.objective is None:
         return held_out_loss(result)
     if evaluate is None:
-        raise ConfigError("this sweep's objective is evaluated: run it with `evalkit run` or `evalkit sweep`",
-                          path="objective")
+        raise ConfigError("this sweep's `objective:` is evaluated: run it with `evalkit run` or `evalkit sweep`")
     variant = plan.variant.model_copy(update={"name": spec.name, "adapter": result.adapter_dir, "sweep": None,
                                               "checkpoints": None})
     return evaluate(variant, plan.sweep.objective.metric)

@@ -77,6 +77,18 @@ def check_keys(sweep: Sweep) -> None:
             raise ConfigError(why, path=key)
 
 
+def check_storage(url: str) -> None:
+    """A storage URL SQLAlchemy can read (the database itself is reached when the sweep runs)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError as e:
+        raise ConfigError(f"not a database URL: {e}", path="storage",
+                          hint="e.g. sqlite:///sweep.db (a file) or postgresql://user@host/db") from None
+
+
 def grid_trials(variant: str, sweep: Sweep, trials_dir: Path) -> list[Trial]:
     """Every combination of the grid's values, in the order the sweep lists its keys."""
     grid = sweep.grid

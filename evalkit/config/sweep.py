@@ -105,6 +105,10 @@ class Sweep(Shape):
                 setting = difflib.get_close_matches(key, cls.RESERVED, n=1)
                 raise invalid(f"a swept field takes a list of values (a grid) or a range {{low, high}}, got "
                               f"{shown(value, 60)}" + (f"; did you mean '{setting[0]}'?" if setting else ""), at=(key,))
+            if isinstance(value, Mapping) and not set(value) <= set(Range.model_fields):
+                inner = next(iter(value))
+                raise invalid(f"a range takes {{low, high, log, step}}; a swept field is written by its whole path: "
+                              f"`{key}.{inner}: [...]`, not nested under `{key}:`", at=(key,))
             if isinstance(value, list):
                 if not value:
                     raise invalid("give at least one value", at=(key,))
