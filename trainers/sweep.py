@@ -208,19 +208,10 @@ def _label(value: Any) -> Any:
 # ---------------------------------------------------------------- a worker
 
 
-@dataclass(frozen=True)
-class Done:
-    """A trial a worker finished: trained (or reused) here."""
-
-    trial: Trial
-    result: TrainResult
-    seconds: float
-
-
 def work(plan: SweepPlan, *, log: Log, objective: Objective | None = None, worker: str | None = None,
-         poll: float = 1.0) -> list[Done]:
+         poll: float = 1.0) -> int:
     """Train trials of the study until none is left to take and none runs elsewhere (a trial
-    running elsewhere may still die and come back to the queue)."""
+    running elsewhere may still die and come back to the queue); how many this worker finished."""
     optuna = import_optuna()
     State = optuna.trial.TrialState
     worker = worker or f"{socket.gethostname()}:{os.getpid()}"
@@ -228,7 +219,7 @@ def work(plan: SweepPlan, *, log: Log, objective: Objective | None = None, worke
     study = opened.study
     if plan.sweep.is_grid:
         enqueue_grid(study, plan)
-    done: list[Done] = []
+    done = 0
     while True:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial fails, and is queued again
         trial = _take(study, plan)
@@ -254,9 +245,8 @@ def work(plan: SweepPlan, *, log: Log, objective: Objective | None = None, worke
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("adapter", str(result.adapter_dir))
         study.tell(trial, _finite(value, plan.direction))
-        seconds = time.perf_counter() - t0
-        done.append(Done(spec, result, seconds))
-        log(f"trial {spec.name}: {'reused' if result.reused else 'trained'} in {seconds:.0f}s by {worker}"
+        done += 1
+        log(f"trial {spec.name}: {'reused' if result.reused else 'trained'} in {time.perf_counter() - t0:.0f}s by {worker}"
             f"{_losses(result.provenance)} · {_progress(study, plan)}")
     return done
 
