@@ -131,9 +131,9 @@ def _train_adapters(suite: Suite, log: Log, cache_file: Path | None) -> Suite:
                 log(line)
             variants += [w for t in trials for w in as_variants(v, t.trial.name, t.result, t.trial.params)]
         elif v.train:
-            every = v.checkpoints.every if v.checkpoints else None
             with suite.locating(suite.variant_path(v.name)):
-                variants += as_variants(v, v.name, trainers.ensure_adapter(v.train, log=log, checkpoint_every=every))
+                result = trainers.ensure_adapter(v.train, log=log, checkpoint_every=v.checkpoint_every)
+                variants += as_variants(v, v.name, result)
         else:
             variants.append(v)
     return suite.model_copy(update={"variants": tuple(variants)})

@@ -71,7 +71,7 @@ def _collect(plan: SweepPlan, log: Log) -> list[tuple[Trial, TrainResult]]:
         finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         found = [spec_of(t.params, t.number, plan) for t in sorted(finished, key=lambda t: t.number)]
         trials = [t for t in found if t is not None][:plan.sweep.size]
-    every = plan.variant.checkpoints.every if plan.variant.checkpoints else None
+    every = plan.variant.checkpoint_every
     return [(t, ensure_adapter(t.recipe(plan.recipe_file, plan.suite.dir), log=log, checkpoint_every=every))
             for t in trials]
 

@@ -237,7 +237,7 @@ def work(plan: SweepPlan, *, log: Log, objective: Objective | None = None, worke
             t0 = time.perf_counter()
             try:
                 result = ensure_adapter(spec.recipe(plan.recipe_file, plan.suite.dir), log=log,
-                                        checkpoint_every=plan.variant.checkpoints.every if plan.variant.checkpoints else None)
+                                        checkpoint_every=plan.variant.checkpoint_every)
                 value = _objective(plan, spec, result, objective)
             except BaseException:
                 study.tell(trial, state=State.FAIL)  # a grid queues it again at the next start

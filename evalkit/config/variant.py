@@ -136,6 +136,11 @@ class Variant(Located):
         return v
 
     @property
+    def checkpoint_every(self) -> int | None:
+        """Steps between kept checkpoints (`checkpoints: {every: N}`), None when none are kept."""
+        return self.checkpoints.every if self.checkpoints else None
+
+    @property
     def trial(self) -> TrialRecord | None:
         """The sweep trial or checkpoint this variant is (None for a variant the suite writes out)."""
         return self._trial
